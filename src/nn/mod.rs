@@ -1,0 +1,7 @@
+//! Networks: architectures, parameter sets, the pure forward pass and the Keras-style model.
+
+pub mod architecture;
+pub mod network;
+pub mod ops;
+pub mod params;
+pub mod sequential;
