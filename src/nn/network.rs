@@ -300,9 +300,24 @@ impl Network {
                 self.arch.input_shape
             )));
         }
-        let batched = lead == 2;
-        let mut h = x.clone();
-        for (i, named) in self.arch.layers.iter().enumerate().take(count) {
+        self.forward_range(params, x, ctx, 0, count, lead == 2)
+    }
+
+    /// Runs layers `start..end` on an intermediate activation `h` (as produced by layer
+    /// `start - 1`), without checking `h` against the input shape. `batched` says whether `h`
+    /// and the parameters carry a leading task dimension.
+    pub fn forward_range(
+        &self,
+        params: &ParamSet,
+        h: &Tensor,
+        ctx: &mut ForwardCtx,
+        start: usize,
+        end: usize,
+        batched: bool,
+    ) -> Result<Tensor> {
+        let lead = if batched { 2 } else { 1 };
+        let mut h = h.clone();
+        for named in self.arch.layers.iter().take(end).skip(start) {
             let p = |n: &str| params.get(&format!("{}.{n}", named.name));
             h = match &named.layer {
                 Layer::Dense { .. } => dense(&h, p("weight")?, p("bias")?, batched)?,
@@ -317,7 +332,6 @@ impl Network {
                 Layer::Dropout { rate } => dropout(&h, *rate, ctx)?,
                 Layer::Activation { activation } => activate(&h, *activation)?,
             };
-            let _ = i;
         }
         Ok(h)
     }

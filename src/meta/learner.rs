@@ -1,0 +1,385 @@
+//! [`MetaLearner`]: a network, its meta-parameters, an algorithm and the outer optimiser, with
+//! checkpointing. This is the object the meta-training loop, evaluation and the CLI work with.
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde_json::json;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::meta::{
+    build_algorithm, Adapted, AlgorithmConfig, AlgorithmKind, EvalState, MetaAlgorithm, MetaParams,
+};
+use crate::nn::architecture::Architecture;
+use crate::nn::network::Network;
+use crate::nn::params::ParamSet;
+use crate::tasks::{Task, TaskKind};
+use crate::train::metrics::Metric;
+use crate::train::optim::{Optimizer, OptimizerConfig};
+
+/// A meta-learning model: network + meta-parameters + algorithm + outer optimiser.
+pub struct MetaLearner {
+    network: Network,
+    algorithm_config: AlgorithmConfig,
+    algorithm: Box<dyn MetaAlgorithm>,
+    task_kind: TaskKind,
+    names: Vec<String>,
+    vars: Vec<Var>,
+    lr_vars: Option<Vec<Var>>,
+    buffers: ParamSet,
+    optimizer: Optimizer,
+    iteration: u64,
+    threads: usize,
+}
+
+impl MetaLearner {
+    /// A fresh learner: weights drawn from `seed`, Meta-SGD rates set to the inner learning rate.
+    pub fn new(
+        arch: &Architecture,
+        algorithm: AlgorithmConfig,
+        task_kind: TaskKind,
+        outer: OptimizerConfig,
+        seed: u64,
+        dtype: DType,
+    ) -> Result<Self> {
+        let network = Network::build(arch)?;
+        let device = Device::Cpu;
+        let weights = network.init_params(seed, &device, dtype)?;
+        let buffers = network.init_buffers(&device, dtype)?;
+        let lrs = if algorithm.name == AlgorithmKind::MetaSgd {
+            Some(weights.map(|_, t| Ok(t.ones_like()?.affine(algorithm.inner_lr, 0.0)?))?)
+        } else {
+            None
+        };
+        Self::from_parts(network, algorithm, task_kind, outer, weights, lrs, buffers)
+    }
+
+    fn from_parts(
+        network: Network,
+        algorithm_config: AlgorithmConfig,
+        task_kind: TaskKind,
+        outer: OptimizerConfig,
+        weights: ParamSet,
+        lrs: Option<ParamSet>,
+        buffers: ParamSet,
+    ) -> Result<Self> {
+        if let (AlgorithmKind::Protonet, TaskKind::Regression) = (algorithm_config.name, task_kind)
+        {
+            return Err(Error::Config(
+                "Prototypical Networks need classification tasks, not regression".into(),
+            ));
+        }
+        let algorithm = build_algorithm(&algorithm_config)?;
+        let vars = weights.to_vars()?;
+        let lr_vars = lrs.as_ref().map(|l| l.to_vars()).transpose()?;
+        let count = vars.len() + lr_vars.as_ref().map_or(0, |v| v.len());
+        Ok(Self {
+            names: weights.names().to_vec(),
+            network,
+            algorithm_config,
+            algorithm,
+            task_kind,
+            vars,
+            lr_vars,
+            buffers,
+            optimizer: Optimizer::new(outer, count)?,
+            iteration: 0,
+            // One batched graph by default: for small models, splitting the meta-batch across
+            // threads costs more in allocator contention than it gains (measured on sinusoid MAML).
+            threads: 1,
+        })
+    }
+
+    /// The network.
+    pub fn network(&self) -> &Network {
+        &self.network
+    }
+
+    /// The algorithm's configuration.
+    pub fn algorithm_config(&self) -> &AlgorithmConfig {
+        &self.algorithm_config
+    }
+
+    /// Regression or classification.
+    pub fn task_kind(&self) -> TaskKind {
+        self.task_kind
+    }
+
+    /// Meta-iterations done so far.
+    pub fn iteration(&self) -> u64 {
+        self.iteration
+    }
+
+    /// The outer optimiser.
+    pub fn optimizer_mut(&mut self) -> &mut Optimizer {
+        &mut self.optimizer
+    }
+
+    /// The meta-parameters (sharing storage with the learner's variables).
+    pub fn meta_params(&self) -> MetaParams {
+        MetaParams {
+            weights: ParamSet::from_vars(&self.names, &self.vars).expect("unique names"),
+            inner_lrs: self
+                .lr_vars
+                .as_ref()
+                .map(|v| ParamSet::from_vars(&self.names, v).expect("unique names")),
+        }
+    }
+
+    /// Replaces the meta-parameters' values.
+    pub fn set_meta_params(&mut self, meta: &MetaParams) -> Result<()> {
+        for (name, var) in self.names.iter().zip(&self.vars) {
+            var.set(meta.weights.get(name)?)?;
+        }
+        if let (Some(vars), Some(lrs)) = (&self.lr_vars, &meta.inner_lrs) {
+            for (name, var) in self.names.iter().zip(vars) {
+                var.set(lrs.get(name)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Batch-norm running statistics.
+    pub fn buffers(&self) -> &ParamSet {
+        &self.buffers
+    }
+
+    /// One meta-training step on `tasks`: meta-gradient, then the outer optimiser. A non-finite
+    /// meta-loss is an error and leaves the parameters unchanged.
+    pub fn meta_train_step(&mut self, tasks: &[Task]) -> Result<f64> {
+        let step = self.parallel_meta_step(tasks)?;
+        if !step.loss.is_finite() {
+            return Err(Error::NonFinite(format!(
+                "meta-loss became {} at iteration {}; parameters left at their last finite values. \
+                 Try a lower outer or inner learning rate",
+                step.loss,
+                self.iteration + 1
+            )));
+        }
+        let mut all_vars = self.vars.clone();
+        if let Some(l) = &self.lr_vars {
+            all_vars.extend(l.iter().cloned());
+        }
+        self.optimizer.step(&all_vars, &step.grads)?;
+        self.fold_batch_stats(step.batch_stats)?;
+        self.iteration += 1;
+        Ok(step.loss)
+    }
+
+    /// Splits the meta-batch into one chunk per worker thread, runs the algorithm's step on each
+    /// chunk in parallel (each chunk is itself one task-batched computation) and combines the
+    /// chunks' mean losses and gradients weighted by their task counts. The chunking depends only
+    /// on the thread count, so results are reproducible for a given count.
+    fn parallel_meta_step(&self, tasks: &[Task]) -> Result<crate::meta::MetaStep> {
+        use rayon::prelude::*;
+        if tasks.is_empty() {
+            return Err(Error::Data("empty meta-batch".into()));
+        }
+        let workers = self.threads.min(tasks.len()).max(1);
+        let meta = self.meta_params();
+        if workers == 1 {
+            return self
+                .algorithm
+                .meta_train_step(&self.network, &meta, tasks, self.task_kind);
+        }
+        let chunk = tasks.len().div_ceil(workers);
+        let parts: Vec<(usize, crate::meta::MetaStep)> = tasks
+            .par_chunks(chunk)
+            .map(|c| {
+                self.algorithm
+                    .meta_train_step(&self.network, &meta, c, self.task_kind)
+                    .map(|s| (c.len(), s))
+            })
+            .collect::<Result<_>>()?;
+        let total = tasks.len() as f64;
+        let mut loss = 0.0;
+        let mut grads: Vec<Option<Tensor>> = vec![None; parts[0].1.grads.len()];
+        let mut batch_stats = Vec::new();
+        for (count, part) in parts {
+            let w = count as f64 / total;
+            loss += w * part.loss;
+            for (acc, g) in grads.iter_mut().zip(part.grads) {
+                if let Some(g) = g {
+                    let g = g.affine(w, 0.0)?;
+                    *acc = Some(match acc.take() {
+                        Some(a) => a.add(&g)?,
+                        None => g,
+                    });
+                }
+            }
+            batch_stats.extend(part.batch_stats);
+        }
+        Ok(crate::meta::MetaStep {
+            loss,
+            grads,
+            batch_stats,
+        })
+    }
+
+    /// Sets into how many chunks the meta-batch is split to run in parallel (default 1).
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
+    }
+
+    fn fold_batch_stats(&mut self, stats: Vec<(String, Tensor)>) -> Result<()> {
+        for (name, stat) in stats {
+            let layer = name.split('.').next().unwrap_or_default();
+            let momentum = self
+                .network
+                .architecture()
+                .layers
+                .iter()
+                .find(|l| l.name == layer)
+                .and_then(|l| match l.layer {
+                    crate::nn::architecture::Layer::BatchNorm { momentum, .. } => Some(momentum),
+                    _ => None,
+                })
+                .unwrap_or(0.1);
+            let old = self.buffers.get(&name)?;
+            let new = old
+                .affine(1.0 - momentum, 0.0)?
+                .add(&stat.to_dtype(old.dtype())?.affine(momentum, 0.0)?)?;
+            self.buffers.replace(&name, new)?;
+        }
+        Ok(())
+    }
+
+    /// Adapts to a support set with `steps` inner steps (default: the configured evaluation
+    /// steps).
+    pub fn adapt(&self, support: (&Tensor, &Tensor), steps: Option<usize>) -> Result<Adapted> {
+        let steps = steps.unwrap_or(self.algorithm_config.eval_inner_steps);
+        let dtype = self.vars.first().map_or(DType::F32, |v| v.dtype());
+        let x = support.0.to_dtype(dtype)?;
+        let y = support.1.to_dtype(dtype)?;
+        self.algorithm.adapt(
+            &self.network,
+            &self.meta_params(),
+            (&x, &y),
+            steps,
+            self.task_kind,
+            &EvalState {
+                running_stats: Some(&self.buffers),
+            },
+        )
+    }
+
+    /// Predictions (regression values or class logits) for `x` after adaptation.
+    pub fn predict(&self, adapted: &Adapted, x: &Tensor) -> Result<Tensor> {
+        let dtype = self.vars.first().map_or(DType::F32, |v| v.dtype());
+        self.algorithm.predict(
+            &self.network,
+            &self.meta_params(),
+            adapted,
+            &x.to_dtype(dtype)?,
+            &EvalState {
+                running_stats: Some(&self.buffers),
+            },
+        )
+    }
+
+    /// The task metric: accuracy for classification, MSE for regression.
+    pub fn metric(&self) -> Metric {
+        match self.task_kind {
+            TaskKind::Regression => Metric::Mse,
+            TaskKind::Classification { .. } => Metric::Accuracy,
+        }
+    }
+
+    /// Adapts to a task's support set and scores its query set with [`MetaLearner::metric`].
+    pub fn evaluate_task(&self, task: &Task, steps: Option<usize>) -> Result<f64> {
+        let adapted = self.adapt((&task.support.0, &task.support.1), steps)?;
+        let pred = self.predict(&adapted, &task.query.0)?;
+        self.metric().compute(&pred, &task.query.1, 0.5)
+    }
+
+    /// The learner as a checkpoint: weights, running statistics, Meta-SGD rates and optimiser
+    /// moments as tensors; algorithm, task kind, optimiser and iteration as metadata.
+    pub fn to_checkpoint(&self) -> Result<Checkpoint> {
+        let meta = self.meta_params();
+        let mut ckpt = Checkpoint::new(
+            self.network.architecture().clone(),
+            meta.weights.detach(),
+            self.buffers.clone(),
+        );
+        if let Some(lrs) = meta.inner_lrs {
+            for (name, t) in lrs.iter() {
+                ckpt.state.insert(format!("inner_lr.{name}"), t.detach())?;
+            }
+        }
+        let (opt_state, opt_steps) = self.optimizer.state()?;
+        for (name, t) in opt_state.iter() {
+            ckpt.state.insert(format!("optim.{name}"), t.clone())?;
+        }
+        ckpt.sections.insert(
+            "meta".into(),
+            json!({
+                "algorithm": self.algorithm_config,
+                "task_kind": self.task_kind,
+                "outer_optimizer": self.optimizer.config(),
+                "optimizer_steps": opt_steps,
+                "iteration": self.iteration,
+            }),
+        );
+        Ok(ckpt)
+    }
+
+    /// Rebuilds a learner (with its optimiser state) from a checkpoint written by
+    /// [`MetaLearner::to_checkpoint`].
+    pub fn from_checkpoint(ckpt: &Checkpoint) -> Result<Self> {
+        let meta = ckpt.section("meta").ok_or_else(|| {
+            Error::Checkpoint(
+                "this checkpoint holds no meta-learning model (no `meta` section); it was written \
+                 by `train`/`finetune`, use `evaluate`/`predict` with it"
+                    .into(),
+            )
+        })?;
+        let field = |key: &str| {
+            meta.get(key).cloned().ok_or_else(|| {
+                Error::Checkpoint(format!("checkpoint `meta` section lacks `{key}`"))
+            })
+        };
+        let parse = |key: &str, e: serde_json::Error| {
+            Error::Checkpoint(format!("checkpoint `meta.{key}` is invalid: {e}"))
+        };
+        let algorithm: AlgorithmConfig =
+            serde_json::from_value(field("algorithm")?).map_err(|e| parse("algorithm", e))?;
+        let task_kind: TaskKind =
+            serde_json::from_value(field("task_kind")?).map_err(|e| parse("task_kind", e))?;
+        let outer: OptimizerConfig = serde_json::from_value(field("outer_optimizer")?)
+            .map_err(|e| parse("outer_optimizer", e))?;
+        let network = Network::build(&ckpt.architecture)?;
+        let lrs = if algorithm.name == AlgorithmKind::MetaSgd {
+            Some(ckpt.params.map(|name, _| {
+                ckpt.state
+                    .try_get(&format!("inner_lr.{name}"))
+                    .cloned()
+                    .ok_or_else(|| {
+                        Error::Checkpoint(format!(
+                            "Meta-SGD checkpoint lacks the learned rate `inner_lr.{name}`"
+                        ))
+                    })
+            })?)
+        } else {
+            None
+        };
+        let mut learner = Self::from_parts(
+            network,
+            algorithm,
+            task_kind,
+            outer,
+            ckpt.params.clone(),
+            lrs,
+            ckpt.buffers.clone(),
+        )?;
+        let opt_state =
+            ParamSet::from_pairs(ckpt.state.iter().filter_map(|(n, t)| {
+                n.strip_prefix("optim.").map(|s| (s.to_string(), t.clone()))
+            }))?;
+        let steps = meta
+            .get("optimizer_steps")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        learner.optimizer.load_state(&opt_state, steps)?;
+        learner.iteration = meta.get("iteration").and_then(|v| v.as_u64()).unwrap_or(0);
+        Ok(learner)
+    }
+}

@@ -1,0 +1,97 @@
+//! MAML (Finn, Abbeel & Levine, 2017): learn an initialisation from which a few gradient steps
+//! on a task's support set give low loss on its query set. Second order by default; with
+//! `first_order` the inner gradients are detached (FOMAML).
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+use crate::meta::inner::{adapt_weights, gradient_meta_step, InnerLoop, InnerLr};
+use crate::meta::{
+    task_loss, Adapted, AlgorithmKind, EvalState, MetaAlgorithm, MetaParams, MetaStep,
+};
+use crate::nn::network::{ForwardCtx, Network};
+use crate::tasks::{Task, TaskKind};
+
+/// MAML with a fixed inner learning rate.
+#[derive(Clone, Debug)]
+pub struct Maml {
+    /// Inner-loop learning rate.
+    pub inner_lr: f64,
+    /// Inner steps during meta-training.
+    pub inner_steps: usize,
+    /// Detach inner gradients (first-order MAML).
+    pub first_order: bool,
+}
+
+impl MetaAlgorithm for Maml {
+    fn kind(&self) -> AlgorithmKind {
+        AlgorithmKind::Maml
+    }
+
+    fn meta_train_step(
+        &self,
+        net: &Network,
+        meta: &MetaParams,
+        tasks: &[Task],
+        kind: TaskKind,
+    ) -> Result<MetaStep> {
+        let cfg = InnerLoop {
+            loss: task_loss(kind),
+            steps: self.inner_steps,
+            lr: InnerLr::Scalar(self.inner_lr),
+            from_layer: 0,
+            second_order: !self.first_order,
+        };
+        gradient_meta_step(net, meta, tasks, kind, &cfg)
+    }
+
+    fn adapt(
+        &self,
+        net: &Network,
+        meta: &MetaParams,
+        support: (&Tensor, &Tensor),
+        steps: usize,
+        kind: TaskKind,
+        _state: &EvalState,
+    ) -> Result<Adapted> {
+        let cfg = InnerLoop {
+            loss: task_loss(kind),
+            steps,
+            lr: InnerLr::Scalar(self.inner_lr),
+            from_layer: 0,
+            second_order: false,
+        };
+        Ok(Adapted::Weights(adapt_weights(
+            net,
+            &meta.weights,
+            support,
+            &cfg,
+        )?))
+    }
+
+    fn predict(
+        &self,
+        net: &Network,
+        meta: &MetaParams,
+        adapted: &Adapted,
+        x: &Tensor,
+        _state: &EvalState,
+    ) -> Result<Tensor> {
+        predict_with_weights(net, meta, adapted, x)
+    }
+}
+
+/// Forward pass with adapted weights (batch-norm uses the query batch's statistics, as in
+/// MAML's transductive setting).
+pub(crate) fn predict_with_weights(
+    net: &Network,
+    meta: &MetaParams,
+    adapted: &Adapted,
+    x: &Tensor,
+) -> Result<Tensor> {
+    let weights = match adapted {
+        Adapted::Weights(w) => w,
+        Adapted::Prototypes(_) => &meta.weights,
+    };
+    Ok(net.forward(weights, x, &mut ForwardCtx::train())?.detach())
+}

@@ -1,0 +1,87 @@
+//! Meta-SGD (Li et al., 2017): MAML whose inner learning rate is a learned tensor of the same
+//! shape as each weight, meta-trained together with the initialisation.
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Result};
+use crate::meta::inner::{adapt_weights, gradient_meta_step, InnerLoop, InnerLr};
+use crate::meta::maml::predict_with_weights;
+use crate::meta::{
+    task_loss, Adapted, AlgorithmKind, EvalState, MetaAlgorithm, MetaParams, MetaStep,
+};
+use crate::nn::network::Network;
+use crate::tasks::{Task, TaskKind};
+
+/// Meta-SGD. The learned rates live in [`MetaParams::inner_lrs`].
+#[derive(Clone, Debug)]
+pub struct MetaSgd {
+    /// Inner steps during meta-training.
+    pub inner_steps: usize,
+    /// Detach inner gradients (first-order approximation).
+    pub first_order: bool,
+}
+
+fn rates(meta: &MetaParams) -> Result<&crate::nn::params::ParamSet> {
+    meta.inner_lrs.as_ref().ok_or_else(|| {
+        Error::Config("Meta-SGD needs learned inner learning rates in the meta-parameters".into())
+    })
+}
+
+impl MetaAlgorithm for MetaSgd {
+    fn kind(&self) -> AlgorithmKind {
+        AlgorithmKind::MetaSgd
+    }
+
+    fn meta_train_step(
+        &self,
+        net: &Network,
+        meta: &MetaParams,
+        tasks: &[Task],
+        kind: TaskKind,
+    ) -> Result<MetaStep> {
+        let cfg = InnerLoop {
+            loss: task_loss(kind),
+            steps: self.inner_steps,
+            lr: InnerLr::PerParam(rates(meta)?),
+            from_layer: 0,
+            second_order: !self.first_order,
+        };
+        gradient_meta_step(net, meta, tasks, kind, &cfg)
+    }
+
+    fn adapt(
+        &self,
+        net: &Network,
+        meta: &MetaParams,
+        support: (&Tensor, &Tensor),
+        steps: usize,
+        kind: TaskKind,
+        _state: &EvalState,
+    ) -> Result<Adapted> {
+        let lrs = rates(meta)?.detach();
+        let cfg = InnerLoop {
+            loss: task_loss(kind),
+            steps,
+            lr: InnerLr::PerParam(&lrs),
+            from_layer: 0,
+            second_order: false,
+        };
+        Ok(Adapted::Weights(adapt_weights(
+            net,
+            &meta.weights,
+            support,
+            &cfg,
+        )?))
+    }
+
+    fn predict(
+        &self,
+        net: &Network,
+        meta: &MetaParams,
+        adapted: &Adapted,
+        x: &Tensor,
+        _state: &EvalState,
+    ) -> Result<Tensor> {
+        predict_with_weights(net, meta, adapted, x)
+    }
+}

@@ -1,0 +1,366 @@
+//! N-way K-shot Q-query episodes over any labelled data set, with class-disjoint splits.
+
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::tasks::{Split, Task, TaskKind, TaskSource};
+
+/// Labelled examples grouped by class, optionally with a group (e.g. alphabet) per class.
+#[derive(Clone, Debug)]
+pub struct ClassPool {
+    x: Tensor,
+    by_class: Vec<Vec<u32>>,
+    class_names: Vec<String>,
+    groups: Vec<usize>,
+}
+
+impl ClassPool {
+    /// Builds a pool from inputs `x` (`[n, ...]`), one class id per example, the class names
+    /// (indexed by id) and optionally a group id per class.
+    pub fn new(
+        x: Tensor,
+        labels: &[usize],
+        class_names: Vec<String>,
+        groups: Option<Vec<usize>>,
+    ) -> Result<Self> {
+        let n = x.dim(0)?;
+        if labels.len() != n {
+            return Err(Error::Data(format!(
+                "{n} examples but {} labels",
+                labels.len()
+            )));
+        }
+        let classes = class_names.len();
+        let mut by_class = vec![Vec::new(); classes];
+        for (i, &c) in labels.iter().enumerate() {
+            let slot = by_class.get_mut(c).ok_or_else(|| {
+                Error::Data(format!(
+                    "example {i} has class id {c} but only {classes} class names were given"
+                ))
+            })?;
+            slot.push(i as u32);
+        }
+        let groups = groups.unwrap_or_else(|| vec![0; classes]);
+        if groups.len() != classes {
+            return Err(Error::Data(format!(
+                "{} group ids for {classes} classes",
+                groups.len()
+            )));
+        }
+        Ok(Self {
+            x,
+            by_class,
+            class_names,
+            groups,
+        })
+    }
+
+    /// Number of classes.
+    pub fn num_classes(&self) -> usize {
+        self.by_class.len()
+    }
+
+    /// Class names by id.
+    pub fn class_names(&self) -> &[String] {
+        &self.class_names
+    }
+
+    /// Group id of each class.
+    pub fn groups(&self) -> &[usize] {
+        &self.groups
+    }
+
+    /// Examples of a class.
+    pub fn examples(&self, class: usize) -> &[u32] {
+        &self.by_class[class]
+    }
+
+    /// All inputs.
+    pub fn inputs(&self) -> &Tensor {
+        &self.x
+    }
+}
+
+/// How classes are divided between meta-training, validation and test.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitSpec {
+    /// Fractions of classes (or of groups, with `by_group`) for train, validation and test.
+    #[serde(default = "default_fractions")]
+    pub fractions: [f64; 3],
+    /// Split whole groups (e.g. alphabets) instead of single classes.
+    #[serde(default)]
+    pub by_group: bool,
+    /// Seed of the split's shuffle (independent of the training seed, so that the split stays
+    /// fixed while training seeds vary).
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_fractions() -> [f64; 3] {
+    [0.6, 0.2, 0.2]
+}
+
+impl Default for SplitSpec {
+    fn default() -> Self {
+        Self {
+            fractions: default_fractions(),
+            by_group: false,
+            seed: 0,
+        }
+    }
+}
+
+/// Episode shape.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EpisodeSpec {
+    /// Classes per task (N).
+    pub ways: usize,
+    /// Support examples per class (K).
+    pub shots: usize,
+    /// Query examples per class (Q).
+    pub queries: usize,
+    /// Draw all classes of a task from one group (e.g. one alphabet).
+    #[serde(default)]
+    pub same_group: bool,
+}
+
+/// Draws N-way K-shot Q-query classification tasks from class-disjoint splits.
+#[derive(Clone, Debug)]
+pub struct EpisodicSampler {
+    pool: ClassPool,
+    episode: EpisodeSpec,
+    splits: [Vec<usize>; 3],
+}
+
+impl EpisodicSampler {
+    /// Splits the pool's classes and checks that every split can serve the episode shape.
+    pub fn new(pool: ClassPool, episode: EpisodeSpec, split: &SplitSpec) -> Result<Self> {
+        let splits = split_classes(&pool, split)?;
+        Self::with_splits(pool, episode, splits)
+    }
+
+    /// Uses explicit class lists for train, validation and test (they must be disjoint).
+    pub fn with_splits(
+        pool: ClassPool,
+        episode: EpisodeSpec,
+        splits: [Vec<usize>; 3],
+    ) -> Result<Self> {
+        if episode.ways < 2 {
+            return Err(Error::Config(format!(
+                "ways must be >= 2, got {}",
+                episode.ways
+            )));
+        }
+        if episode.shots == 0 || episode.queries == 0 {
+            return Err(Error::Config("shots and queries must each be >= 1".into()));
+        }
+        let mut seen = vec![false; pool.num_classes()];
+        for list in &splits {
+            for &c in list {
+                if c >= seen.len() || seen[c] {
+                    return Err(Error::Config(format!(
+                        "class {c} is out of range or appears in two splits"
+                    )));
+                }
+                seen[c] = true;
+            }
+        }
+        let need = episode.shots + episode.queries;
+        for list in &splits {
+            for &c in list {
+                let have = pool.examples(c).len();
+                if have < need {
+                    return Err(Error::Data(format!(
+                        "class `{}` has {have} examples but each task needs shots + queries = {need}; \
+                         lower shots or queries",
+                        pool.class_names()[c]
+                    )));
+                }
+            }
+        }
+        Ok(Self {
+            pool,
+            episode,
+            splits,
+        })
+    }
+
+    /// Classes of a split.
+    pub fn classes(&self, split: Split) -> &[usize] {
+        &self.splits[split_index(split)]
+    }
+
+    /// The episode shape.
+    pub fn episode(&self) -> &EpisodeSpec {
+        &self.episode
+    }
+
+    /// The underlying pool.
+    pub fn pool(&self) -> &ClassPool {
+        &self.pool
+    }
+
+    fn candidate_groups(&self, split: Split) -> Result<Vec<Vec<usize>>> {
+        let classes = self.classes(split);
+        let ways = self.episode.ways;
+        if !self.episode.same_group {
+            if classes.len() < ways {
+                return Err(Error::Config(format!(
+                    "{ways}-way tasks need {ways} classes but the {split:?} split has {}; \
+                     lower ways or change the split fractions",
+                    classes.len()
+                )));
+            }
+            return Ok(vec![classes.to_vec()]);
+        }
+        let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+        for &c in classes {
+            groups.entry(self.pool.groups[c]).or_default().push(c);
+        }
+        let eligible: Vec<Vec<usize>> = groups
+            .into_values()
+            .filter(|members| members.len() >= ways)
+            .collect();
+        if eligible.is_empty() {
+            return Err(Error::Config(format!(
+                "no group in the {split:?} split has {ways} classes for same-group tasks; \
+                 lower ways or turn same_group off"
+            )));
+        }
+        Ok(eligible)
+    }
+}
+
+impl TaskSource for EpisodicSampler {
+    fn check_split(&self, split: Split) -> Result<()> {
+        self.candidate_groups(split).map(|_| ())
+    }
+
+    fn joint_batch(&self, tasks: usize, rng: &mut ChaCha8Rng) -> Result<(Tensor, Tensor, usize)> {
+        use rand::Rng;
+        let classes = self.classes(Split::Train);
+        if classes.is_empty() {
+            return Err(Error::Config("the training split has no classes".into()));
+        }
+        let per_task = self.episode.ways * (self.episode.shots + self.episode.queries);
+        let n = (tasks.max(1) * per_task).max(1);
+        let (mut idx, mut labels) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for _ in 0..n {
+            let global = rng.gen_range(0..classes.len());
+            let examples = self.pool.examples(classes[global]);
+            idx.push(examples[rng.gen_range(0..examples.len())]);
+            labels.push(global as f32);
+        }
+        let idx_t = Tensor::from_slice(&idx, idx.len(), &Device::Cpu)?;
+        Ok((
+            self.pool.x.index_select(&idx_t, 0)?,
+            Tensor::from_vec(labels, n, &Device::Cpu)?,
+            classes.len(),
+        ))
+    }
+
+    fn sample(&self, split: Split, rng: &mut ChaCha8Rng) -> Result<Task> {
+        let groups = self.candidate_groups(split)?;
+        let group = groups.choose(rng).expect("checked non-empty");
+        let EpisodeSpec {
+            ways,
+            shots,
+            queries,
+            ..
+        } = self.episode;
+        let chosen: Vec<usize> = group.choose_multiple(rng, ways).copied().collect();
+        let (mut s_idx, mut q_idx) = (Vec::new(), Vec::new());
+        let (mut s_y, mut q_y) = (Vec::new(), Vec::new());
+        for (label, &class) in chosen.iter().enumerate() {
+            let picks: Vec<u32> = self
+                .pool
+                .examples(class)
+                .choose_multiple(rng, shots + queries)
+                .copied()
+                .collect();
+            s_idx.extend_from_slice(&picks[..shots]);
+            q_idx.extend_from_slice(&picks[shots..]);
+            s_y.extend(std::iter::repeat(label as f32).take(shots));
+            q_y.extend(std::iter::repeat(label as f32).take(queries));
+        }
+        let take = |idx: &[u32]| -> Result<Tensor> {
+            let idx = Tensor::from_slice(idx, idx.len(), &Device::Cpu)?;
+            Ok(self.pool.x.index_select(&idx, 0)?)
+        };
+        Ok(Task {
+            support: (
+                take(&s_idx)?,
+                Tensor::from_vec(s_y, s_idx.len(), &Device::Cpu)?,
+            ),
+            query: (
+                take(&q_idx)?,
+                Tensor::from_vec(q_y, q_idx.len(), &Device::Cpu)?,
+            ),
+        })
+    }
+
+    fn kind(&self) -> TaskKind {
+        TaskKind::Classification {
+            ways: self.episode.ways,
+        }
+    }
+
+    fn input_shape(&self) -> Vec<usize> {
+        self.pool.x.dims()[1..].to_vec()
+    }
+}
+
+fn split_index(split: Split) -> usize {
+    match split {
+        Split::Train => 0,
+        Split::Validation => 1,
+        Split::Test => 2,
+    }
+}
+
+/// Divides classes (or whole groups) into three disjoint lists by the spec's fractions.
+pub fn split_classes(pool: &ClassPool, spec: &SplitSpec) -> Result<[Vec<usize>; 3]> {
+    let [a, b, c] = spec.fractions;
+    if [a, b, c].iter().any(|f| !(0.0..=1.0).contains(f)) || (a + b + c - 1.0).abs() > 1e-6 {
+        return Err(Error::Config(format!(
+            "split fractions must be in [0, 1] and sum to 1, got {:?}",
+            spec.fractions
+        )));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
+    // Units are classes, or groups of classes.
+    let mut units: Vec<Vec<usize>> = if spec.by_group {
+        let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+        for class in 0..pool.num_classes() {
+            groups.entry(pool.groups[class]).or_default().push(class);
+        }
+        groups.into_values().collect()
+    } else {
+        (0..pool.num_classes()).map(|c| vec![c]).collect()
+    };
+    units.shuffle(&mut rng);
+    let n = units.len();
+    let n_train = (a * n as f64).round() as usize;
+    let n_val = ((b * n as f64).round() as usize).min(n - n_train.min(n));
+    let mut out: [Vec<usize>; 3] = Default::default();
+    for (i, unit) in units.into_iter().enumerate() {
+        let s = if i < n_train {
+            0
+        } else if i < n_train + n_val {
+            1
+        } else {
+            2
+        };
+        out[s].extend(unit);
+    }
+    for list in out.iter_mut() {
+        list.sort_unstable();
+    }
+    Ok(out)
+}

@@ -1,0 +1,119 @@
+//! Few-shot tasks: a support set to adapt on and a query set to score the adaptation.
+//!
+//! Task sources: [`sinusoid::SinusoidTasks`] (regression, MAML paper) and
+//! [`episodic::EpisodicSampler`] (N-way K-shot classification over any labelled data set).
+
+pub mod episodic;
+pub mod sinusoid;
+
+use candle_core::Tensor;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// One few-shot task.
+#[derive(Clone, Debug)]
+pub struct Task {
+    /// Examples to adapt on: inputs `[k, ...]` and targets `[k]` (class ids) or `[k, outputs]`.
+    pub support: (Tensor, Tensor),
+    /// Examples to score the adapted model on.
+    pub query: (Tensor, Tensor),
+}
+
+/// Whether tasks are regression or N-way classification problems.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum TaskKind {
+    /// Real-valued targets, scored by mean squared error.
+    Regression,
+    /// Class ids `0..ways`, scored by accuracy.
+    Classification {
+        /// Classes per task.
+        ways: usize,
+    },
+}
+
+/// Which split of a meta-data set to draw tasks from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Split {
+    /// Meta-training classes.
+    Train,
+    /// Held-out classes for model selection.
+    Validation,
+    /// Held-out classes for final evaluation.
+    Test,
+}
+
+/// Anything that draws tasks.
+pub trait TaskSource: Send + Sync {
+    /// Draws one task of `split` using `rng` (seeded: the same RNG state gives the same task).
+    fn sample(&self, split: Split, rng: &mut ChaCha8Rng) -> Result<Task>;
+    /// Regression or classification.
+    fn kind(&self) -> TaskKind;
+    /// Shape of one input example.
+    fn input_shape(&self) -> Vec<usize>;
+    /// Checks that `split` can serve tasks; the error says what to change.
+    fn check_split(&self, _split: Split) -> Result<()> {
+        Ok(())
+    }
+    /// Examples for the joint-training transfer baseline: roughly `tasks` tasks' worth of
+    /// meta-training examples with *global* targets (all meta-training classes, for
+    /// classification), plus the number of such classes (0 for regression).
+    fn joint_batch(&self, tasks: usize, rng: &mut ChaCha8Rng) -> Result<(Tensor, Tensor, usize)>;
+    /// Draws `count` tasks.
+    fn sample_batch(&self, split: Split, count: usize, rng: &mut ChaCha8Rng) -> Result<Vec<Task>> {
+        (0..count).map(|_| self.sample(split, rng)).collect()
+    }
+}
+
+/// A meta-batch stacked along a new leading task dimension: support inputs `[T, k, ...]`, etc.
+#[derive(Clone, Debug)]
+pub struct TaskBatch {
+    /// Support inputs `[T, k, ...]`.
+    pub support_x: Tensor,
+    /// Support targets `[T, k, ...]`.
+    pub support_y: Tensor,
+    /// Query inputs `[T, q, ...]`.
+    pub query_x: Tensor,
+    /// Query targets `[T, q, ...]`.
+    pub query_y: Tensor,
+}
+
+impl TaskBatch {
+    /// Stacks tasks whose support and query sets have the same sizes; `None` when they differ.
+    pub fn stack(tasks: &[Task]) -> Result<Option<Self>> {
+        let Some(first) = tasks.first() else {
+            return Err(Error::Data("empty meta-batch".into()));
+        };
+        let same = tasks.iter().all(|t| {
+            t.support.0.dims() == first.support.0.dims()
+                && t.query.0.dims() == first.query.0.dims()
+                && t.support.1.dims() == first.support.1.dims()
+                && t.query.1.dims() == first.query.1.dims()
+        });
+        if !same {
+            return Ok(None);
+        }
+        let stack = |f: &dyn Fn(&Task) -> &Tensor| -> Result<Tensor> {
+            Ok(Tensor::stack(&tasks.iter().map(f).collect::<Vec<_>>(), 0)?)
+        };
+        Ok(Some(Self {
+            support_x: stack(&|t| &t.support.0)?,
+            support_y: stack(&|t| &t.support.1)?,
+            query_x: stack(&|t| &t.query.0)?,
+            query_y: stack(&|t| &t.query.1)?,
+        }))
+    }
+
+    /// Number of tasks.
+    pub fn len(&self) -> usize {
+        self.support_x.dims()[0]
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
