@@ -117,7 +117,12 @@ impl Checkpoint {
     /// architecture exactly (names, shapes, no missing or extra parameters).
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = std::fs::read(path).map_err(|e| {
+            Error::Checkpoint(format!(
+                "{}: cannot read the checkpoint ({e}); check the path",
+                path.display()
+            ))
+        })?;
         Self::from_bytes(&bytes, device).map_err(|e| match e {
             Error::Checkpoint(msg) => Error::Checkpoint(format!("{}: {msg}", path.display())),
             other => other,
@@ -138,8 +143,14 @@ impl Checkpoint {
             .metadata()
             .clone()
             .ok_or_else(|| bad(format!("{not_ckpt}; it has no metadata")))?;
-        if metadata.get("format").map(String::as_str) != Some(FORMAT) {
-            return Err(bad(format!("{not_ckpt}; its `format` metadata is missing")));
+        match metadata.get("format") {
+            Some(format) if format == FORMAT => {}
+            Some(format) => {
+                return Err(bad(format!(
+                    "{not_ckpt}; its `format` metadata is `{format}`, not `{FORMAT}`"
+                )))
+            }
+            None => return Err(bad(format!("{not_ckpt}; its `format` metadata is missing"))),
         }
         let version: u32 = metadata
             .get("format_version")
@@ -194,8 +205,17 @@ impl Checkpoint {
                 )));
             }
         }
-        let params = collect_matching(network.param_specs(), params_map, "parameter")?;
-        let buffers = collect_matching(network.buffer_specs(), buffers_map, "buffer")?;
+        let mismatch = |e: Error| match e {
+            Error::Checkpoint(msg) => bad(format!(
+                "{msg}; the tensors do not match the architecture stored with them, so the file \
+                 is corrupt or was edited by another tool: save the model again"
+            )),
+            other => other,
+        };
+        let params =
+            collect_matching(network.param_specs(), params_map, "parameter").map_err(mismatch)?;
+        let buffers =
+            collect_matching(network.buffer_specs(), buffers_map, "buffer").map_err(mismatch)?;
         Ok(Self {
             architecture,
             params,

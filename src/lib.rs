@@ -28,14 +28,24 @@
 //! ```
 
 pub mod checkpoint;
+pub mod cli;
+pub mod data;
+pub mod demos;
 pub mod error;
+pub mod eval;
 pub mod fsutil;
+pub mod meta;
 pub mod nn;
+pub mod plot;
 pub mod progress;
 pub mod runtime;
+pub mod tasks;
 pub mod train;
 
 pub use checkpoint::{Checkpoint, Provenance};
+pub use data::csv::{load_csv, load_csv_features, load_csv_with_classes};
+pub use data::image_folder::{load_image_folder, ImageFolderOptions};
+pub use data::Dataset;
 pub use error::{Error, Result};
 pub use nn::architecture::{Activation, Architecture, Layer};
 pub use nn::network::{ForwardCtx, Mode, Network};

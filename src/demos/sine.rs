@@ -43,9 +43,9 @@ pub struct SineDemoOptions {
 impl Default for SineDemoOptions {
     fn default() -> Self {
         Self {
-            iterations: 6000,
+            iterations: 20000,
             meta_batch: 10,
-            baseline_iterations: 6000,
+            baseline_iterations: 20000,
             eval_tasks: 200,
             seed: 0,
             plot: Some(PathBuf::from("sine-demo.png")),

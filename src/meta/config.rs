@@ -111,6 +111,23 @@ pub struct TaskConfig {
     /// Seed of the class split.
     #[serde(default)]
     pub split_seed: u64,
+    /// Read `data` as Omniglot (`<root>/<Alphabet>/<characterNN>/<image>.png`, a zip archive or
+    /// unpacked); when absent, a `.zip` file or a folder of alphabet folders is taken as Omniglot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub omniglot: Option<bool>,
+    /// Omniglot: add every character rotated by 90, 180 and 270 degrees as three more classes.
+    #[serde(default)]
+    pub rotations: bool,
+    /// Omniglot: the resizing filter, "area" (default) or "lanczos3".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resample: Option<crate::data::omniglot::Resample>,
+    /// Omniglot: alphabets of each split by name, `{ train = [...], validation = [...],
+    /// test = [...] }` (instead of `split` fractions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split_alphabets: Option<crate::data::omniglot::AlphabetSplit>,
+    /// Omniglot: folder of the decoded-image cache (default: `.metalearn-cache` beside the data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// `[model]`: the network.
@@ -380,6 +397,23 @@ impl ExperimentConfig {
             .map(Path::to_path_buf)
             .or_else(|| self.task.data.clone())
             .ok_or_else(|| Error::Config("task.data (or --data) is required".into()))?;
+        let omniglot = self
+            .task
+            .omniglot
+            .unwrap_or_else(|| crate::data::omniglot::is_omniglot_path(&path));
+        if omniglot {
+            return self.omniglot_source(&path);
+        }
+        if self.task.rotations
+            || self.task.resample.is_some()
+            || self.task.split_alphabets.is_some()
+        {
+            return Err(Error::Config(format!(
+                "task.rotations, task.resample and task.split_alphabets apply only to Omniglot \
+                 data, and {} is not in the Omniglot layout; remove them or set task.omniglot = true",
+                path.display()
+            )));
+        }
         let dataset = if path.is_dir() {
             let [height, width] = self.task.image_size.unwrap_or([28, 28]);
             let options = crate::data::image_folder::ImageFolderOptions {
@@ -413,6 +447,47 @@ impl ExperimentConfig {
             self.episode()?,
             &split,
         )?))
+    }
+
+    /// Episodes over an Omniglot archive or folder (see [`crate::data::omniglot`]): classes are
+    /// characters grouped by alphabet; `split_alphabets` or the `split` fractions (of alphabets
+    /// with `split_by_group`, else of characters) divide them.
+    fn omniglot_source(&self, path: &Path) -> Result<Box<dyn TaskSource>> {
+        use crate::data::omniglot::{CachePolicy, OmniglotData, OmniglotOptions, OmniglotSplit};
+        let t = &self.task;
+        if let Some(channels) = t.channels.filter(|&c| c != 1) {
+            return Err(Error::Config(format!(
+                "task.channels = {channels}, but Omniglot images are grey: use 1 or leave it out"
+            )));
+        }
+        let [height, width] = t.image_size.unwrap_or([28, 28]);
+        let options = OmniglotOptions {
+            height,
+            width,
+            resample: t.resample.unwrap_or_default(),
+            rotations: t.rotations,
+            cache: t
+                .cache_dir
+                .clone()
+                .map_or(CachePolicy::Default, CachePolicy::Dir),
+        };
+        if t.split_alphabets.is_some() && (t.split.is_some() || t.split_by_group) {
+            return Err(Error::Config(
+                "task.split_alphabets names the alphabets of each split; remove task.split and \
+                 task.split_by_group, which would divide them another way"
+                    .into(),
+            ));
+        }
+        let data = OmniglotData::load(path, &options)?;
+        let split = match &t.split_alphabets {
+            Some(alphabets) => OmniglotSplit::Alphabets(alphabets.clone()),
+            None => OmniglotSplit::Fractions(SplitSpec {
+                fractions: t.split.unwrap_or([0.6, 0.2, 0.2]),
+                by_group: t.split_by_group,
+                seed: t.split_seed,
+            }),
+        };
+        Ok(Box::new(data.sampler(self.episode()?, &split)?))
     }
 
     /// The network for tasks with inputs of `input_shape`.

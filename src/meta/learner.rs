@@ -174,6 +174,27 @@ impl MetaLearner {
         if tasks.is_empty() {
             return Err(Error::Data("empty meta-batch".into()));
         }
+        // Task sources produce f32 data; a learner in another precision converts it, as `adapt`
+        // and `predict` do.
+        let dtype = self.vars.first().map_or(DType::F32, |v| v.dtype());
+        let converted: Vec<Task>;
+        let tasks = if tasks.iter().all(|t| t.support.0.dtype() == dtype) {
+            tasks
+        } else {
+            let cast = |(x, y): &(Tensor, Tensor)| -> Result<(Tensor, Tensor)> {
+                Ok((x.to_dtype(dtype)?, y.to_dtype(dtype)?))
+            };
+            converted = tasks
+                .iter()
+                .map(|t| {
+                    Ok(Task {
+                        support: cast(&t.support)?,
+                        query: cast(&t.query)?,
+                    })
+                })
+                .collect::<Result<_>>()?;
+            &converted
+        };
         let workers = self.threads.min(tasks.len()).max(1);
         let meta = self.meta_params();
         if workers == 1 {

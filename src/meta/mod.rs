@@ -14,6 +14,7 @@
 //! | ProtoNet | none (class means of embeddings) | of the query cross-entropy over negative squared distances |
 
 pub mod anil;
+pub mod config;
 pub mod inner;
 pub mod learner;
 pub mod maml;
@@ -96,6 +97,14 @@ impl AlgorithmConfig {
             inner_lr: default_inner_lr(),
             inner_steps: 1,
             eval_inner_steps: 1,
+        }
+    }
+
+    /// A label for reports: the algorithm's name, with `fomaml` for first-order MAML.
+    pub fn label(&self) -> &'static str {
+        match (self.name, self.first_order) {
+            (AlgorithmKind::Maml, true) => "fomaml",
+            (kind, _) => kind.name(),
         }
     }
 

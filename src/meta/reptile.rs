@@ -94,7 +94,7 @@ impl MetaAlgorithm for Reptile {
             .map(|(name, w)| Ok(Some(w.sub(mean_fast.get(name)?)?)))
             .collect::<Result<_>>()?;
         if let Some(lrs) = &meta.inner_lrs {
-            grads.extend(std::iter::repeat(None).take(lrs.len()));
+            grads.extend(std::iter::repeat_n(None, lrs.len()));
         }
         let loss = loss.flatten_all()?.mean(D::Minus1)?;
         Ok(MetaStep {

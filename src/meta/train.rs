@@ -238,14 +238,14 @@ pub fn meta_train(
         let done = learner.iteration();
         let running = recent.iter().sum::<f64>() / recent.len() as f64;
         bar.inc(1);
-        if done % 10 == 0 || done == options.iterations {
+        if done.is_multiple_of(10) || done == options.iterations {
             let val = best
                 .map(|(_, v)| format!(" best val {metric_name} {v:.4}"))
                 .unwrap_or_default();
             bar.set_message(format!("meta-loss {running:.4}{val}"));
         }
         let validate_now = options.validate_every > 0
-            && (done % options.validate_every == 0 || done == options.iterations);
+            && (done.is_multiple_of(options.validate_every) || done == options.iterations);
         if validate_now {
             let summary = validate(learner, source, options)?;
             let improved = best.is_none_or(|(_, b)| better(accuracy, summary.mean, b));
@@ -269,7 +269,7 @@ pub fn meta_train(
             }
         }
         let checkpoint_now = options.out_dir.is_some()
-            && ((options.checkpoint_every > 0 && done % options.checkpoint_every == 0)
+            && ((options.checkpoint_every > 0 && done.is_multiple_of(options.checkpoint_every))
                 || done == options.iterations);
         if checkpoint_now {
             latest_path = Some(write(learner, LATEST_FILE, &rng, best)?);
@@ -302,7 +302,7 @@ fn validate(
     options: &MetaTrainOptions,
 ) -> Result<Summary> {
     // A fixed seed, so every validation sees the same tasks and results are comparable.
-    let mut rng = ChaCha8Rng::seed_from_u64(options.seed ^ 0x5eed_0f_7a11d);
+    let mut rng = ChaCha8Rng::seed_from_u64(options.seed ^ 0x9E37_79B9_7F4A_7C15);
     let mut scores = Vec::with_capacity(options.validation_tasks);
     for _ in 0..options.validation_tasks.max(1) {
         let task = source.sample(Split::Validation, &mut rng)?;

@@ -161,13 +161,22 @@ impl Network {
                     if *filters == 0 || *kernel_size == 0 || *stride == 0 {
                         return Err(bad("filters, kernel_size and stride must be > 0".into()));
                     }
-                    let (c, h, w) = (shape[0], shape[1] + 2 * padding, shape[2] + 2 * padding);
+                    let padded = |side: usize| {
+                        padding
+                            .checked_mul(2)
+                            .and_then(|p| p.checked_add(side))
+                            .ok_or_else(|| bad(format!("padding {padding} is too large")))
+                    };
+                    let (c, h, w) = (shape[0], padded(shape[1])?, padded(shape[2])?);
                     if h < *kernel_size || w < *kernel_size {
                         return Err(bad(format!(
                             "kernel {kernel_size} larger than padded input {h}x{w}"
                         )));
                     }
-                    let fan_in = c * kernel_size * kernel_size;
+                    let fan_in = c
+                        .checked_mul(*kernel_size)
+                        .and_then(|n| n.checked_mul(*kernel_size))
+                        .ok_or_else(|| bad(format!("kernel {kernel_size} is too large")))?;
                     params.push(spec(
                         "weight",
                         vec![*filters, c, *kernel_size, *kernel_size],
@@ -186,7 +195,7 @@ impl Network {
                             "batch-norm needs [features] or [channels, h, w] input, got {shape:?}"
                         )));
                     }
-                    if !(*eps > 0.0) || !(0.0..=1.0).contains(momentum) {
+                    if eps.is_nan() || *eps <= 0.0 || !(0.0..=1.0).contains(momentum) {
                         return Err(bad("needs eps > 0 and momentum in [0, 1]".into()));
                     }
                     let c = shape[0];
@@ -207,7 +216,11 @@ impl Network {
                     }
                     vec![shape[0], shape[1] / size, shape[2] / size]
                 }
-                Layer::Flatten => vec![shape.iter().product()],
+                Layer::Flatten => {
+                    let size = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+                    vec![size
+                        .ok_or_else(|| bad(format!("input {shape:?} is too large to flatten")))?]
+                }
                 Layer::Dropout { rate } => {
                     if !(0.0..1.0).contains(rate) {
                         return Err(bad(format!("dropout rate must be in [0, 1), got {rate}")));

@@ -56,7 +56,8 @@ pub fn max_pool(x: &Tensor, size: usize) -> Result<Tensor> {
     let mut shape: Vec<usize> = dims[..r - 2].to_vec();
     shape.extend([oh, size, ow, size]);
     let x = x.reshape(shape)?;
-    Ok(x.max(r + 1)?.max(r)?)
+    // Reduce the column window (last dim), then the row window (now at index r - 1).
+    Ok(x.max(r + 1)?.max(r - 1)?)
 }
 
 /// One-hot encoding of class ids given as floats (`[n]` or `[n, 1]`), as a `[n, classes]`

@@ -63,6 +63,8 @@ pub struct SequentialBuilder {
 
 impl SequentialBuilder {
     /// Appends a layer with a default name.
+    // Named after Keras' `Sequential.add`, which users know; it is not arithmetic addition.
+    #[allow(clippy::should_implement_trait)]
     pub fn add(mut self, layer: Layer) -> Self {
         self.arch.push(layer);
         self
@@ -318,8 +320,12 @@ impl Sequential {
     /// Freezes the given layers: their parameters receive no updates (and batch-norm layers stop
     /// updating their running statistics).
     pub fn freeze(&mut self, layers: &[LayerRef]) -> Result<()> {
-        for l in layers {
-            let i = self.resolve(l)?;
+        // Resolve every reference first, so that a bad one freezes nothing.
+        let indices = layers
+            .iter()
+            .map(|l| self.resolve(l))
+            .collect::<Result<Vec<_>>>()?;
+        for i in indices {
             for spec in self.network.param_specs().iter().filter(|s| s.layer == i) {
                 self.frozen.insert(spec.name.clone());
             }

@@ -286,8 +286,8 @@ impl TaskSource for EpisodicSampler {
                 .collect();
             s_idx.extend_from_slice(&picks[..shots]);
             q_idx.extend_from_slice(&picks[shots..]);
-            s_y.extend(std::iter::repeat(label as f32).take(shots));
-            q_y.extend(std::iter::repeat(label as f32).take(queries));
+            s_y.extend(std::iter::repeat_n(label as f32, shots));
+            q_y.extend(std::iter::repeat_n(label as f32, queries));
         }
         let take = |idx: &[u32]| -> Result<Tensor> {
             let idx = Tensor::from_slice(idx, idx.len(), &Device::Cpu)?;

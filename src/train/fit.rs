@@ -207,6 +207,8 @@ impl Sequential {
         let mut order: Vec<u32> = (0..n as u32).collect();
         let mut history = History::default();
         let mut best: Option<(f64, usize, ParamSet, ParamSet)> = None;
+        // Tracked apart from the snapshot in `best`, which is only kept when it is needed.
+        let mut best_monitored: Option<f64> = None;
         let mut since_best = 0usize;
         let threshold = self.decision_threshold();
         let batches_per_epoch = n.div_ceil(options.batch_size);
@@ -250,6 +252,18 @@ impl Sequential {
                 seen += chunk.len();
                 bar.inc(1);
             }
+            // The epoch's last update is seen by no loss: it may have overflowed the weights.
+            if !all_finite(&self.params())? || !all_finite(&self.buffers)? {
+                self.set_params(&last_good.0)?;
+                self.buffers = last_good.1;
+                bar.abandon();
+                return Err(Error::NonFinite(format!(
+                    "the weights became NaN or infinite in epoch {epoch}; stopped and kept the \
+                     weights of epoch {}. Try a lower learning rate or check the data for extreme \
+                     values",
+                    epoch - 1
+                )));
+            }
             self.epochs_trained += 1;
             let mut log = EpochLog {
                 epoch,
@@ -277,11 +291,11 @@ impl Sequential {
                     .unwrap_or_default()
             ));
             let monitored = log.val_loss.unwrap_or(log.loss);
-            let improved = best
-                .as_ref()
-                .map_or(true, |(b, ..)| monitored < b - options.min_delta);
+            let improved = monitored.is_finite()
+                && best_monitored.is_none_or(|b| monitored < b - options.min_delta);
             if improved {
                 since_best = 0;
+                best_monitored = Some(monitored);
                 if options.restore_best || options.best_checkpoint.is_some() {
                     best = Some((
                         monitored,
@@ -401,4 +415,16 @@ impl Sequential {
         }
         Ok(())
     }
+}
+
+/// Whether every value of the set is finite (summed in f64, so that large finite f32 values
+/// cannot overflow the check).
+fn all_finite(set: &ParamSet) -> Result<bool> {
+    for t in set.tensors() {
+        let sum = t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        if !sum.is_finite() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }

@@ -178,7 +178,7 @@ impl OptimizerConfig {
                 if !(0.0..1.0).contains(beta1) || !(0.0..1.0).contains(beta2) {
                     return bad("beta1 and beta2 must be in [0, 1)");
                 }
-                if !(*eps > 0.0) || *weight_decay < 0.0 {
+                if eps.is_nan() || *eps <= 0.0 || *weight_decay < 0.0 {
                     return bad("eps must be > 0 and weight_decay >= 0");
                 }
             }

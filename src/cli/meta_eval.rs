@@ -1,0 +1,176 @@
+//! `metalearn meta-eval`: mean and 95% CI of the task metric over new test tasks, optionally
+//! beside the plain transfer-learning baseline.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde_json::json;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::eval::baseline::{evaluate_baseline, train_transfer_baseline, BaselineOptions};
+use crate::eval::meta_evaluate;
+use crate::meta::config::ExperimentConfig;
+use crate::meta::learner::MetaLearner;
+use crate::meta::train::{BEST_FILE, LATEST_FILE};
+use crate::tasks::Split;
+
+/// Arguments of `meta-eval`.
+#[derive(Args, Debug, Clone)]
+pub struct MetaEvalArgs {
+    /// A checkpoint, or a meta-train output folder (its best checkpoint is used).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Test tasks (default: eval.episodes of the config, 600).
+    #[arg(long)]
+    pub episodes: Option<usize>,
+    /// Adaptation steps (default: algorithm.eval_inner_steps).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Seed of the test tasks.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Which split's classes to draw tasks from: test or validation.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Data for classification tasks (overrides the path recorded in the checkpoint).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Also train and score the transfer baseline (joint training, then fine-tuning).
+    #[arg(long)]
+    pub baseline: bool,
+    /// Print one JSON object with the results as the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Resolves `--model`: a file, or a folder holding best.safetensors (else latest.safetensors).
+pub fn resolve_model_path(path: &Path) -> Result<PathBuf> {
+    if path.is_dir() {
+        for name in [BEST_FILE, LATEST_FILE] {
+            let candidate = path.join(name);
+            if candidate.exists() {
+                return Ok(candidate);
+            }
+        }
+        return Err(Error::Config(format!(
+            "{} holds no {BEST_FILE} or {LATEST_FILE}: pass a checkpoint file or a meta-train --out folder",
+            path.display()
+        )));
+    }
+    if !path.exists() {
+        return Err(Error::Config(format!(
+            "{}: no such checkpoint file or folder",
+            path.display()
+        )));
+    }
+    Ok(path.to_path_buf())
+}
+
+/// Loads a meta-learning checkpoint and the experiment config stored in it.
+pub fn load_meta_model(path: &Path) -> Result<(MetaLearner, ExperimentConfig, PathBuf)> {
+    let path = resolve_model_path(path)?;
+    let ckpt = Checkpoint::load(&path, &candle_core::Device::Cpu)?;
+    let learner = MetaLearner::from_checkpoint(&ckpt)?;
+    let config: ExperimentConfig = ckpt
+        .section("experiment")
+        .filter(|v| !v.is_null())
+        .map(|v| serde_json::from_value(v.clone()))
+        .transpose()
+        .map_err(|e| {
+            Error::Checkpoint(format!(
+                "{}: invalid experiment section: {e}",
+                path.display()
+            ))
+        })?
+        .ok_or_else(|| {
+            Error::Checkpoint(format!(
+                "{}: has no experiment configuration; it was not written by meta-train",
+                path.display()
+            ))
+        })?;
+    Ok((learner, config, path))
+}
+
+/// Runs `meta-eval`.
+pub fn run(args: &MetaEvalArgs) -> Result<()> {
+    let split = match args.split.as_str() {
+        "test" => Split::Test,
+        "validation" | "val" => Split::Validation,
+        other => {
+            return Err(Error::Config(format!(
+                "--split `{other}` is unknown: use test or validation"
+            )))
+        }
+    };
+    let (learner, config, path) = load_meta_model(&args.model)?;
+    let source = config.task_source(args.data.as_deref())?;
+    let episodes = args.episodes.unwrap_or(config.eval.episodes);
+    if episodes == 0 {
+        return Err(Error::Config("--episodes must be >= 1".into()));
+    }
+    let steps = args.steps.unwrap_or(config.algorithm.eval_inner_steps);
+    let summary = meta_evaluate(
+        &learner,
+        source.as_ref(),
+        split,
+        episodes,
+        Some(steps),
+        args.seed,
+    )?;
+    let metric = learner.metric().name();
+    let mut out = json!({
+        "model": path.display().to_string(),
+        "algorithm": config.algorithm.label(),
+        "metric": metric,
+        "mean": summary.mean,
+        "ci95": summary.ci95,
+        "std": summary.std,
+        "episodes": summary.n,
+        "steps": steps,
+        "split": args.split,
+    });
+    if !args.json {
+        println!(
+            "{}: {metric} {:.4} ± {:.4} (95% CI) over {} new tasks, {steps} adaptation steps",
+            config.algorithm.label(),
+            summary.mean,
+            summary.ci95,
+            summary.n
+        );
+    }
+    if args.baseline {
+        let arch = learner.network().architecture().clone();
+        let baseline = train_transfer_baseline(
+            &arch,
+            source.as_ref(),
+            &BaselineOptions {
+                iterations: config.eval.baseline_iterations,
+                tasks_per_batch: config.training.meta_batch,
+                lr: config.eval.baseline_lr,
+                seed: config.training.seed,
+                inner_lr: config.algorithm.inner_lr,
+            },
+        )?;
+        let b = evaluate_baseline(
+            &baseline,
+            source.as_ref(),
+            split,
+            episodes,
+            steps,
+            args.seed,
+        )?;
+        out["baseline_mean"] = json!(b.mean);
+        out["baseline_ci95"] = json!(b.ci95);
+        if !args.json {
+            println!(
+                "transfer baseline: {metric} {:.4} ± {:.4} (joint training, then {steps} fine-tuning steps)",
+                b.mean, b.ci95
+            );
+        }
+    }
+    if args.json {
+        println!("{out}");
+    }
+    Ok(())
+}

@@ -1,0 +1,349 @@
+//! Downloads against a small HTTP server on 127.0.0.1: verified success, checksum mismatch, a
+//! connection dropped mid-file, skipping a file already there, and the `data fetch` command.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use md5::{Digest, Md5};
+use metalearn::data::fetch::{fetch_files, FetchOptions, RemoteFile, Verification};
+
+/// What the server answers for one path.
+#[derive(Clone)]
+struct Route {
+    body: Vec<u8>,
+    /// Announce the whole body but close the connection after this many bytes.
+    drop_after: Option<usize>,
+}
+
+impl Route {
+    fn full(body: Vec<u8>) -> Self {
+        Self {
+            body,
+            drop_after: None,
+        }
+    }
+}
+
+/// A one-thread HTTP/1.1 server for `routes`; it stops by itself after `max_requests` requests
+/// or 30 seconds, whichever comes first. Returns the base URL, the request counter and the
+/// thread.
+fn serve(
+    routes: HashMap<String, Route>,
+    max_requests: usize,
+) -> (String, Arc<AtomicUsize>, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let base = format!("http://{}/python", listener.local_addr().unwrap());
+    let served = Arc::new(AtomicUsize::new(0));
+    let counter = served.clone();
+    let handle = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while counter.load(Ordering::SeqCst) < max_requests && Instant::now() < deadline {
+            let (mut stream, _) = match listener.accept() {
+                Ok(conn) => conn,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                Err(_) => break,
+            };
+            stream.set_nonblocking(false).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut request = Vec::new();
+            let mut buffer = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
+                match stream.read(&mut buffer) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buffer[..n]),
+                }
+            }
+            counter.fetch_add(1, Ordering::SeqCst);
+            let text = String::from_utf8_lossy(&request);
+            let path = text.split_whitespace().nth(1).unwrap_or("").to_string();
+            let path = path.strip_prefix("/python/").unwrap_or(&path);
+            match routes.get(path) {
+                Some(route) => {
+                    let header = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: \
+                         application/octet-stream\r\nConnection: close\r\n\r\n",
+                        route.body.len()
+                    );
+                    let sent = route.drop_after.unwrap_or(route.body.len());
+                    let _ = stream.write_all(header.as_bytes());
+                    let _ = stream.write_all(&route.body[..sent]);
+                }
+                None => {
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                }
+            }
+            let _ = stream.flush();
+            // Dropping the stream closes the connection (mid-body for `drop_after`).
+        }
+    });
+    (base, served, handle)
+}
+
+fn md5_hex(bytes: &[u8]) -> String {
+    Md5::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A small zip standing in for all_runs.zip.
+fn runs_zip() -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    let mut zip = zip::ZipWriter::new(&mut out);
+    let options = zip::write::SimpleFileOptions::default();
+    zip.start_file("run01/class_labels.txt", options).unwrap();
+    zip.write_all(b"run01/test/item01.png run01/training/class01.png\n")
+        .unwrap();
+    zip.finish().unwrap();
+    out.into_inner()
+}
+
+/// The archive to download: the real minimal Omniglot split with its published MD5 when the
+/// shared data is here, else a small file with its own MD5.
+fn archive_and_table() -> (String, Vec<u8>, String) {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/omniglot/images_background_small1.zip");
+    match std::fs::read(&shared) {
+        Ok(bytes) => (
+            "images_background_small1.zip".into(),
+            bytes,
+            "e704a628b5459e08445c13499850abc4".into(),
+        ),
+        Err(_) => {
+            println!(
+                "shared Omniglot data not found at {}; serving a small generated file instead",
+                shared.display()
+            );
+            let bytes: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+            let md5 = md5_hex(&bytes);
+            ("images_background_small1.zip".into(), bytes, md5)
+        }
+    }
+}
+
+/// Files in `dir` (names), sorted: no temporary file may be left behind.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+fn quick() -> FetchOptions {
+    FetchOptions {
+        timeout: Duration::from_secs(10),
+        progress: false,
+    }
+}
+
+#[test]
+fn downloads_verify_and_a_second_fetch_skips_good_files() {
+    let (name, bytes, md5) = archive_and_table();
+    let runs = runs_zip();
+    let routes = HashMap::from([
+        (name.clone(), Route::full(bytes.clone())),
+        (
+            "one-shot-classification/all_runs.zip".to_string(),
+            Route::full(runs.clone()),
+        ),
+    ]);
+    let (base, served, server) = serve(routes, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("omniglot");
+    let table = vec![
+        RemoteFile::with_md5(&name, &md5),
+        RemoteFile {
+            path: "one-shot-classification/all_runs.zip".into(),
+            md5: None,
+        },
+    ];
+    let fetched = fetch_files(&base, &target, &table, &quick()).unwrap();
+    assert_eq!(served.load(Ordering::SeqCst), 2);
+    assert_eq!(fetched.len(), 2);
+    assert!(fetched.iter().all(|f| f.downloaded));
+    assert_eq!(
+        fetched[0].verification,
+        Verification::Md5 { md5: md5.clone() }
+    );
+    assert_eq!(fetched[0].bytes, bytes.len() as u64);
+    assert_eq!(std::fs::read(target.join(&name)).unwrap(), bytes);
+    match &fetched[1].verification {
+        Verification::ValidZip { entries, md5 } => {
+            assert_eq!(*entries, 1);
+            assert_eq!(*md5, md5_hex(&runs));
+        }
+        other => panic!("all_runs.zip has no published md5: {other:?}"),
+    }
+    assert_eq!(
+        listing(&target),
+        vec!["all_runs.zip".to_string(), name.clone()]
+    );
+
+    // Everything is there and verifies: nothing is requested again.
+    let again = fetch_files(&base, &target, &table, &quick()).unwrap();
+    assert!(again.iter().all(|f| !f.downloaded));
+    assert_eq!(again[0].verification, fetched[0].verification);
+    assert_eq!(
+        served.load(Ordering::SeqCst),
+        2,
+        "no request for files already there"
+    );
+
+    // A damaged file under the final name is downloaded again and replaced.
+    std::fs::write(target.join(&name), b"damaged").unwrap();
+    let repaired = fetch_files(&base, &target, &table[..1], &quick()).unwrap();
+    assert!(repaired[0].downloaded);
+    assert_eq!(std::fs::read(target.join(&name)).unwrap(), bytes);
+    server.join().unwrap();
+}
+
+#[test]
+fn checksum_mismatch_keeps_no_file_and_names_both_checksums() {
+    let body = b"these bytes do not have the expected checksum".to_vec();
+    let actual = md5_hex(&body);
+    let (base, _served, server) = serve(
+        HashMap::from([("images_evaluation.zip".to_string(), Route::full(body))]),
+        1,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = "0123456789abcdef0123456789abcdef";
+    let err = fetch_files(
+        &base,
+        dir.path(),
+        &[RemoteFile::with_md5("images_evaluation.zip", wrong)],
+        &quick(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("images_evaluation.zip"), "{err}");
+    assert!(err.contains(wrong) && err.contains(&actual), "{err}");
+    assert!(listing(dir.path()).is_empty(), "{:?}", listing(dir.path()));
+    server.join().unwrap();
+}
+
+#[test]
+fn a_connection_dropped_mid_file_leaves_no_file() {
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 256) as u8).collect();
+    let md5 = md5_hex(&body);
+    let (base, _served, server) = serve(
+        HashMap::from([(
+            "images_background.zip".to_string(),
+            Route {
+                body,
+                drop_after: Some(100_000),
+            },
+        )]),
+        1,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let err = fetch_files(
+        &base,
+        dir.path(),
+        &[RemoteFile::with_md5("images_background.zip", &md5)],
+        &quick(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("images_background.zip"), "{err}");
+    assert!(listing(dir.path()).is_empty(), "{:?}", listing(dir.path()));
+    server.join().unwrap();
+}
+
+#[test]
+fn missing_files_and_invalid_unchecked_archives_are_errors() {
+    let (base, _served, server) = serve(
+        HashMap::from([
+            (
+                "all_runs.zip".to_string(),
+                Route::full(b"not a zip".to_vec()),
+            ),
+            ("empty.zip".to_string(), Route::full(Vec::new())),
+        ]),
+        3,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let unchecked = |path: &str| RemoteFile {
+        path: path.into(),
+        md5: None,
+    };
+    let err = fetch_files(&base, dir.path(), &[unchecked("all_runs.zip")], &quick())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("all_runs.zip") && err.contains("zip"), "{err}");
+    let err = fetch_files(&base, dir.path(), &[unchecked("empty.zip")], &quick())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("empty.zip") && err.contains("empty"), "{err}");
+    let err = fetch_files(&base, dir.path(), &[unchecked("nowhere.zip")], &quick())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nowhere.zip") && err.contains("404"), "{err}");
+    assert!(listing(dir.path()).is_empty(), "{:?}", listing(dir.path()));
+    server.join().unwrap();
+}
+
+#[test]
+fn data_fetch_command_downloads_and_unpacks_the_runs() {
+    let runs = runs_zip();
+    let (base, _served, server) = serve(
+        HashMap::from([(
+            "one-shot-classification/all_runs.zip".to_string(),
+            Route::full(runs),
+        )]),
+        1,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let target: PathBuf = dir.path().join("omniglot");
+    let out = Command::new(env!("CARGO_BIN_EXE_metalearn"))
+        .args(["data", "fetch", "omniglot", "--dir"])
+        .arg(&target)
+        .args(["--base-url", &base, "--only", "all_runs.zip", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last["files"][0]["name"], "all_runs.zip");
+    assert_eq!(last["files"][0]["verification"]["check"], "valid_zip");
+    assert!(target.join("all_runs/run01/class_labels.txt").is_file());
+    server.join().unwrap();
+
+    // A file name that is not part of the data set is refused before any download.
+    let out = Command::new(env!("CARGO_BIN_EXE_metalearn"))
+        .args(["data", "fetch", "omniglot", "--dir"])
+        .arg(&target)
+        .args(["--base-url", &base, "--only", "mnist.zip"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("mnist.zip") && stderr.contains("images_background.zip"),
+        "{stderr}"
+    );
+}

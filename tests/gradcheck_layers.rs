@@ -1,0 +1,806 @@
+//! Gradients of every layer and loss, in f64, against central finite differences.
+//!
+//! Each case is a small network around the layer under test, with parameters on both sides of it
+//! where that makes the check stronger. Two checks run per case:
+//!
+//! - first order: candle's gradient of the loss with respect to every parameter *and* the input;
+//! - second order (what second-order MAML relies on): with `v` a fixed random direction over
+//!   (parameters, input), `s = ⟨∇loss, v⟩` is built from candle's differentiable gradient and
+//!   differentiated again; the result, the Hessian-vector product `H v`, is compared with central
+//!   differences of `s`.
+//!
+//! Test points avoid the places where ReLU and max are not differentiable (checked explicitly).
+
+mod common;
+
+use anyhow::{ensure, Result};
+use candle_core::{DType, Device, Tensor};
+use rand_chacha::ChaCha8Rng;
+
+use common::{check_gradient, check_hessian_vector_product, Point};
+use metalearn::nn::ops;
+use metalearn::{Architecture, ForwardCtx, Layer, Loss, Network, ParamSet};
+
+/// How the forward pass runs in a case.
+#[derive(Clone)]
+enum RunMode {
+    /// Training mode: batch statistics, no dropout.
+    Train,
+    /// Training mode with dropout masks drawn from a generator seeded with this value at every
+    /// forward pass, so that every evaluation (and finite difference) sees the same mask.
+    TrainWithDropout(u64),
+    /// Inference mode with these batch-norm running statistics.
+    Eval(ParamSet),
+}
+
+fn forward(net: &Network, params: &ParamSet, x: &Tensor, mode: &RunMode) -> Tensor {
+    let out = match mode {
+        RunMode::Train => net.forward(params, x, &mut ForwardCtx::train()),
+        RunMode::TrainWithDropout(seed) => {
+            let mut rng: ChaCha8Rng = common::rng(*seed);
+            let mut ctx = ForwardCtx::train();
+            ctx.rng = Some(&mut rng);
+            net.forward(params, x, &mut ctx)
+        }
+        RunMode::Eval(stats) => net.forward(params, x, &mut ForwardCtx::eval(Some(stats))),
+    };
+    out.expect("forward pass runs")
+}
+
+/// One gradient-check case: a network, its (generic) parameters, an input batch, a loss and
+/// its targets.
+struct Case {
+    label: String,
+    net: Network,
+    params: ParamSet,
+    x: Tensor,
+    loss: Loss,
+    target: Tensor,
+    mode: RunMode,
+}
+
+impl Case {
+    /// A case whose input is `[batch, input_shape...]` standard-normal values and whose target
+    /// suits `loss` (`outputs` values per example for MSE, 0/1 for BCE, class ids for CCE).
+    fn new(label: &str, arch: Architecture, batch: usize, loss: Loss, seed: u64) -> Self {
+        let net = Network::build(&arch).expect("valid architecture");
+        let params = common::generic_params(&net, seed);
+        let mut rng = common::rng(seed + 1000);
+        let mut shape = vec![batch];
+        shape.extend(&arch.input_shape);
+        let x = common::normal(&mut rng, &shape);
+        let outputs: usize = net.output_shape().iter().product();
+        let target = match loss {
+            Loss::Mse => common::uniform(&mut rng, &[batch, outputs], -1.0, 1.0),
+            Loss::BinaryCrossEntropy | Loss::BinaryCrossEntropyWithLogits => {
+                common::class_ids(&mut rng, batch * outputs, 2)
+                    .reshape((batch, outputs))
+                    .expect("reshape")
+            }
+            Loss::CategoricalCrossEntropy => common::class_ids(&mut rng, batch, outputs),
+        };
+        Self {
+            label: label.to_string(),
+            net,
+            params,
+            x,
+            loss,
+            target,
+            mode: RunMode::Train,
+        }
+    }
+
+    fn with_mode(mut self, mode: RunMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// The activation after the first `layers` layers at the case's point.
+    fn activation_after(&self, layers: usize) -> Tensor {
+        let mut ctx = ForwardCtx::train();
+        self.net
+            .forward_layers(&self.params, &self.x, &mut ctx, layers)
+            .expect("forward")
+    }
+
+    fn objective(&self) -> impl Fn(&ParamSet, &Tensor) -> metalearn::Result<Tensor> + '_ {
+        move |params, x| {
+            let out = forward(&self.net, params, x, &self.mode);
+            self.loss.compute(&out, &self.target)
+        }
+    }
+
+    /// First- and second-order checks; returns the two worst relative errors.
+    fn check(&self) -> Result<(f64, f64)> {
+        metalearn::runtime::init();
+        let f = self.objective();
+        let point = Point::new(&self.params, &self.x);
+        let first = check_gradient(&self.label, &f, &point)?;
+        let second = check_hessian_vector_product(&self.label, &f, &point, 99)?;
+        Ok((first, second))
+    }
+}
+
+fn arch(input: &[usize], layers: &[Layer]) -> Architecture {
+    let mut arch = Architecture::new(input);
+    for layer in layers {
+        arch.push(layer.clone());
+    }
+    arch
+}
+
+fn conv(filters: usize, kernel_size: usize, stride: usize, padding: usize) -> Layer {
+    Layer::Conv2d {
+        filters,
+        kernel_size,
+        stride,
+        padding,
+    }
+}
+
+/// Smallest |value| of a tensor: how far a ReLU input is from the kink at 0.
+fn min_abs(t: &Tensor) -> f64 {
+    common::values(t)
+        .into_iter()
+        .map(f64::abs)
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Smallest gap between the largest and the second-largest value of any `size` x `size`
+/// max-pool window of a `[n, c, h, w]` tensor: how far the point is from a tie. Windows whose
+/// maximum is exactly 0 are skipped: after a ReLU they are all zeros and get no gradient
+/// either way.
+fn min_pool_gap(t: &Tensor, size: usize) -> f64 {
+    let (n, c, h, w) = t.dims4().expect("4-D");
+    let v = common::values(t);
+    let mut gap = f64::INFINITY;
+    for plane in 0..n * c {
+        for oy in 0..h / size {
+            for ox in 0..w / size {
+                let mut window: Vec<f64> = (0..size * size)
+                    .map(|k| {
+                        let (y, x) = (oy * size + k / size, ox * size + k % size);
+                        v[plane * h * w + y * w + x]
+                    })
+                    .collect();
+                window.sort_by(|a, b| b.total_cmp(a));
+                if window[0] != 0.0 {
+                    gap = gap.min(window[0] - window[1]);
+                }
+            }
+        }
+    }
+    gap
+}
+
+fn run(case: Case) -> Result<()> {
+    let (first, second) = case.check()?;
+    eprintln!(
+        "{}: worst relative error {first:.1e} (first order), {second:.1e} (second order)",
+        case.label
+    );
+    Ok(())
+}
+
+// ---- dense and losses ------------------------------------------------------------------------
+
+#[test]
+fn dense_with_mse() -> Result<()> {
+    run(Case::new(
+        "dense → dense, mse",
+        arch(&[3], &[Layer::dense(4), Layer::dense(2)]),
+        5,
+        Loss::Mse,
+        1,
+    ))
+}
+
+#[test]
+fn binary_cross_entropy_after_sigmoid() -> Result<()> {
+    let case = Case::new(
+        "dense → tanh → dense → sigmoid, bce",
+        arch(
+            &[3],
+            &[
+                Layer::dense(4),
+                Layer::tanh(),
+                Layer::dense(1),
+                Layer::sigmoid(),
+            ],
+        ),
+        6,
+        Loss::BinaryCrossEntropy,
+        2,
+    );
+    // The loss clips probabilities to [1e-7, 1 - 1e-7]: the point must be inside.
+    let p = common::values(&case.activation_after(4));
+    ensure!(p.iter().all(|&p| p > 1e-3 && p < 1.0 - 1e-3), "{p:?}");
+    run(case)
+}
+
+#[test]
+fn binary_cross_entropy_with_logits() -> Result<()> {
+    run(Case::new(
+        "dense → tanh → dense, bce with logits",
+        arch(&[3], &[Layer::dense(4), Layer::tanh(), Layer::dense(2)]),
+        6,
+        Loss::BinaryCrossEntropyWithLogits,
+        3,
+    ))
+}
+
+#[test]
+fn categorical_cross_entropy_log_softmax() -> Result<()> {
+    run(Case::new(
+        "dense → tanh → dense, categorical cross-entropy",
+        arch(&[3], &[Layer::dense(5), Layer::tanh(), Layer::dense(4)]),
+        7,
+        Loss::CategoricalCrossEntropy,
+        4,
+    ))
+}
+
+#[test]
+fn log_softmax_matches_its_definition_for_large_logits() -> Result<()> {
+    // The max shift must keep large logits finite and leave the value unchanged.
+    let x = Tensor::new(&[[1000f64, 999.0, 990.0], [-3.0, 0.5, 2.0]], &Device::Cpu)?;
+    let got = common::values(&ops::log_softmax(&x)?);
+    let rows = [[1000f64, 999.0, 990.0], [-3.0, 0.5, 2.0]];
+    for (r, row) in rows.iter().enumerate() {
+        let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+        for (c, v) in row.iter().enumerate() {
+            let want = v - lse;
+            ensure!(
+                (got[r * 3 + c] - want).abs() < 1e-12,
+                "log_softmax[{r}][{c}] = {}, want {want}",
+                got[r * 3 + c]
+            );
+        }
+    }
+    Ok(())
+}
+
+// ---- activations -----------------------------------------------------------------------------
+
+#[test]
+fn relu() -> Result<()> {
+    let case = Case::new(
+        "dense → relu → dense, mse",
+        arch(&[3], &[Layer::dense(6), Layer::relu(), Layer::dense(2)]),
+        5,
+        Loss::Mse,
+        5,
+    );
+    let margin = min_abs(&case.activation_after(1));
+    ensure!(margin > 1e-3, "a ReLU input is {margin} from the kink");
+    run(case)
+}
+
+#[test]
+fn sigmoid() -> Result<()> {
+    run(Case::new(
+        "dense → sigmoid → dense, mse",
+        arch(&[3], &[Layer::dense(5), Layer::sigmoid(), Layer::dense(2)]),
+        5,
+        Loss::Mse,
+        6,
+    ))
+}
+
+#[test]
+fn tanh() -> Result<()> {
+    run(Case::new(
+        "dense → tanh → dense, mse",
+        arch(&[3], &[Layer::dense(5), Layer::tanh(), Layer::dense(2)]),
+        5,
+        Loss::Mse,
+        7,
+    ))
+}
+
+#[test]
+fn softmax() -> Result<()> {
+    run(Case::new(
+        "dense → softmax → dense, mse",
+        arch(&[3], &[Layer::dense(4), Layer::softmax(), Layer::dense(2)]),
+        5,
+        Loss::Mse,
+        8,
+    ))
+}
+
+#[test]
+fn softmax_output_with_mse() -> Result<()> {
+    run(Case::new(
+        "dense → softmax, mse",
+        arch(&[3], &[Layer::dense(4), Layer::softmax()]),
+        5,
+        Loss::Mse,
+        9,
+    ))
+}
+
+#[test]
+fn sigmoid_is_stable_and_exact() -> Result<()> {
+    let x = Tensor::new(&[-800f64, -20.0, -1.0, 0.0, 0.5, 20.0, 800.0], &Device::Cpu)?;
+    let got = common::values(&ops::sigmoid(&x)?);
+    for (v, g) in common::values(&x).iter().zip(got) {
+        let want = 1.0 / (1.0 + (-v).exp());
+        ensure!(
+            g.is_finite() && (g - want).abs() < 1e-15,
+            "sigmoid({v}) = {g}, want {want}"
+        );
+    }
+    Ok(())
+}
+
+// ---- convolution -----------------------------------------------------------------------------
+
+fn conv_case(kernel: usize, stride: usize, padding: usize, seed: u64) -> Case {
+    Case::new(
+        &format!("conv k{kernel} s{stride} p{padding} on 7x7 → tanh → flatten → dense, mse"),
+        arch(
+            &[2, 7, 7],
+            &[
+                conv(3, kernel, stride, padding),
+                Layer::tanh(),
+                Layer::Flatten,
+                Layer::dense(2),
+            ],
+        ),
+        2,
+        Loss::Mse,
+        seed,
+    )
+}
+
+#[test]
+fn conv2d_padding_0_stride_1() -> Result<()> {
+    run(conv_case(3, 1, 0, 10))
+}
+
+#[test]
+fn conv2d_padding_1_stride_1() -> Result<()> {
+    run(conv_case(3, 1, 1, 11))
+}
+
+#[test]
+fn conv2d_padding_0_stride_2() -> Result<()> {
+    run(conv_case(3, 2, 0, 12))
+}
+
+#[test]
+fn conv2d_padding_1_stride_2() -> Result<()> {
+    run(conv_case(3, 2, 1, 13))
+}
+
+#[test]
+fn conv2d_even_kernel_stride_2_leaves_a_row_unused() -> Result<()> {
+    // (7 - 2) / 2 + 1 = 3 outputs cover rows 0..6: row 6 gets no gradient.
+    run(conv_case(2, 2, 0, 14))
+}
+
+#[test]
+fn conv2d_directly_into_loss() -> Result<()> {
+    run(Case::new(
+        "conv k3 s1 p1 → flatten, mse",
+        arch(&[1, 5, 5], &[conv(2, 3, 1, 1), Layer::Flatten]),
+        2,
+        Loss::Mse,
+        15,
+    ))
+}
+
+// ---- batch normalisation ---------------------------------------------------------------------
+
+#[test]
+fn batch_norm_over_features_train_mode() -> Result<()> {
+    run(Case::new(
+        "dense → batch-norm (features) → tanh → dense, mse",
+        arch(
+            &[4],
+            &[
+                Layer::dense(5),
+                Layer::batch_norm(),
+                Layer::tanh(),
+                Layer::dense(2),
+            ],
+        ),
+        6,
+        Loss::Mse,
+        20,
+    ))
+}
+
+#[test]
+fn batch_norm_over_channels_train_mode() -> Result<()> {
+    run(Case::new(
+        "conv → batch-norm (channels) → tanh → flatten → dense, mse",
+        arch(
+            &[2, 5, 5],
+            &[
+                conv(3, 3, 1, 1),
+                Layer::batch_norm(),
+                Layer::tanh(),
+                Layer::Flatten,
+                Layer::dense(2),
+            ],
+        ),
+        3,
+        Loss::Mse,
+        21,
+    ))
+}
+
+#[test]
+fn batch_norm_first_layer_gradient_through_batch_statistics() -> Result<()> {
+    // The input feeds the batch mean and variance directly: its gradient has the full
+    // (non-diagonal) batch-norm Jacobian.
+    run(Case::new(
+        "batch-norm (features) → dense, mse",
+        arch(&[3], &[Layer::batch_norm(), Layer::dense(2)]),
+        5,
+        Loss::Mse,
+        22,
+    ))
+}
+
+#[test]
+fn batch_norm_eval_mode_uses_running_statistics() -> Result<()> {
+    let arch = arch(
+        &[2, 4, 4],
+        &[
+            conv(3, 3, 1, 1),
+            Layer::batch_norm(),
+            Layer::tanh(),
+            Layer::Flatten,
+            Layer::dense(2),
+        ],
+    );
+    let net = Network::build(&arch)?;
+    let mut rng = common::rng(23);
+    let stats = ParamSet::from_pairs([
+        (
+            "batch_norm_1.running_mean".to_string(),
+            common::uniform(&mut rng, &[3], -0.5, 0.5),
+        ),
+        (
+            "batch_norm_1.running_var".to_string(),
+            common::uniform(&mut rng, &[3], 0.5, 2.0),
+        ),
+    ])?;
+    ensure!(
+        stats.names()
+            == net
+                .buffer_specs()
+                .iter()
+                .map(|s| s.name.clone())
+                .collect::<Vec<_>>()
+    );
+    let case = Case::new(
+        "conv → batch-norm (eval) → tanh → dense, mse",
+        arch,
+        3,
+        Loss::Mse,
+        23,
+    )
+    .with_mode(RunMode::Eval(stats.clone()));
+    // In eval mode the output of one example must not depend on the others.
+    let full = forward(&case.net, &case.params, &case.x, &case.mode);
+    let first = forward(
+        &case.net,
+        &case.params,
+        &case.x.narrow(0, 0, 1)?,
+        &case.mode,
+    );
+    let diff = full
+        .narrow(0, 0, 1)?
+        .sub(&first)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f64>()?;
+    ensure!(
+        diff < 1e-12,
+        "eval-mode output depends on the batch ({diff})"
+    );
+    run(case)
+}
+
+// ---- pooling, flatten, dropout ---------------------------------------------------------------
+
+#[test]
+fn max_pool_2_on_odd_input_floors() -> Result<()> {
+    let case = Case::new(
+        "conv → max-pool 2 on 7x7 (→ 3x3) → flatten → dense, mse",
+        arch(
+            &[2, 7, 7],
+            &[
+                conv(3, 3, 1, 1),
+                Layer::max_pool2d(2),
+                Layer::Flatten,
+                Layer::dense(2),
+            ],
+        ),
+        2,
+        Loss::Mse,
+        30,
+    );
+    ensure!(case.net.layer_shapes()[1] == vec![3, 3, 3]);
+    let gap = min_pool_gap(&case.activation_after(1), 2);
+    ensure!(
+        gap > 1e-3,
+        "two values of a pooling window are only {gap} apart"
+    );
+    run(case)
+}
+
+#[test]
+fn max_pool_3_on_odd_input() -> Result<()> {
+    let case = Case::new(
+        "conv → tanh → max-pool 3 on 7x7 (→ 2x2) → flatten → dense, mse",
+        arch(
+            &[1, 7, 7],
+            &[
+                conv(2, 3, 1, 1),
+                Layer::tanh(),
+                Layer::max_pool2d(3),
+                Layer::Flatten,
+                Layer::dense(2),
+            ],
+        ),
+        2,
+        Loss::Mse,
+        31,
+    );
+    ensure!(case.net.layer_shapes()[2] == vec![2, 2, 2]);
+    let gap = min_pool_gap(&case.activation_after(2), 3);
+    ensure!(
+        gap > 1e-4,
+        "two values of a pooling window are only {gap} apart"
+    );
+    run(case)
+}
+
+#[test]
+fn max_pool_on_the_input() -> Result<()> {
+    // Input gradient of the pooling itself: exactly one 1 per window, zeros elsewhere.
+    let case = Case::new(
+        "max-pool 2 on 5x5 → flatten → dense, mse",
+        arch(
+            &[1, 5, 5],
+            &[Layer::max_pool2d(2), Layer::Flatten, Layer::dense(2)],
+        ),
+        2,
+        Loss::Mse,
+        32,
+    );
+    ensure!(min_pool_gap(&case.x, 2) > 1e-3);
+    run(case)
+}
+
+#[test]
+fn flatten() -> Result<()> {
+    run(Case::new(
+        "flatten → dense → tanh → dense, mse",
+        arch(
+            &[2, 3, 3],
+            &[
+                Layer::Flatten,
+                Layer::dense(3),
+                Layer::tanh(),
+                Layer::dense(2),
+            ],
+        ),
+        3,
+        Loss::Mse,
+        40,
+    ))
+}
+
+#[test]
+fn dropout_with_a_fixed_mask() -> Result<()> {
+    let layers = [
+        Layer::dense(8),
+        Layer::dropout(0.5),
+        Layer::tanh(),
+        Layer::dense(2),
+    ];
+    let case = Case::new(
+        "dense → dropout 0.5 → tanh → dense, mse",
+        arch(&[3], &layers),
+        4,
+        Loss::Mse,
+        50,
+    )
+    .with_mode(RunMode::TrainWithDropout(7));
+    // The mask must actually drop some values and scale the others by 1 / (1 - rate).
+    let before = common::values(&case.activation_after(1));
+    let mut rng = common::rng(7);
+    let mut ctx = ForwardCtx::train();
+    ctx.rng = Some(&mut rng);
+    let after = common::values(
+        &case
+            .net
+            .forward_layers(&case.params, &case.x, &mut ctx, 2)?,
+    );
+    let dropped = after.iter().filter(|&&a| a == 0.0).count();
+    ensure!(
+        dropped > 0 && dropped < after.len(),
+        "{dropped} of {} dropped",
+        after.len()
+    );
+    for (b, a) in before.iter().zip(&after) {
+        ensure!(
+            *a == 0.0 || (a - 2.0 * b).abs() < 1e-12,
+            "kept value {b} became {a}"
+        );
+    }
+    run(case)
+}
+
+// ---- a whole few-shot backbone block ---------------------------------------------------------
+
+#[test]
+fn conv_block_with_cross_entropy() -> Result<()> {
+    let case = Case::new(
+        "conv → batch-norm → relu → max-pool → flatten → dense, categorical cross-entropy",
+        arch(
+            &[1, 6, 6],
+            &[
+                conv(2, 3, 1, 1),
+                Layer::batch_norm(),
+                Layer::relu(),
+                Layer::max_pool2d(2),
+                Layer::Flatten,
+                Layer::dense(3),
+            ],
+        ),
+        3,
+        Loss::CategoricalCrossEntropy,
+        60,
+    );
+    ensure!(
+        min_abs(&case.activation_after(2)) > 1e-3,
+        "a ReLU input is at the kink"
+    );
+    ensure!(
+        min_pool_gap(&case.activation_after(3), 2) > 1e-4,
+        "a pooling window has a tie"
+    );
+    run(case)
+}
+
+#[test]
+fn f64_model_keeps_f64() -> Result<()> {
+    let model = metalearn::Sequential::from_architecture_on(
+        arch(&[3], &[Layer::dense(2)]),
+        0,
+        &Device::Cpu,
+        DType::F64,
+    )?;
+    ensure!(model
+        .params()
+        .tensors()
+        .iter()
+        .all(|t| t.dtype() == DType::F64));
+    let out = model.predict(&Tensor::zeros((2, 3), DType::F64, &Device::Cpu)?, 2)?;
+    ensure!(out.dtype() == DType::F64);
+    Ok(())
+}
+
+// ---- the checks have teeth -------------------------------------------------------------------
+
+/// tanh as a custom op whose backward is right in value but computed outside the graph: the
+/// failure mode of a fused kernel on a second-order path.
+struct DetachedTanh;
+
+impl candle_core::CustomOp1 for DetachedTanh {
+    fn name(&self) -> &'static str {
+        "detached-tanh"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F64(values) = storage else {
+            candle_core::bail!("detached-tanh is only written for f64")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("detached-tanh needs a contiguous input")
+        };
+        let out: Vec<f64> = values[start..end].iter().map(|v| v.tanh()).collect();
+        Ok((candle_core::CpuStorage::F64(out), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let slope = res.detach().sqr()?.affine(-1.0, 1.0)?;
+        Ok(Some(grad_res.mul(&slope)?))
+    }
+}
+
+#[test]
+fn second_order_check_catches_a_backward_outside_the_graph() -> Result<()> {
+    metalearn::runtime::init();
+    let case = Case::new(
+        "dense → tanh → dense, mse",
+        arch(&[3], &[Layer::dense(5), Layer::tanh(), Layer::dense(2)]),
+        4,
+        Loss::Mse,
+        71,
+    );
+    let detached = |params: &ParamSet, x: &Tensor| -> metalearn::Result<Tensor> {
+        let mut ctx = ForwardCtx::train();
+        let h = case.net.forward_layers(params, x, &mut ctx, 1)?;
+        let h = h.contiguous()?.apply_op1(DetachedTanh)?;
+        let out = case.net.forward_range(params, &h, &mut ctx, 2, 3, false)?;
+        case.loss.compute(&out, &case.target)
+    };
+    let point = Point::new(&case.params, &case.x);
+    let (a, b) = (
+        common::value(&case.objective(), &point),
+        common::value(&detached, &point),
+    );
+    ensure!((a - b).abs() < 1e-12, "{a} vs {b}");
+    check_gradient("detached tanh", &detached, &point)?;
+    ensure!(
+        check_hessian_vector_product("detached tanh", &detached, &point, 5).is_err(),
+        "a backward computed outside the graph passed the second-order check"
+    );
+    Ok(())
+}
+
+#[test]
+fn gradient_check_catches_candles_max_pool2d_scaling() -> Result<()> {
+    // candle 0.11.1's `max_pool2d` backward multiplies the gradient by the *fraction* of maxima
+    // in each window (1/4 for a unique maximum of a 2x2 window) instead of dividing by their
+    // count, so its gradient is k² times too small. The project pools with `ops::max_pool`.
+    metalearn::runtime::init();
+    let case = Case::new(
+        "conv → max-pool 2 → flatten → dense, mse",
+        arch(
+            &[1, 6, 6],
+            &[
+                conv(2, 3, 1, 1),
+                Layer::max_pool2d(2),
+                Layer::Flatten,
+                Layer::dense(2),
+            ],
+        ),
+        2,
+        Loss::Mse,
+        70,
+    );
+    ensure!(min_pool_gap(&case.activation_after(1), 2) > 1e-4);
+    let with_pool = |pool: fn(&Tensor) -> metalearn::Result<Tensor>| {
+        let case = &case;
+        move |params: &ParamSet, x: &Tensor| -> metalearn::Result<Tensor> {
+            let mut ctx = ForwardCtx::train();
+            let h = pool(&case.net.forward_layers(params, x, &mut ctx, 1)?)?;
+            let out = case.net.forward_range(params, &h, &mut ctx, 2, 4, false)?;
+            case.loss.compute(&out, &case.target)
+        }
+    };
+    let ours = with_pool(|h| ops::max_pool(h, 2));
+    let candles = with_pool(|h| Ok(h.max_pool2d(2)?));
+    let point = Point::new(&case.params, &case.x);
+    let (a, b) = (
+        common::value(&ours, &point),
+        common::value(&candles, &point),
+    );
+    ensure!((a - b).abs() < 1e-12, "same values expected: {a} vs {b}");
+    check_gradient("ops::max_pool", &ours, &point)?;
+    check_hessian_vector_product("ops::max_pool", &ours, &point, 5)?;
+    ensure!(
+        check_gradient("candle max_pool2d", &candles, &point).is_err(),
+        "candle's max_pool2d gradient is now right: ops::max_pool could be reconsidered"
+    );
+    Ok(())
+}
