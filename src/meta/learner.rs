@@ -160,7 +160,8 @@ impl MetaLearner {
             all_vars.extend(l.iter().cloned());
         }
         self.optimizer.step(&all_vars, &step.grads)?;
-        self.fold_batch_stats(step.batch_stats)?;
+        self.network
+            .fold_batch_stats(&mut self.buffers, step.batch_stats, |_| false)?;
         self.iteration += 1;
         Ok(step.loss)
     }
@@ -239,29 +240,6 @@ impl MetaLearner {
     /// Sets into how many chunks the meta-batch is split to run in parallel (default 1).
     pub fn set_threads(&mut self, threads: usize) {
         self.threads = threads.max(1);
-    }
-
-    fn fold_batch_stats(&mut self, stats: Vec<(String, Tensor)>) -> Result<()> {
-        for (name, stat) in stats {
-            let layer = name.split('.').next().unwrap_or_default();
-            let momentum = self
-                .network
-                .architecture()
-                .layers
-                .iter()
-                .find(|l| l.name == layer)
-                .and_then(|l| match l.layer {
-                    crate::nn::architecture::Layer::BatchNorm { momentum, .. } => Some(momentum),
-                    _ => None,
-                })
-                .unwrap_or(0.1);
-            let old = self.buffers.get(&name)?;
-            let new = old
-                .affine(1.0 - momentum, 0.0)?
-                .add(&stat.to_dtype(old.dtype())?.affine(momentum, 0.0)?)?;
-            self.buffers.replace(&name, new)?;
-        }
-        Ok(())
     }
 
     /// Adapts to a support set with `steps` inner steps (default: the configured evaluation

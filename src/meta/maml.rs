@@ -9,7 +9,7 @@ use crate::meta::inner::{adapt_weights, gradient_meta_step, InnerLoop, InnerLr};
 use crate::meta::{
     task_loss, Adapted, AlgorithmKind, EvalState, MetaAlgorithm, MetaParams, MetaStep,
 };
-use crate::nn::network::{ForwardCtx, Network};
+use crate::nn::network::Network;
 use crate::tasks::{Task, TaskKind};
 
 /// MAML with a fixed inner learning rate.
@@ -68,30 +68,4 @@ impl MetaAlgorithm for Maml {
             &cfg,
         )?))
     }
-
-    fn predict(
-        &self,
-        net: &Network,
-        meta: &MetaParams,
-        adapted: &Adapted,
-        x: &Tensor,
-        _state: &EvalState,
-    ) -> Result<Tensor> {
-        predict_with_weights(net, meta, adapted, x)
-    }
-}
-
-/// Forward pass with adapted weights (batch-norm uses the query batch's statistics, as in
-/// MAML's transductive setting).
-pub(crate) fn predict_with_weights(
-    net: &Network,
-    meta: &MetaParams,
-    adapted: &Adapted,
-    x: &Tensor,
-) -> Result<Tensor> {
-    let weights = match adapted {
-        Adapted::Weights(w) => w,
-        Adapted::Prototypes(_) => &meta.weights,
-    };
-    Ok(net.forward(weights, x, &mut ForwardCtx::train())?.detach())
 }

@@ -5,7 +5,6 @@ use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 use crate::meta::inner::{adapt_weights, gradient_meta_step, InnerLoop, InnerLr};
-use crate::meta::maml::predict_with_weights;
 use crate::meta::{
     task_loss, Adapted, AlgorithmKind, EvalState, MetaAlgorithm, MetaParams, MetaStep,
 };
@@ -72,16 +71,5 @@ impl MetaAlgorithm for MetaSgd {
             support,
             &cfg,
         )?))
-    }
-
-    fn predict(
-        &self,
-        net: &Network,
-        meta: &MetaParams,
-        adapted: &Adapted,
-        x: &Tensor,
-        _state: &EvalState,
-    ) -> Result<Tensor> {
-        predict_with_weights(net, meta, adapted, x)
     }
 }

@@ -198,15 +198,25 @@ pub trait MetaAlgorithm: Send + Sync {
         state: &EvalState,
     ) -> Result<Adapted>;
 
-    /// Predictions for query inputs: regression values or class logits.
+    /// Predictions for query inputs: regression values or class logits. The default runs the
+    /// network with the adapted weights (batch-norm on the query batch's statistics, as in
+    /// MAML's transductive setting).
     fn predict(
         &self,
         net: &Network,
         meta: &MetaParams,
         adapted: &Adapted,
         x: &Tensor,
-        state: &EvalState,
-    ) -> Result<Tensor>;
+        _state: &EvalState,
+    ) -> Result<Tensor> {
+        let weights = match adapted {
+            Adapted::Weights(w) => w,
+            Adapted::Prototypes(_) => &meta.weights,
+        };
+        Ok(net
+            .forward(weights, x, &mut crate::nn::network::ForwardCtx::train())?
+            .detach())
+    }
 }
 
 /// The loss that scores a task of this kind.

@@ -7,7 +7,6 @@ use candle_core::{Tensor, D};
 
 use crate::error::Result;
 use crate::meta::inner::{adapt_weights, broadcast_tasks, run_inner_loop, InnerLoop, InnerLr};
-use crate::meta::maml::predict_with_weights;
 use crate::meta::{
     task_loss, Adapted, AlgorithmKind, EvalState, MetaAlgorithm, MetaParams, MetaStep,
 };
@@ -120,16 +119,5 @@ impl MetaAlgorithm for Reptile {
             support,
             &cfg,
         )?))
-    }
-
-    fn predict(
-        &self,
-        net: &Network,
-        meta: &MetaParams,
-        adapted: &Adapted,
-        x: &Tensor,
-        _state: &EvalState,
-    ) -> Result<Tensor> {
-        predict_with_weights(net, meta, adapted, x)
     }
 }

@@ -279,6 +279,43 @@ impl Network {
         init_set(&self.buffers, &mut rng, device, dtype)
     }
 
+    /// Folds batch statistics collected in [`ForwardCtx::batch_stats`] into running statistics:
+    /// `running = (1 - momentum) · running + momentum · batch`, with each batch-norm layer's own
+    /// momentum. Layers for which `skip(layer_name)` is true keep their running statistics.
+    pub fn fold_batch_stats(
+        &self,
+        running: &mut ParamSet,
+        batch_stats: Vec<(String, Tensor)>,
+        skip: impl Fn(&str) -> bool,
+    ) -> Result<()> {
+        for (name, stat) in batch_stats {
+            let layer = name.split('.').next().unwrap_or_default();
+            if skip(layer) {
+                continue;
+            }
+            let momentum = self
+                .arch
+                .layers
+                .iter()
+                .find(|l| l.name == layer)
+                .and_then(|l| match l.layer {
+                    Layer::BatchNorm { momentum, .. } => Some(momentum),
+                    _ => None,
+                })
+                .ok_or_else(|| {
+                    Error::Shape(format!(
+                        "batch statistics for `{name}`, which is no batch-norm layer"
+                    ))
+                })?;
+            let old = running.get(&name)?;
+            let new = old
+                .affine(1.0 - momentum, 0.0)?
+                .add(&stat.to_dtype(old.dtype())?.affine(momentum, 0.0)?)?;
+            running.replace(&name, new)?;
+        }
+        Ok(())
+    }
+
     /// Forward pass. `x` is `[batch, input_shape...]`, or `[tasks, batch, input_shape...]` when
     /// every parameter carries a leading task dimension (task-batched mode).
     pub fn forward(&self, params: &ParamSet, x: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {

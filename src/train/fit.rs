@@ -386,34 +386,13 @@ impl Sequential {
             .as_mut()
             .ok_or_else(not_compiled)?
             .step(&self.vars, &grads)?;
-        self.update_running_stats(batch_stats)?;
+        // Frozen batch-norm layers keep their running statistics.
+        let frozen = &self.frozen;
+        self.network
+            .fold_batch_stats(&mut self.buffers, batch_stats, |layer| {
+                frozen.contains(&format!("{layer}.gamma"))
+            })?;
         Ok((loss_value, pred.detach()))
-    }
-
-    fn update_running_stats(&mut self, batch_stats: Vec<(String, Tensor)>) -> Result<()> {
-        for (name, stat) in batch_stats {
-            let layer = name.split('.').next().unwrap_or_default();
-            let frozen = self.frozen.contains(&format!("{layer}.gamma"));
-            if frozen {
-                continue;
-            }
-            let momentum = self
-                .architecture()
-                .layers
-                .iter()
-                .find(|l| l.name == layer)
-                .and_then(|l| match l.layer {
-                    crate::nn::architecture::Layer::BatchNorm { momentum, .. } => Some(momentum),
-                    _ => None,
-                })
-                .unwrap_or(0.1);
-            let old = self.buffers.get(&name)?;
-            let new = old
-                .affine(1.0 - momentum, 0.0)?
-                .add(&stat.affine(momentum, 0.0)?)?;
-            self.buffers.replace(&name, new)?;
-        }
-        Ok(())
     }
 }
 
