@@ -1,7 +1,7 @@
-//! Speed of second-order MAML on sinusoid regression, the workload of the peer script
-//! `maml_sine_jax.py`: MLP 1-40-40-1 ReLU, meta-batch 25, K = 10 support and 10 query points,
+//! Speed of second-order MAML on sinusoid regression, the workload of the JAX
+//! reference script `maml_sine_jax.py`: MLP 1-40-40-1 ReLU, meta-batch 25, K = 10 support and 10 query points,
 //! inner SGD at 0.01, Adam 1e-3. Prints milliseconds per meta-iteration (task sampling included,
-//! as in the peer script).
+//! as in the JAX script).
 //!
 //! `cargo run --release --example bench_maml_sine` (env: `STEPS` inner steps, default 1;
 //! `ITERS`, default 500).

@@ -1,5 +1,5 @@
-//! File helpers: every output file is written to a temporary sibling and renamed into place, so a
-//! crash never leaves a half-written file under the final name.
+//! File utilities: every output file is written to a temporary sibling and renamed into place, so
+//! a crash never leaves a half-written file under the final name.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -27,6 +27,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod checkpoint;
 pub mod cli;
 pub mod data;

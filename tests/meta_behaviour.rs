@@ -784,3 +784,37 @@ fn a_learner_in_f64_trains_on_f32_tasks() -> Result<()> {
     assert!(score.is_finite());
     Ok(())
 }
+
+/// Every algorithm, called directly with no task, answers an error instead of panicking.
+#[test]
+fn empty_meta_batch_is_an_error_for_every_algorithm() -> Result<()> {
+    let arch = Architecture::mlp(&[1, 8, 1], Activation::Relu)?;
+    for kind in [
+        AlgorithmKind::Maml,
+        AlgorithmKind::MetaSgd,
+        AlgorithmKind::Anil,
+        AlgorithmKind::Reptile,
+    ] {
+        let learner = MetaLearner::new(
+            &arch,
+            AlgorithmConfig::new(kind),
+            TaskKind::Regression,
+            OptimizerConfig::adam(1e-3),
+            0,
+            DType::F32,
+        )?;
+        let algorithm = metalearn::meta::build_algorithm(learner.algorithm_config())?;
+        let result = algorithm.meta_train_step(
+            learner.network(),
+            &learner.meta_params(),
+            &[],
+            TaskKind::Regression,
+        );
+        let message = result.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            message.contains("empty meta-batch"),
+            "{kind:?}: {message:?}"
+        );
+    }
+    Ok(())
+}

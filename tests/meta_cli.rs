@@ -251,6 +251,29 @@ validation_tasks = 5
     let pred = std::fs::read_to_string(d.join("pred.csv")).unwrap();
     assert!(pred.starts_with("predicted,p_x,p_y,p_z"), "header: {pred}");
     assert_eq!(pred.lines().count(), 4);
+
+    // A labelled query with a class the support set does not have is an error, not a silent
+    // fallback to unlabelled predictions.
+    std::fs::write(d.join("bad-query.csv"), "a,b,label\n0.1,0.05,w\n").unwrap();
+    let (ok, _, stderr) = metalearn(
+        &[
+            "adapt",
+            "--model",
+            "p",
+            "--support",
+            "support.csv",
+            "--query",
+            "bad-query.csv",
+            "--target",
+            "label",
+            "--out",
+            "pred2.csv",
+        ],
+        d,
+    );
+    assert!(!ok, "an unknown query class must fail");
+    assert!(stderr.contains("`w`"), "{stderr}");
+    assert!(!d.join("pred2.csv").exists());
 }
 
 #[test]

@@ -54,6 +54,26 @@ fn load(
     }
 }
 
+/// Whether the header of the CSV file at `path` names `column` (cells are trimmed, as the
+/// loader trims them).
+fn csv_has_column(path: &std::path::Path, column: &str) -> Result<bool> {
+    let mut reader = csv::Reader::from_path(path).map_err(|e| {
+        Error::Data(format!(
+            "{}: cannot read the CSV file ({e}); check the path",
+            path.display()
+        ))
+    })?;
+    let headers = reader
+        .byte_headers()
+        .map_err(|e| Error::Data(format!("{}: cannot read the header: {e}", path.display())))?;
+    Ok(headers.iter().any(|h| {
+        String::from_utf8_lossy(h)
+            .trim()
+            .trim_start_matches('\u{feff}')
+            == column
+    }))
+}
+
 /// Runs `adapt`.
 pub fn run(args: &AdaptArgs) -> Result<()> {
     let (learner, config, model_path) = load_meta_model(&args.model)?;
@@ -93,23 +113,28 @@ pub fn run(args: &AdaptArgs) -> Result<()> {
     let query_x;
     let query = if args.query.is_dir() {
         let q = load(&args.query, &target, Some(&image), None)?;
+        if q.class_names != support.class_names {
+            return Err(Error::Data(format!(
+                "{}: the query classes {:?} differ from the support classes {:?}; use the same \
+                 class sub-folders in both",
+                args.query.display(),
+                q.class_names.clone().unwrap_or_default(),
+                support.class_names.clone().unwrap_or_default()
+            )));
+        }
         query_x = q.x.clone();
         Some(q)
-    } else {
-        match crate::data::csv::load_csv_with_classes(
+    } else if csv_has_column(&args.query, &target)? {
+        let q = crate::data::csv::load_csv_with_classes(
             &args.query,
             &target,
             support.class_names.as_deref(),
-        ) {
-            Ok(q) => {
-                query_x = q.x.clone();
-                Some(q)
-            }
-            Err(_) => {
-                query_x = crate::data::csv::load_csv_features(&args.query, &support.feature_names)?;
-                None
-            }
-        }
+        )?;
+        query_x = q.x.clone();
+        Some(q)
+    } else {
+        query_x = crate::data::csv::load_csv_features(&args.query, &support.feature_names)?;
+        None
     };
     let adapted = learner.adapt((&support.x, &support.y), args.steps)?;
     let pred = learner.predict(&adapted, &query_x)?.to_dtype(DType::F32)?;

@@ -878,7 +878,13 @@ fn read_cache(path: &Path, key: &CacheKey) -> std::result::Result<BaseImages, St
     }
     let count = header.count;
     let per_image = key.height * key.width;
-    let expected = header_end + 4 * count + 4 * count * per_image;
+    // `count` comes from the file: a corrupt value must not overflow.
+    let expected = count
+        .checked_mul(per_image)
+        .and_then(|n| n.checked_add(count))
+        .and_then(|n| n.checked_mul(4))
+        .and_then(|n| n.checked_add(header_end))
+        .ok_or("impossible image count")?;
     if body.len() != expected {
         return Err(format!(
             "wrong length: {} bytes where {} were expected",

@@ -5,7 +5,7 @@
 
 use candle_core::{Tensor, D};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::meta::inner::{adapt_weights, broadcast_tasks, run_inner_loop, InnerLoop, InnerLr};
 use crate::meta::{
     task_loss, Adapted, AlgorithmKind, EvalState, MetaAlgorithm, MetaParams, MetaStep,
@@ -82,9 +82,9 @@ impl MetaAlgorithm for Reptile {
                 }
                 let n = tasks.len() as f64;
                 (
-                    sum.expect("non-empty batch")
+                    sum.ok_or_else(empty_batch)?
                         .map(|_, w| Ok(w.affine(1.0 / n, 0.0)?))?,
-                    loss_sum.expect("non-empty batch").affine(1.0 / n, 0.0)?,
+                    loss_sum.ok_or_else(empty_batch)?.affine(1.0 / n, 0.0)?,
                 )
             }
         };
@@ -120,4 +120,9 @@ impl MetaAlgorithm for Reptile {
             &cfg,
         )?))
     }
+}
+
+/// The error for a meta-batch with no task.
+fn empty_batch() -> Error {
+    Error::Data("empty meta-batch".into())
 }

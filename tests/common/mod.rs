@@ -1,7 +1,7 @@
-//! Helpers shared by the integration tests: seeded random tensors, f64 finite differences of a
+//! Utilities shared by the integration tests: seeded random tensors, f64 finite differences of a
 //! scalar objective over (parameters, input), and bitwise comparison of parameter sets.
 //!
-//! Not every test binary uses every helper.
+//! Not every test binary uses every utility.
 #![allow(dead_code)]
 
 use anyhow::{ensure, Result};
