@@ -475,3 +475,37 @@ fn bad_provenance_or_section_json_is_rejected() {
     );
     rejected(&path, &["section.training"]);
 }
+
+#[test]
+fn unreadable_training_metadata_is_reported_not_ignored() {
+    use metalearn::{Checkpoint, Layer, Loss, Metric, OptimizerConfig, Sequential};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    let mut model = Sequential::builder(&[2])
+        .add(Layer::dense(3))
+        .add(Layer::dense(1))
+        .build(0)
+        .unwrap();
+    model
+        .compile(OptimizerConfig::adam(0.01), Loss::Mse, &[Metric::Mae])
+        .unwrap();
+    model.save(&path).unwrap();
+
+    for (key, value) in [
+        ("compile", serde_json::json!({"optimizer": "fast"})),
+        ("frozen", serde_json::json!(["no_such_layer.weight"])),
+    ] {
+        let mut ckpt = Checkpoint::load(&path, &candle_core::Device::Cpu).unwrap();
+        ckpt.sections.get_mut("training").unwrap()[key] = value;
+        let edited = dir.path().join(format!("edited-{key}.safetensors"));
+        ckpt.save(&edited).unwrap();
+        let err = Sequential::load(&edited)
+            .err()
+            .unwrap_or_else(|| panic!("an invalid `{key}` entry must be an error"))
+            .to_string();
+        assert!(
+            err.contains(key) || err.contains("no_such_layer"),
+            "{key}: {err}"
+        );
+    }
+}

@@ -429,12 +429,26 @@ impl Sequential {
         model.provenance = ckpt.provenance.clone();
         if let Some(training) = ckpt.section("training") {
             model.epochs_trained = training["epochs_trained"].as_u64().unwrap_or(0) as usize;
-            if let Ok(cfg) = serde_json::from_value::<CompileConfig>(training["compile"].clone()) {
+            let bad = |key: &str, e: serde_json::Error| {
+                Error::Checkpoint(format!(
+                    "the checkpoint's `training.{key}` metadata is invalid ({e}); save the model again"
+                ))
+            };
+            // Absent entries (a model saved before compiling) are fine; unreadable ones are not.
+            if let Some(compile) = training.get("compile").filter(|v| !v.is_null()) {
+                let cfg: CompileConfig =
+                    serde_json::from_value(compile.clone()).map_err(|e| bad("compile", e))?;
                 model.compile(cfg.optimizer, cfg.loss, &cfg.metrics)?;
             }
-            if let Ok(frozen) =
-                serde_json::from_value::<BTreeSet<String>>(training["frozen"].clone())
-            {
+            if let Some(frozen) = training.get("frozen").filter(|v| !v.is_null()) {
+                let frozen: BTreeSet<String> =
+                    serde_json::from_value(frozen.clone()).map_err(|e| bad("frozen", e))?;
+                if let Some(unknown) = frozen.iter().find(|n| !model.names.contains(n)) {
+                    return Err(Error::Checkpoint(format!(
+                        "the checkpoint marks `{unknown}` as frozen, but the model has no such \
+                         parameter; save the model again"
+                    )));
+                }
                 model.frozen = frozen;
             }
         }
