@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
-use crate::eval::{finite_summary, Summary};
+use crate::eval::{score_episodes, Summary};
 use crate::meta::inner::{adapt_weights, InnerLoop, InnerLr};
 use crate::meta::task_loss;
 use crate::nn::architecture::{Architecture, Layer};
@@ -171,11 +171,7 @@ pub fn evaluate_baseline(
     steps: usize,
     seed: u64,
 ) -> Result<Summary> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut scores = Vec::with_capacity(episodes);
-    for _ in 0..episodes {
-        let task = source.sample(split, &mut rng)?;
-        scores.push(baseline.evaluate_task(&task, steps)?);
-    }
-    finite_summary(&scores, steps)
+    score_episodes(source, split, episodes, seed, steps, |task| {
+        baseline.evaluate_task(task, steps)
+    })
 }

@@ -61,16 +61,29 @@ pub fn meta_evaluate(
     steps: Option<usize>,
     seed: u64,
 ) -> Result<Summary> {
+    let steps_used = steps.unwrap_or(learner.algorithm_config().eval_inner_steps);
+    score_episodes(source, split, episodes, seed, steps_used, |task| {
+        learner.evaluate_task(task, steps)
+    })
+}
+
+/// Draws `episodes` tasks of `split` with `seed`, scores each with `score` (which adapts with
+/// `steps` steps) and summarises; the same tasks for every model given the same seed.
+pub fn score_episodes(
+    source: &dyn TaskSource,
+    split: Split,
+    episodes: usize,
+    seed: u64,
+    steps: usize,
+    mut score: impl FnMut(&crate::tasks::Task) -> Result<f64>,
+) -> Result<Summary> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut scores = Vec::with_capacity(episodes);
     for _ in 0..episodes {
         let task = source.sample(split, &mut rng)?;
-        scores.push(learner.evaluate_task(&task, steps)?);
+        scores.push(score(&task)?);
     }
-    finite_summary(
-        &scores,
-        steps.unwrap_or(learner.algorithm_config().eval_inner_steps),
-    )
+    finite_summary(&scores, steps)
 }
 
 /// Summarises scores, refusing non-finite ones (adaptation that diverged) with advice.

@@ -23,6 +23,18 @@ pub struct Maml {
     pub first_order: bool,
 }
 
+impl Maml {
+    fn inner(&self, kind: TaskKind, steps: usize, second_order: bool) -> InnerLoop<'static> {
+        InnerLoop {
+            loss: task_loss(kind),
+            steps,
+            lr: InnerLr::Scalar(self.inner_lr),
+            from_layer: 0,
+            second_order,
+        }
+    }
+}
+
 impl MetaAlgorithm for Maml {
     fn kind(&self) -> AlgorithmKind {
         AlgorithmKind::Maml
@@ -35,13 +47,7 @@ impl MetaAlgorithm for Maml {
         tasks: &[Task],
         kind: TaskKind,
     ) -> Result<MetaStep> {
-        let cfg = InnerLoop {
-            loss: task_loss(kind),
-            steps: self.inner_steps,
-            lr: InnerLr::Scalar(self.inner_lr),
-            from_layer: 0,
-            second_order: !self.first_order,
-        };
+        let cfg = self.inner(kind, self.inner_steps, !self.first_order);
         gradient_meta_step(net, meta, tasks, kind, &cfg)
     }
 
@@ -54,13 +60,7 @@ impl MetaAlgorithm for Maml {
         kind: TaskKind,
         _state: &EvalState,
     ) -> Result<Adapted> {
-        let cfg = InnerLoop {
-            loss: task_loss(kind),
-            steps,
-            lr: InnerLr::Scalar(self.inner_lr),
-            from_layer: 0,
-            second_order: false,
-        };
+        let cfg = self.inner(kind, steps, false);
         Ok(Adapted::Weights(adapt_weights(
             net,
             &meta.weights,

@@ -9,6 +9,7 @@ use crate::meta::{
     task_loss, Adapted, AlgorithmKind, EvalState, MetaAlgorithm, MetaParams, MetaStep,
 };
 use crate::nn::network::Network;
+use crate::nn::params::ParamSet;
 use crate::tasks::{Task, TaskKind};
 
 /// Meta-SGD. The learned rates live in [`MetaParams::inner_lrs`].
@@ -20,10 +21,28 @@ pub struct MetaSgd {
     pub first_order: bool,
 }
 
-fn rates(meta: &MetaParams) -> Result<&crate::nn::params::ParamSet> {
+fn rates(meta: &MetaParams) -> Result<&ParamSet> {
     meta.inner_lrs.as_ref().ok_or_else(|| {
         Error::Config("Meta-SGD needs learned inner learning rates in the meta-parameters".into())
     })
+}
+
+impl MetaSgd {
+    fn inner<'a>(
+        &self,
+        kind: TaskKind,
+        steps: usize,
+        rates: &'a ParamSet,
+        second_order: bool,
+    ) -> InnerLoop<'a> {
+        InnerLoop {
+            loss: task_loss(kind),
+            steps,
+            lr: InnerLr::PerParam(rates),
+            from_layer: 0,
+            second_order,
+        }
+    }
 }
 
 impl MetaAlgorithm for MetaSgd {
@@ -38,13 +57,7 @@ impl MetaAlgorithm for MetaSgd {
         tasks: &[Task],
         kind: TaskKind,
     ) -> Result<MetaStep> {
-        let cfg = InnerLoop {
-            loss: task_loss(kind),
-            steps: self.inner_steps,
-            lr: InnerLr::PerParam(rates(meta)?),
-            from_layer: 0,
-            second_order: !self.first_order,
-        };
+        let cfg = self.inner(kind, self.inner_steps, rates(meta)?, !self.first_order);
         gradient_meta_step(net, meta, tasks, kind, &cfg)
     }
 
@@ -58,13 +71,7 @@ impl MetaAlgorithm for MetaSgd {
         _state: &EvalState,
     ) -> Result<Adapted> {
         let lrs = rates(meta)?.detach();
-        let cfg = InnerLoop {
-            loss: task_loss(kind),
-            steps,
-            lr: InnerLr::PerParam(&lrs),
-            from_layer: 0,
-            second_order: false,
-        };
+        let cfg = self.inner(kind, steps, &lrs, false);
         Ok(Adapted::Weights(adapt_weights(
             net,
             &meta.weights,
