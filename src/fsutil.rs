@@ -44,12 +44,17 @@ pub fn temp_sibling(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
 }
 
-/// Appends one line to a text file (creating it), for JSONL logs.
+/// Appends one line to a text file (creating it), for JSONL logs. The line and its newline go
+/// out in one write, so a process killed mid-way leaves at worst one torn last line, never two
+/// lines run together; readers that resume (meta-training) drop a last line without a newline.
 pub fn append_line(path: &Path, line: &str) -> Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .map_err(|e| Error::io(path, e))?;
-    writeln!(file, "{line}").map_err(|e| Error::io(path, e))
+    let mut bytes = Vec::with_capacity(line.len() + 1);
+    bytes.extend_from_slice(line.as_bytes());
+    bytes.push(b'\n');
+    file.write_all(&bytes).map_err(|e| Error::io(path, e))
 }

@@ -29,6 +29,7 @@
 
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
@@ -36,6 +37,7 @@ pub mod demos;
 pub mod error;
 pub mod eval;
 pub mod fsutil;
+pub mod kernels;
 pub mod meta;
 pub mod nn;
 pub mod plot;

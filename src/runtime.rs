@@ -24,3 +24,12 @@ pub fn init() {
         }
     });
 }
+
+/// Peak resident memory of this process so far, in MiB (`VmHWM` from `/proc/self/status`);
+/// `None` where that file does not exist (non-Linux systems).
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}

@@ -226,10 +226,24 @@ fn rotations_add_classes_in_the_same_alphabet() {
             seed: 3,
         }))
         .unwrap();
+    // Rotated copies are meta-training classes only; held-out splits keep the characters as
+    // drawn.
     for c in 0..rotated.num_classes() {
-        let home = |class: usize| splits.iter().position(|s| s.contains(&class)).unwrap();
-        assert_eq!(home(c), home(rotated.base_class[c]), "class {c}");
+        let home = |class: usize| splits.iter().position(|s| s.contains(&class));
+        let base = rotated.base_class[c];
+        if c == base {
+            assert!(home(c).is_some(), "character {c} is in no split");
+        } else if home(base) == Some(0) {
+            assert_eq!(
+                home(c),
+                Some(0),
+                "rotated class {c} of a training character"
+            );
+        } else {
+            assert_eq!(home(c), None, "rotated class {c} of a held-out character");
+        }
     }
+    assert!(splits[0].iter().any(|&c| rotated.base_class[c] != c));
 }
 
 #[test]
@@ -495,9 +509,12 @@ name = "protonet"
     assert_eq!(source.input_shape(), vec![1, 28, 28]);
     assert_eq!(source.kind(), TaskKind::Classification { ways: 2 });
     let task = source
-        .sample(Split::Test, &mut ChaCha8Rng::seed_from_u64(0))
+        .sample(Split::Train, &mut ChaCha8Rng::seed_from_u64(0))
         .unwrap();
     assert_eq!(task.support.0.dims(), &[2, 1, 28, 28]);
+    // Gamma's single character is not multiplied by rotations outside meta-training.
+    let err = source.check_split(Split::Test).unwrap_err().to_string();
+    assert!(err.contains("has 1"), "{err}");
     assert!(
         source.check_split(Split::Validation).is_err(),
         "no validation alphabets"

@@ -1,5 +1,8 @@
 //! TOML config files for `train` and `finetune`: every command-line option has a key of the same
-//! name (with `_` for `-`), flags win over the file, and an unknown key is an error naming it.
+//! name (with `_` for `-`), and flags win over the file. An unknown key, a value of the wrong type
+//! or out of range, and a key that only the other command takes are errors that start with
+//! `path:line:column:`, name the key and say what to change (with the nearest valid key for a
+//! misspelt one).
 //!
 //! ```toml
 //! data = "iris.csv"        # relative paths are relative to the config file
@@ -17,6 +20,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::meta::config::{closest, ConfigDocument, KeyProblem, TableSchema};
+use crate::nn::architecture::Activation;
+use crate::train::loss::Loss;
 
 /// A list given either as a comma-separated string (`"64,32"`) or as a TOML array.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -136,11 +142,22 @@ const TRAIN_ONLY: &[&str] = &[
 const FINETUNE_ONLY: &[&str] = &["from", "freeze", "new_head", "linear_probe"];
 
 impl FileConfig {
-    /// Reads a config file. Relative paths inside it are resolved against the file's folder.
+    /// The keys a `train` or `finetune` config file accepts (taken from the struct's fields).
+    pub fn schema() -> TableSchema {
+        TableSchema::of::<FileConfig>()
+    }
+
+    /// Reads and checks a config file (keys, types and ranges; errors start with
+    /// `path:line:column:`). Relative paths inside it are resolved against the file's folder.
     pub fn from_file(path: &Path) -> Result<Self> {
+        Self::read(path, None)
+    }
+
+    /// Reads a config file for `command` (`train` or `finetune`), which also refuses the keys
+    /// that only the other command uses.
+    fn read(path: &Path, command: Option<&str>) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let mut cfg = Self::from_toml(&text)
-            .map_err(|e| Error::Config(format!("config file {}: {e}", path.display())))?;
+        let mut cfg = Self::from_document(&ConfigDocument::parse(&text, Some(path))?, command)?;
         let base = path.parent().unwrap_or_else(|| Path::new(""));
         for p in [&mut cfg.data, &mut cfg.images, &mut cfg.out, &mut cfg.from]
             .into_iter()
@@ -153,9 +170,152 @@ impl FileConfig {
         Ok(cfg)
     }
 
-    /// Parses config text (paths are left as written).
+    /// Parses and checks config text (paths are left as written).
     pub fn from_toml(text: &str) -> Result<Self> {
-        toml::from_str(text).map_err(|e| Error::Config(e.to_string().trim().to_string()))
+        Self::from_document(&ConfigDocument::parse(text, None)?, None)
+    }
+
+    fn from_document(doc: &ConfigDocument, command: Option<&str>) -> Result<Self> {
+        let schema = Self::schema();
+        doc.check_keys(&schema)?;
+        let cfg: Self = doc.deserialize(&schema)?;
+        if let Some(command) = command {
+            if let Err(problem) = cfg.command_problem(command) {
+                return Err(doc.problem_error(&problem));
+            }
+        }
+        cfg.check().map_err(|problem| doc.problem_error(&problem))?;
+        Ok(cfg)
+    }
+
+    /// Checks every value's range; messages name the key and what to change.
+    pub fn validate(&self) -> Result<()> {
+        self.check().map_err(KeyProblem::into_error)
+    }
+
+    /// Like [`FileConfig::validate`], keeping the offending key apart from the message.
+    pub fn check(&self) -> std::result::Result<(), KeyProblem> {
+        if self.data.is_some() && self.images.is_some() {
+            return Err(KeyProblem::new(
+                "images",
+                "set either `data` (a CSV file) or `images` (an image folder), not both",
+            ));
+        }
+        for (key, value, what) in [
+            ("height", self.height, "image height in pixels"),
+            ("width", self.width, "image width in pixels"),
+            ("filters", self.filters, "filters per convolution"),
+            ("epochs", self.epochs, "passes over the data"),
+            ("batch_size", self.batch_size, "examples per step"),
+            (
+                "early_stopping",
+                self.early_stopping,
+                "epochs without improvement before stopping",
+            ),
+            ("new_head", self.new_head, "outputs of the new head"),
+        ] {
+            if value == Some(0) {
+                return Err(KeyProblem::new(
+                    key,
+                    format!("`{key}` must be >= 1 ({what}), got 0"),
+                ));
+            }
+        }
+        if let Some(channels) = self.channels.filter(|c| !matches!(c, 1 | 3)) {
+            return Err(KeyProblem::new(
+                "channels",
+                format!("`channels` must be 1 (grey) or 3 (RGB), got {channels}"),
+            ));
+        }
+        if let Some(hidden) = &self.hidden {
+            check_hidden(hidden)?;
+        }
+        if let Some(name) = &self.activation {
+            if let Err(e) = name.parse::<Activation>() {
+                let names = ["relu", "sigmoid", "tanh", "softmax", "linear"];
+                return Err(KeyProblem::new(
+                    "activation",
+                    format!("`activation`: {e}{}", did_you_mean(name, &names)),
+                ));
+            }
+        }
+        if let Some(name) = &self.optimizer {
+            let names = ["sgd", "adam", "adamw"];
+            if !names.contains(&name.to_ascii_lowercase().as_str()) {
+                return Err(KeyProblem::new(
+                    "optimizer",
+                    format!(
+                        "`optimizer` = \"{name}\" is unknown{}: use sgd, adam or adamw",
+                        did_you_mean(name, &names)
+                    ),
+                ));
+            }
+        }
+        if let Some(lr) = self.lr.filter(|lr| !(*lr > 0.0 && lr.is_finite())) {
+            return Err(KeyProblem::new(
+                "lr",
+                format!("`lr` (the learning rate) must be a finite number > 0, got {lr}"),
+            ));
+        }
+        if let Some(decay) = self.weight_decay.filter(|d| !(*d >= 0.0 && d.is_finite())) {
+            return Err(KeyProblem::new(
+                "weight_decay",
+                format!("`weight_decay` must be a finite number >= 0, got {decay}"),
+            ));
+        }
+        if let Some(momentum) = self.momentum {
+            if !(0.0..1.0).contains(&momentum) {
+                return Err(KeyProblem::new(
+                    "momentum",
+                    format!("`momentum` must be in [0, 1), got {momentum}"),
+                ));
+            }
+            if let Some(name) = self
+                .optimizer
+                .as_ref()
+                .filter(|name| !name.eq_ignore_ascii_case("sgd"))
+            {
+                return Err(KeyProblem::new(
+                    "momentum",
+                    format!(
+                        "`momentum` applies to optimizer = \"sgd\" only, and this file sets \
+                         optimizer = \"{name}\"; remove momentum or switch to sgd"
+                    ),
+                ));
+            }
+        }
+        if let Some(name) = &self.loss {
+            if let Err(e) = name.parse::<Loss>() {
+                let names = ["mse", "binary_cross_entropy", "bce_logits", "cross_entropy"];
+                return Err(KeyProblem::new(
+                    "loss",
+                    format!("`loss`: {e}{}", did_you_mean(name, &names)),
+                ));
+            }
+        }
+        if let Some(fraction) = self.validation_split {
+            if !(fraction > 0.0 && fraction < 1.0) {
+                return Err(KeyProblem::new(
+                    "validation_split",
+                    format!(
+                        "`validation_split` is the fraction of examples held out and must be \
+                         in (0, 1), e.g. 0.2; got {fraction}"
+                    ),
+                ));
+            }
+        }
+        if let Some(ListValue::Text(text)) = &self.freeze {
+            if text.split(',').any(|part| part.trim().is_empty()) {
+                return Err(KeyProblem::new(
+                    "freeze",
+                    format!(
+                        "`freeze` = \"{text}\" has an empty entry; list layer names or indices \
+                         separated by commas, e.g. \"dense_1,2\""
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The names of the keys that are set.
@@ -195,35 +355,80 @@ impl FileConfig {
 
     /// Fails if the file sets a key that `command` (`train` or `finetune`) does not take.
     pub fn check_for(&self, command: &str, path: &Path) -> Result<()> {
+        self.command_problem(command)
+            .map_err(|problem| Error::Config(format!("{}: {}", path.display(), problem.message)))
+    }
+
+    /// The first key that only the other command uses.
+    fn command_problem(&self, command: &str) -> std::result::Result<(), KeyProblem> {
         let forbidden = if command == "train" {
             FINETUNE_ONLY
         } else {
             TRAIN_ONLY
         };
-        if let Some(key) = self.keys_set().into_iter().find(|k| forbidden.contains(k)) {
-            let other = if command == "train" {
-                "finetune"
-            } else {
-                "train (finetune keeps the architecture and input shape of --from)"
-            };
-            return Err(Error::Config(format!(
-                "config file {}: key `{key}` is not used by `{command}`, only by {other}; remove it",
-                path.display()
-            )));
+        match self.keys_set().into_iter().find(|k| forbidden.contains(k)) {
+            None => Ok(()),
+            Some(key) => {
+                let other = if command == "train" {
+                    "finetune"
+                } else {
+                    "train (finetune keeps the architecture and input shape of --from)"
+                };
+                Err(KeyProblem::new(
+                    key,
+                    format!("key `{key}` is not used by `{command}`, only by {other}; remove it"),
+                ))
+            }
         }
-        Ok(())
     }
 }
 
-/// Reads the config file if one is given, checked for `command`.
+/// Checks a `hidden` list: positive sizes, or `"none"` / `""` for no hidden layer.
+fn check_hidden(hidden: &ListValue<usize>) -> std::result::Result<(), KeyProblem> {
+    let bad = |entry: &str| {
+        KeyProblem::new(
+            "hidden",
+            format!(
+                "`hidden` entry `{entry}` is not a layer size; give whole numbers >= 1, as \
+                 \"64,32\" or [64, 32] (\"none\" for no hidden layer)"
+            ),
+        )
+    };
+    match hidden {
+        ListValue::Items(sizes) => match sizes.iter().find(|&&n| n == 0) {
+            Some(zero) => Err(bad(&zero.to_string())),
+            None => Ok(()),
+        },
+        ListValue::Text(text) => {
+            let text = text.trim();
+            if text.is_empty() || text.eq_ignore_ascii_case("none") {
+                return Ok(());
+            }
+            match text
+                .split(',')
+                .map(str::trim)
+                .find(|part| !matches!(part.parse::<usize>(), Ok(n) if n > 0))
+            {
+                Some(part) => Err(bad(part)),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+/// `" (did you mean \"x\"?)"` for a misspelt name, or nothing.
+fn did_you_mean(word: &str, names: &[&str]) -> String {
+    closest(word, names)
+        .map(|name| format!(" (did you mean \"{name}\"?)"))
+        .unwrap_or_default()
+}
+
+/// Reads the config file if one is given, checked for `command` (`train` or `finetune`): keys,
+/// types, ranges, and keys that only the other command takes.
 pub fn load_for(path: Option<&Path>, command: &str) -> Result<FileConfig> {
     match path {
         None => Ok(FileConfig::default()),
-        Some(path) => {
-            let cfg = FileConfig::from_file(path)?;
-            cfg.check_for(command, path)?;
-            Ok(cfg)
-        }
+        Some(path) => FileConfig::read(path, Some(command)),
     }
 }
 

@@ -47,6 +47,9 @@ pub struct FetchArgs {
     /// Print one JSON object with the results as the last line of stdout.
     #[arg(long)]
     pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 /// Runs `data`.
@@ -69,7 +72,7 @@ fn run_fetch(args: &FetchArgs) -> Result<()> {
         files.retain(|f| args.only.iter().any(|o| o == f.file_name()));
     }
     let options = FetchOptions {
-        progress: !args.json && crate::cli::stderr_is_terminal(),
+        progress: !args.quiet && !args.json && crate::cli::stderr_is_terminal(),
         ..FetchOptions::default()
     };
     let fetched = fetch_files(&args.base_url, &args.dir, &files, &options)?;

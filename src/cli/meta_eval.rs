@@ -8,8 +8,8 @@ use serde_json::json;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::eval::baseline::{evaluate_baseline, train_transfer_baseline, BaselineOptions};
-use crate::eval::meta_evaluate;
+use crate::eval::baseline::{train_transfer_baseline, BaselineOptions};
+use crate::eval::score_episodes;
 use crate::meta::config::ExperimentConfig;
 use crate::meta::learner::MetaLearner;
 use crate::meta::train::{BEST_FILE, LATEST_FILE};
@@ -36,12 +36,33 @@ pub struct MetaEvalArgs {
     /// Data for classification tasks (overrides the path recorded in the checkpoint).
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Classes per test task (default: the config's). ProtoNet models work with any number;
+    /// MAML-family models only with the number they were meta-trained for.
+    #[arg(long)]
+    pub ways: Option<usize>,
+    /// Support examples per class of the test tasks (default: the config's).
+    #[arg(long)]
+    pub shots: Option<usize>,
+    /// Query examples per class of the test tasks (default: the config's).
+    #[arg(long)]
+    pub queries: Option<usize>,
+    /// Draw all classes of a test task from one alphabet (group), as the official Omniglot
+    /// one-shot runs do.
+    #[arg(long)]
+    pub same_alphabet: bool,
+    /// Omniglot: comma-separated alphabets of `--data` to draw test tasks from, e.g. alphabets
+    /// never seen in meta-training (replaces the config's split).
+    #[arg(long, value_delimiter = ',')]
+    pub test_alphabets: Option<Vec<String>>,
     /// Also train and score the transfer baseline (joint training, then fine-tuning).
     #[arg(long)]
     pub baseline: bool,
     /// Print one JSON object with the results as the last line of stdout.
     #[arg(long)]
     pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 /// Resolves `--model`: a file, or a folder holding best.safetensors (else latest.safetensors).
@@ -103,21 +124,55 @@ pub fn run(args: &MetaEvalArgs) -> Result<()> {
             )))
         }
     };
-    let (learner, config, path) = load_meta_model(&args.model)?;
+    let (learner, mut config, path) = load_meta_model(&args.model)?;
+    let trained_ways = config.task.ways;
+    if let Some(ways) = args.ways {
+        config.task.ways = Some(ways);
+    }
+    if let Some(shots) = args.shots {
+        config.task.shots = Some(shots);
+    }
+    if let Some(queries) = args.queries {
+        config.task.queries = Some(queries);
+    }
+    if args.same_alphabet {
+        config.task.same_group = true;
+    }
+    let split = match &args.test_alphabets {
+        Some(test) => {
+            config.task.split = None;
+            config.task.split_by_group = false;
+            config.task.split_alphabets = Some(crate::data::omniglot::AlphabetSplit {
+                train: Vec::new(),
+                validation: Vec::new(),
+                test: test.iter().map(|a| a.trim().to_string()).collect(),
+            });
+            Split::Test
+        }
+        None => split,
+    };
+    let learner = match args.ways {
+        Some(ways) if Some(ways) != trained_ways => crate::eval::runs::learner_for_ways(
+            &Checkpoint::load(&path, &candle_core::Device::Cpu)?,
+            ways,
+        )?,
+        _ => learner,
+    };
     let source = config.task_source(args.data.as_deref())?;
+    source.check_split(split)?;
     let episodes = args.episodes.unwrap_or(config.eval.episodes);
     if episodes == 0 {
         return Err(Error::Config("--episodes must be >= 1".into()));
     }
     let steps = args.steps.unwrap_or(config.algorithm.eval_inner_steps);
-    let summary = meta_evaluate(
-        &learner,
-        source.as_ref(),
-        split,
-        episodes,
-        Some(steps),
-        args.seed,
-    )?;
+    let show_progress = !args.quiet && !args.json && super::stderr_is_terminal();
+    let bar = crate::progress::bar(episodes as u64, show_progress, "meta-evaluating");
+    let summary = score_episodes(source.as_ref(), split, episodes, args.seed, steps, |task| {
+        let score = learner.evaluate_task(task, Some(steps));
+        bar.inc(1);
+        score
+    })?;
+    bar.finish_and_clear();
     let metric = learner.metric().name();
     let mut out = json!({
         "model": path.display().to_string(),
@@ -129,6 +184,9 @@ pub fn run(args: &MetaEvalArgs) -> Result<()> {
         "episodes": summary.n,
         "steps": steps,
         "split": args.split,
+        "ways": config.task.ways,
+        "shots": config.task.shots,
+        "same_alphabet": config.task.same_group,
     });
     if !args.json {
         println!(
@@ -152,14 +210,13 @@ pub fn run(args: &MetaEvalArgs) -> Result<()> {
                 inner_lr: config.algorithm.inner_lr,
             },
         )?;
-        let b = evaluate_baseline(
-            &baseline,
-            source.as_ref(),
-            split,
-            episodes,
-            steps,
-            args.seed,
-        )?;
+        let bar = crate::progress::bar(episodes as u64, show_progress, "scoring the baseline");
+        let b = score_episodes(source.as_ref(), split, episodes, args.seed, steps, |task| {
+            let score = baseline.evaluate_task(task, steps);
+            bar.inc(1);
+            score
+        })?;
+        bar.finish_and_clear();
         out["baseline_mean"] = json!(b.mean);
         out["baseline_ci95"] = json!(b.ci95);
         if !args.json {

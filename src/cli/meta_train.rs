@@ -6,7 +6,7 @@ use candle_core::DType;
 use clap::Args;
 use serde_json::json;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::meta::config::ExperimentConfig;
 use crate::meta::learner::MetaLearner;
 use crate::meta::train::{meta_train, resume, MetaTrainOptions};
@@ -36,9 +36,6 @@ pub struct MetaTrainArgs {
     /// Continue from <out>/latest.safetensors.
     #[arg(long)]
     pub resume: bool,
-    /// Tasks run in parallel (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
     /// Print one JSON object with the results as the last line of stdout.
     #[arg(long)]
     pub json: bool,
@@ -47,8 +44,9 @@ pub struct MetaTrainArgs {
     pub quiet: bool,
 }
 
-/// Runs `meta-train`.
-pub fn run(args: &MetaTrainArgs) -> Result<()> {
+/// Runs `meta-train`; with the global `--threads N`, up to N tasks of a meta-batch also run in
+/// parallel.
+pub fn run(args: &MetaTrainArgs, threads: Option<usize>) -> Result<()> {
     let mut config = ExperimentConfig::from_file(&args.config)?;
     if let Some(n) = args.iterations {
         config.training.iterations = n;
@@ -87,10 +85,7 @@ pub fn run(args: &MetaTrainArgs) -> Result<()> {
         )?;
         (learner, None)
     };
-    if let Some(t) = args.threads {
-        if t == 0 {
-            return Err(Error::Config("--threads must be >= 1".into()));
-        }
+    if let Some(t) = threads {
         learner.set_threads(t);
     }
     let options = MetaTrainOptions {
@@ -116,6 +111,7 @@ pub fn run(args: &MetaTrainArgs) -> Result<()> {
         "out_dir": out.display().to_string(),
         "latest_checkpoint": report.latest_checkpoint.as_ref().map(|p| p.display().to_string()),
         "best_checkpoint": report.best_checkpoint.as_ref().map(|p| p.display().to_string()),
+        "peak_rss_mb": report.peak_rss_mb,
     });
     if let Some((iteration, best)) = &report.best_validation {
         summary["best_iteration"] = json!(iteration);

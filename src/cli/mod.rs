@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use crate::error::Result;
 
 pub mod adapt;
+pub mod bench;
 pub mod common;
 pub mod config;
 pub mod data;
@@ -13,8 +14,10 @@ pub mod demo;
 pub mod eval_runs;
 pub mod evaluate;
 pub mod finetune;
+pub mod inspect;
 pub mod meta_eval;
 pub mod meta_train;
+pub mod plot;
 pub mod predict;
 pub mod train;
 
@@ -25,9 +28,34 @@ pub use common::stderr_is_terminal;
 #[derive(Parser, Debug)]
 #[command(name = "metalearn", version, about, long_about = None)]
 pub struct Cli {
+    /// Compute threads (default: all cores); works before or after the command name.
+    #[arg(long, global = true, value_name = "N", value_parser = parse_threads)]
+    pub threads: Option<usize>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Parses `--threads`: a whole number of at least 1.
+fn parse_threads(text: &str) -> std::result::Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        Ok(_) => {
+            Err("the thread count must be at least 1 (omit --threads to use every core)".into())
+        }
+        Err(_) => Err(format!(
+            "`{text}` is not a whole number of threads, e.g. --threads 2"
+        )),
+    }
+}
+
+/// Applies `--threads`: sets `RAYON_NUM_THREADS`, which both rayon's global pool and candle's
+/// CPU kernels read when they first start. It must run before any tensor operation, as
+/// [`run`] does before running the command.
+pub fn apply_threads(threads: Option<usize>) {
+    if let Some(n) = threads {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
 }
 
 /// The commands.
@@ -53,21 +81,31 @@ pub enum Command {
     Data(data::DataArgs),
     /// Score a meta-trained model on the official Omniglot one-shot benchmark (20 runs).
     EvalRuns(eval_runs::EvalRunsArgs),
+    /// Draw the training and validation curves of a JSONL training log as a PNG.
+    Plot(plot::PlotArgs),
+    /// Describe a checkpoint: layers and shapes, parameter counts, algorithm, training progress.
+    Inspect(inspect::InspectArgs),
+    /// Time the benchmark workloads (ms per iteration, peak memory).
+    Bench(bench::BenchArgs),
 }
 
 /// Runs the parsed command line.
 pub fn run(cli: &Cli) -> Result<()> {
+    apply_threads(cli.threads);
     match &cli.command {
         Command::Train(args) => train::run(args),
         Command::Finetune(args) => finetune::run(args),
         Command::Evaluate(args) => evaluate::run(args),
         Command::Predict(args) => predict::run(args),
         Command::Demo(args) => demo::run(args),
-        Command::MetaTrain(args) => meta_train::run(args),
+        Command::MetaTrain(args) => meta_train::run(args, cli.threads),
         Command::MetaEval(args) => meta_eval::run(args),
         Command::Adapt(args) => adapt::run(args),
         Command::Data(args) => data::run(args),
         Command::EvalRuns(args) => eval_runs::run(args),
+        Command::Plot(args) => plot::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Bench(args) => bench::run_bench(args),
     }
 }
 

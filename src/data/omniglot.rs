@@ -254,8 +254,19 @@ impl OmniglotData {
     }
 
     /// Class ids of meta-training, validation and test. A split by character keeps each
-    /// character's rotated copies in the same split as the character.
+    /// character's rotated copies with the character; rotated copies are used for
+    /// meta-training only (validation and test hold the characters as drawn).
     pub fn split(&self, split: &OmniglotSplit) -> Result<[Vec<usize>; 3]> {
+        let mut splits = self.split_all(split)?;
+        // Rotated copies augment meta-training only: validation and test use the characters
+        // as drawn, as in the field's protocol.
+        for held_out in &mut splits[1..] {
+            held_out.retain(|&c| self.base_class[c] == c);
+        }
+        Ok(splits)
+    }
+
+    fn split_all(&self, split: &OmniglotSplit) -> Result<[Vec<usize>; 3]> {
         match split {
             OmniglotSplit::Fractions(spec) if spec.by_group => {
                 split_classes(&self.grouping_pool(self.groups.clone())?, spec)

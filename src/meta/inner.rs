@@ -123,7 +123,11 @@ pub fn run_inner_loop(
         let pred = net.forward_range(
             &probed,
             &features,
-            &mut ForwardCtx::train(),
+            &mut if cfg.second_order {
+                ForwardCtx::train()
+            } else {
+                ForwardCtx::train().first_order()
+            },
             cfg.from_layer,
             layers,
             batched,
@@ -270,7 +274,11 @@ pub fn gradient_meta_step(
                 cfg,
                 Some(t),
             )?;
-            let pred = net.forward(&fast, &batch.query_x, &mut ForwardCtx::train())?;
+            let pred = net.forward(
+                &fast,
+                &batch.query_x,
+                &mut ForwardCtx::train().first_order(),
+            )?;
             loss_fn.compute(&pred, &batch.query_y)?
         }
         None => {
@@ -284,7 +292,8 @@ pub fn gradient_meta_step(
                     cfg,
                     None,
                 )?;
-                let pred = net.forward(&fast, &task.query.0, &mut ForwardCtx::train())?;
+                let pred =
+                    net.forward(&fast, &task.query.0, &mut ForwardCtx::train().first_order())?;
                 let l = loss_fn.compute(&pred, &task.query.1)?;
                 total = Some(match total {
                     Some(acc) => acc.add(&l)?,

@@ -31,6 +31,11 @@ pub struct MetaLearner {
     threads: usize,
 }
 
+/// Worker threads for splitting a meta-batch of convolutional tasks: one per core.
+pub fn default_task_threads() -> usize {
+    candle_core::utils::get_num_threads().max(1)
+}
+
 impl MetaLearner {
     /// A fresh learner: weights drawn from `seed`, Meta-SGD rates set to the inner learning rate.
     pub fn new(
@@ -41,8 +46,21 @@ impl MetaLearner {
         seed: u64,
         dtype: DType,
     ) -> Result<Self> {
+        Self::new_on(arch, algorithm, task_kind, outer, seed, dtype, &Device::Cpu)
+    }
+
+    /// [`MetaLearner::new`] with the weights on `device` (CPU, or a GPU with the `cuda` feature).
+    pub fn new_on(
+        arch: &Architecture,
+        algorithm: AlgorithmConfig,
+        task_kind: TaskKind,
+        outer: OptimizerConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let network = Network::build(arch)?;
-        let device = Device::Cpu;
+        let device = device.clone();
         let weights = network.init_params(seed, &device, dtype)?;
         let buffers = network.init_buffers(&device, dtype)?;
         let lrs = if algorithm.name == AlgorithmKind::MetaSgd {

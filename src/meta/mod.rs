@@ -214,7 +214,11 @@ pub trait MetaAlgorithm: Send + Sync {
             Adapted::Prototypes(_) => &meta.weights,
         };
         Ok(net
-            .forward(weights, x, &mut crate::nn::network::ForwardCtx::train())?
+            .forward(
+                weights,
+                x,
+                &mut crate::nn::network::ForwardCtx::train().first_order(),
+            )?
             .detach())
     }
 }

@@ -75,6 +75,7 @@ impl MetaAlgorithm for ProtoNet {
             let mut stats = Vec::new();
             let mut ctx = ForwardCtx {
                 mode: Mode::Train,
+                differentiable_backward: false,
                 running_stats: None,
                 batch_stats: Some(&mut stats),
                 rng: None,
@@ -112,7 +113,7 @@ impl MetaAlgorithm for ProtoNet {
         let e = flatten_embedding(net.forward(
             &weights,
             support.0,
-            &mut ForwardCtx::eval(state.running_stats),
+            &mut ForwardCtx::eval(state.running_stats).first_order(),
         )?)?;
         Ok(Adapted::Prototypes(prototypes(&e, support.1, ways)?))
     }
@@ -134,7 +135,7 @@ impl MetaAlgorithm for ProtoNet {
         let e = flatten_embedding(net.forward(
             &weights,
             x,
-            &mut ForwardCtx::eval(state.running_stats),
+            &mut ForwardCtx::eval(state.running_stats).first_order(),
         )?)?;
         negative_squared_distances(&e, protos)
     }

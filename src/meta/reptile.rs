@@ -58,7 +58,7 @@ impl MetaAlgorithm for Reptile {
                 let fast =
                     run_inner_loop(net, &broadcast_tasks(&theta, t)?, &x, &y, &cfg, Some(t))?
                         .detach();
-                let pred = net.forward(&fast, &x, &mut ForwardCtx::train())?;
+                let pred = net.forward(&fast, &x, &mut ForwardCtx::train().first_order())?;
                 let loss = cfg.loss.compute(&pred, &y)?;
                 (fast.map(|_, w| Ok(w.mean(0)?))?, loss)
             }
@@ -69,7 +69,7 @@ impl MetaAlgorithm for Reptile {
                     let x = Tensor::cat(&[&task.support.0, &task.query.0], 0)?;
                     let y = Tensor::cat(&[&task.support.1, &task.query.1], 0)?;
                     let fast = run_inner_loop(net, &theta, &x, &y, &cfg, None)?.detach();
-                    let pred = net.forward(&fast, &x, &mut ForwardCtx::train())?;
+                    let pred = net.forward(&fast, &x, &mut ForwardCtx::train().first_order())?;
                     let l = cfg.loss.compute(&pred, &y)?;
                     loss_sum = Some(match loss_sum {
                         Some(acc) => acc.add(&l)?,

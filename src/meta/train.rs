@@ -1,5 +1,13 @@
 //! The meta-training loop: sample a meta-batch, take a meta-step, validate on held-out tasks
 //! every so often, keep the best checkpoint, log to JSONL, checkpoint periodically and resume.
+//!
+//! Resuming is exact: `latest.safetensors` holds the weights, the optimiser's moments and step
+//! count, batch-norm statistics, the task sampler's RNG position, the best validation result and
+//! the window of recent meta-losses, so a run killed at any moment and resumed with the same seed
+//! and thread count ends with the same parameters and the same `log.jsonl` as a run that was
+//! never interrupted. Checkpoints are written to a temporary file and renamed into place; on
+//! resume, log lines past the checkpoint's iteration (written before the kill, and to be written
+//! again) are dropped.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -97,6 +105,8 @@ pub struct MetaTrainReport {
     pub best_checkpoint: Option<PathBuf>,
     /// Path of the latest checkpoint, if written.
     pub latest_checkpoint: Option<PathBuf>,
+    /// Peak resident memory of the process in MiB, where the system reports it (Linux).
+    pub peak_rss_mb: Option<f64>,
 }
 
 /// File names inside the output folder.
@@ -107,14 +117,65 @@ pub const LATEST_FILE: &str = "latest.safetensors";
 pub const LOG_FILE: &str = "log.jsonl";
 
 /// Progress of the loop that a resumable checkpoint records.
+///
+/// Floats that decide later results (the best metric, the recent losses) are also stored as
+/// IEEE-754 bit patterns: JSON text does not promise to parse back to the same `f64`, and a
+/// best metric one ulp off could flip a later "improved?" comparison on resume.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct LoopState {
     iteration: u64,
     rng_seed: [u8; 32],
     rng_word_pos: String,
     rng_stream: u64,
+    /// Iteration and mean of the best validation, for people reading the file.
     best: Option<(u64, f64)>,
+    /// The best validation exactly (absent in checkpoints of older versions).
+    #[serde(default)]
+    best_exact: Option<ExactSummary>,
+    /// Bit patterns of the last (up to) 100 meta-losses, oldest first.
+    #[serde(default)]
+    recent_loss_bits: Vec<u64>,
+    /// Training seconds spent before this checkpoint, over all resumed runs.
+    #[serde(default)]
+    elapsed_seconds: f64,
 }
+
+/// A validation [`Summary`] and its iteration, with the floats as bit patterns.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ExactSummary {
+    iteration: u64,
+    mean_bits: u64,
+    ci95_bits: u64,
+    std_bits: u64,
+    n: usize,
+}
+
+impl ExactSummary {
+    fn new(iteration: u64, summary: &Summary) -> Self {
+        Self {
+            iteration,
+            mean_bits: summary.mean.to_bits(),
+            ci95_bits: summary.ci95.to_bits(),
+            std_bits: summary.std.to_bits(),
+            n: summary.n,
+        }
+    }
+
+    fn summary(&self) -> (u64, Summary) {
+        (
+            self.iteration,
+            Summary {
+                mean: f64::from_bits(self.mean_bits),
+                ci95: f64::from_bits(self.ci95_bits),
+                std: f64::from_bits(self.std_bits),
+                n: self.n,
+            },
+        )
+    }
+}
+
+/// How many recent meta-losses the running mean (progress bar, log, report) averages.
+const RECENT_WINDOW: usize = 100;
 
 fn rng_state(rng: &ChaCha8Rng) -> (String, [u8; 32], u64) {
     (
@@ -150,6 +211,63 @@ pub fn resume(dir: &Path) -> Result<(MetaLearner, Checkpoint)> {
     Ok((learner, ckpt))
 }
 
+/// Drops the lines of the JSONL log at `path` whose iteration is past `iteration`, and a torn
+/// last line, so that a resumed run's log equals an uninterrupted run's: lines written after the
+/// checkpoint being resumed are written again by the resumed run. A fresh run (`iteration` 0)
+/// starts an empty log.
+fn truncate_log(path: &Path, iteration: u64) -> Result<()> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let mut kept = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        if !line.ends_with('\n') {
+            // The process was killed in the middle of this line.
+            break;
+        }
+        let line_iteration = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("iteration")?.as_u64());
+        if line_iteration.is_some_and(|i| i <= iteration) {
+            kept.push_str(line);
+        }
+    }
+    if kept.len() != bytes.len() {
+        crate::fsutil::atomic_write(path, kept.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Removes temporary files of checkpoint or log writes that a killed run left behind.
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = [LATEST_FILE, BEST_FILE, LOG_FILE]
+            .iter()
+            .any(|file| name.starts_with(&format!(".{file}.")));
+        if ours && name.ends_with(".tmp") {
+            // Best effort: a leftover temporary file is harmless, only untidy.
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Flushes `path` to disk if it exists, so that the log lines a checkpoint follows survive a
+/// power loss together with it.
+fn sync_if_exists(path: &Path) -> Result<()> {
+    match std::fs::File::open(path) {
+        Ok(file) => file.sync_all().map_err(|e| Error::io(path, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
 /// Higher is better for accuracy, lower for MSE.
 fn better(metric_is_accuracy: bool, new: f64, old: f64) -> bool {
     if metric_is_accuracy {
@@ -160,7 +278,11 @@ fn better(metric_is_accuracy: bool, new: f64, old: f64) -> bool {
 }
 
 /// Meta-trains `learner` on tasks from `source`. When `resume_from` is the checkpoint returned
-/// by [`resume`], sampling continues exactly where it stopped.
+/// by [`resume`], sampling continues exactly where it stopped: with the same seed and thread
+/// count the result is bit-identical to a run that was never interrupted.
+///
+/// With an output folder, the log there keeps only lines up to the learner's current iteration
+/// (none for a fresh learner), and temporary files left by a killed run are removed.
 pub fn meta_train(
     learner: &mut MetaLearner,
     source: &dyn TaskSource,
@@ -174,32 +296,52 @@ pub fn meta_train(
         source.check_split(Split::Validation)?;
     }
     let started = Instant::now();
-    let (mut rng, mut best) = match resume_from.and_then(|c| c.section("loop")) {
-        Some(state) => {
-            let state: LoopState = serde_json::from_value(state.clone())
-                .map_err(|e| Error::Checkpoint(format!("invalid loop state: {e}")))?;
-            (restore_rng(&state)?, state.best)
+    let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
+    let mut best: Option<(u64, f64)> = None;
+    let mut best_summary: Option<(u64, Summary)> = None;
+    let mut recent: std::collections::VecDeque<f64> = Default::default();
+    let mut earlier_seconds = 0.0;
+    if let Some(state) = resume_from.and_then(|c| c.section("loop")) {
+        let state: LoopState = serde_json::from_value(state.clone())
+            .map_err(|e| Error::Checkpoint(format!("invalid loop state: {e}")))?;
+        rng = restore_rng(&state)?;
+        best = state.best;
+        if let Some(exact) = &state.best_exact {
+            let (iteration, summary) = exact.summary();
+            best = Some((iteration, summary.mean));
+            best_summary = Some((iteration, summary));
         }
-        None => (ChaCha8Rng::seed_from_u64(options.seed), None),
-    };
+        recent = state
+            .recent_loss_bits
+            .iter()
+            .map(|&bits| f64::from_bits(bits))
+            .collect();
+        earlier_seconds = state.elapsed_seconds;
+    }
     let accuracy = learner.metric() == crate::train::metrics::Metric::Accuracy;
+    let start_iter = learner.iteration();
+    let mut latest_path = None;
     if let Some(dir) = &options.out_dir {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        remove_stale_temporaries(dir);
+        truncate_log(&dir.join(LOG_FILE), start_iter)?;
+        let latest = dir.join(LATEST_FILE);
+        if resume_from.is_some() && latest.exists() {
+            latest_path = Some(latest);
+        }
     }
-    let start_iter = learner.iteration();
     let bar = crate::progress::bar(
         options.iterations.saturating_sub(start_iter),
         options.progress,
         "meta-training",
     );
-    let mut recent: std::collections::VecDeque<f64> = Default::default();
-    let mut best_summary: Option<(u64, Summary)> = None;
-    let mut latest_path = None;
     let metric_name = learner.metric().name();
     let write = |learner: &MetaLearner,
                  file: &str,
                  rng: &ChaCha8Rng,
-                 best: Option<(u64, f64)>|
+                 best: Option<(u64, f64)>,
+                 best_summary: &Option<(u64, Summary)>,
+                 recent: &std::collections::VecDeque<f64>|
      -> Result<PathBuf> {
         let dir = options.out_dir.as_ref().expect("checked by caller");
         let mut ckpt = learner.to_checkpoint()?;
@@ -210,6 +352,9 @@ pub fn meta_train(
             rng_word_pos: pos,
             rng_stream: stream,
             best,
+            best_exact: best_summary.as_ref().map(|(i, s)| ExactSummary::new(*i, s)),
+            recent_loss_bits: recent.iter().map(|l| l.to_bits()).collect(),
+            elapsed_seconds: earlier_seconds + started.elapsed().as_secs_f64(),
         };
         ckpt.sections.insert(
             "loop".into(),
@@ -232,7 +377,7 @@ pub fn meta_train(
             .meta_train_step(&tasks)
             .inspect_err(|_| bar.abandon())?;
         recent.push_back(loss);
-        if recent.len() > 100 {
+        if recent.len() > RECENT_WINDOW {
             recent.pop_front();
         }
         let done = learner.iteration();
@@ -253,7 +398,7 @@ pub fn meta_train(
                 best = Some((done, summary.mean));
                 best_summary = Some((done, summary.clone()));
                 if options.out_dir.is_some() {
-                    write(learner, BEST_FILE, &rng, best)?;
+                    write(learner, BEST_FILE, &rng, best, &best_summary, &recent)?;
                 }
             }
             if let Some(dir) = &options.out_dir {
@@ -263,7 +408,7 @@ pub fn meta_train(
                     "lr": lr,
                     format!("val_{metric_name}"): summary.mean,
                     format!("val_{metric_name}_ci95"): summary.ci95,
-                    "seconds": started.elapsed().as_secs_f64(),
+                    "seconds": earlier_seconds + started.elapsed().as_secs_f64(),
                 });
                 crate::fsutil::append_line(&dir.join(LOG_FILE), &line.to_string())?;
             }
@@ -272,7 +417,18 @@ pub fn meta_train(
             && ((options.checkpoint_every > 0 && done.is_multiple_of(options.checkpoint_every))
                 || done == options.iterations);
         if checkpoint_now {
-            latest_path = Some(write(learner, LATEST_FILE, &rng, best)?);
+            let dir = options.out_dir.as_ref().expect("checked above");
+            // The log lines up to this iteration must be on disk before a checkpoint that says
+            // they were written.
+            sync_if_exists(&dir.join(LOG_FILE))?;
+            latest_path = Some(write(
+                learner,
+                LATEST_FILE,
+                &rng,
+                best,
+                &best_summary,
+                &recent,
+            )?);
         }
     }
     bar.finish_and_clear();
@@ -292,6 +448,7 @@ pub fn meta_train(
         best_validation: best_summary,
         best_checkpoint,
         latest_checkpoint: latest_path,
+        peak_rss_mb: crate::runtime::peak_rss_mb(),
     })
 }
 

@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use crate::error::{Error, Result};
-use crate::nn::architecture::{Activation, Architecture, Layer};
+use crate::nn::architecture::{Activation, Architecture, Layer, NamedLayer};
 use crate::nn::ops;
 use crate::nn::params::ParamSet;
 
@@ -70,6 +70,11 @@ pub struct ForwardCtx<'a> {
     pub batch_stats: Option<&'a mut Vec<(String, Tensor)>>,
     /// Source of dropout masks; with `None`, dropout is the identity.
     pub rng: Option<&'a mut ChaCha8Rng>,
+    /// Whether gradients computed from this forward pass may themselves be differentiated
+    /// (second-order meta-gradients). When off, the CPU fast path may use fused kernels whose
+    /// backward passes are exact but return constants. On by default: turn it off with
+    /// [`ForwardCtx::first_order`] where only first-order gradients (or none) are taken.
+    pub differentiable_backward: bool,
 }
 
 impl<'a> ForwardCtx<'a> {
@@ -80,6 +85,7 @@ impl<'a> ForwardCtx<'a> {
             running_stats: None,
             batch_stats: None,
             rng: None,
+            differentiable_backward: true,
         }
     }
     /// Inference mode using the given running statistics (or batch statistics when `None`).
@@ -89,7 +95,15 @@ impl<'a> ForwardCtx<'a> {
             running_stats,
             batch_stats: None,
             rng: None,
+            differentiable_backward: true,
         }
+    }
+
+    /// The same context, promising that no gradient of a gradient will be taken through this
+    /// forward pass (so fused kernels may be used).
+    pub fn first_order(mut self) -> Self {
+        self.differentiable_backward = false;
+        self
     }
 }
 
@@ -365,26 +379,41 @@ impl Network {
         end: usize,
         batched: bool,
     ) -> Result<Tensor> {
-        let lead = if batched { 2 } else { 1 };
+        let layers = &self.arch.layers[start.min(end)..end.min(self.arch.layers.len())];
+        if crate::nn::fast_path::applies(layers, h) {
+            return crate::nn::fast_path::forward(layers, params, h, ctx, batched);
+        }
         let mut h = h.clone();
-        for named in self.arch.layers.iter().take(end).skip(start) {
-            let p = |n: &str| params.get(&format!("{}.{n}", named.name));
-            h = match &named.layer {
-                Layer::Dense { .. } => dense(&h, p("weight")?, p("bias")?, batched)?,
-                Layer::Conv2d {
-                    stride, padding, ..
-                } => conv2d(&h, p("weight")?, p("bias")?, *stride, *padding, batched)?,
-                Layer::BatchNorm { eps, .. } => {
-                    batch_norm(&h, &named.name, p("gamma")?, p("beta")?, *eps, batched, ctx)?
-                }
-                Layer::MaxPool2d { size } => ops::max_pool(&h, *size)?,
-                Layer::Flatten => h.flatten_from(lead)?,
-                Layer::Dropout { rate } => dropout(&h, *rate, ctx)?,
-                Layer::Activation { activation } => activate(&h, *activation)?,
-            };
+        for named in layers {
+            h = apply_layer(named, params, &h, ctx, batched)?;
         }
         Ok(h)
     }
+}
+
+/// Runs one layer on the reference path.
+pub(crate) fn apply_layer(
+    named: &NamedLayer,
+    params: &ParamSet,
+    h: &Tensor,
+    ctx: &mut ForwardCtx,
+    batched: bool,
+) -> Result<Tensor> {
+    let lead = if batched { 2 } else { 1 };
+    let p = |n: &str| params.get(&format!("{}.{n}", named.name));
+    Ok(match &named.layer {
+        Layer::Dense { .. } => dense(h, p("weight")?, p("bias")?, batched)?,
+        Layer::Conv2d {
+            stride, padding, ..
+        } => conv2d(h, p("weight")?, p("bias")?, *stride, *padding, batched)?,
+        Layer::BatchNorm { eps, .. } => {
+            batch_norm(h, &named.name, p("gamma")?, p("beta")?, *eps, batched, ctx)?
+        }
+        Layer::MaxPool2d { size } => ops::max_pool(h, *size)?,
+        Layer::Flatten => h.flatten_from(lead)?,
+        Layer::Dropout { rate } => dropout(h, *rate, ctx)?,
+        Layer::Activation { activation } => activate(h, *activation)?,
+    })
 }
 
 fn dims_text(dims: &[usize]) -> String {
@@ -535,7 +564,7 @@ fn dropout(x: &Tensor, rate: f64, ctx: &mut ForwardCtx) -> Result<Tensor> {
     Ok(x.mul(&mask)?)
 }
 
-fn activate(x: &Tensor, activation: Activation) -> Result<Tensor> {
+pub(crate) fn activate(x: &Tensor, activation: Activation) -> Result<Tensor> {
     match activation {
         Activation::Relu => Ok(x.relu()?),
         Activation::Sigmoid => ops::sigmoid(x),

@@ -359,6 +359,7 @@ impl Sequential {
         let mut batch_stats = Vec::new();
         let mut ctx = ForwardCtx {
             mode: Mode::Train,
+            differentiable_backward: false,
             running_stats: None,
             batch_stats: Some(&mut batch_stats),
             rng: Some(rng),

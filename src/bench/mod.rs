@@ -1,0 +1,261 @@
+//! Speed benchmarks: the workloads of the peer PyTorch and JAX scripts, with identical shapes
+//! and settings, timed through the library's own code paths.
+//!
+//! | workload | what one iteration is |
+//! | --- | --- |
+//! | `protonet-conv4` | one ProtoNet episode, 60-way 5-shot 5-query (600 images 28x28), forward + backward + Adam |
+//! | `maml-conv4` | second-order MAML, 5-way 1-shot 15-query, meta-batch 32, 1 inner step at lr 0.4, Adam |
+//! | `fomaml-conv4` | the same, first order |
+//! | `maml-sine` | second-order MAML on sinusoids, MLP 1-40-40-1, meta-batch 25, K = 10, 1 step at 0.01 |
+//! | `maml-sine-5` | the same with 5 inner steps |
+//! | `adapt-protonet-conv4` | prototypes of a 5-way 5-shot task and classification of its 75 queries |
+//!
+//! The conv workloads use fixed random inputs, as the peer scripts do; the sine workloads sample
+//! fresh tasks every iteration (sampling included in the time), as the JAX script does.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::meta::learner::MetaLearner;
+use crate::meta::{AlgorithmConfig, AlgorithmKind};
+use crate::nn::architecture::{Activation, Architecture};
+use crate::tasks::sinusoid::SinusoidTasks;
+use crate::tasks::{Split, Task, TaskKind, TaskSource};
+use crate::train::optim::OptimizerConfig;
+
+/// The benchmark workloads, by name.
+pub const WORKLOADS: [&str; 6] = [
+    "protonet-conv4",
+    "maml-conv4",
+    "fomaml-conv4",
+    "maml-sine",
+    "maml-sine-5",
+    "adapt-protonet-conv4",
+];
+
+/// Timing of one workload.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchResult {
+    /// Workload name.
+    pub workload: String,
+    /// Timed iterations (after warm-up).
+    pub iterations: usize,
+    /// Mean wall-clock milliseconds per iteration.
+    pub ms_per_iter: f64,
+    /// Fastest single iteration, in milliseconds.
+    pub min_ms: f64,
+    /// Peak resident memory of the process so far, in MiB (Linux only).
+    pub peak_rss_mb: Option<f64>,
+    /// Threads the tensor engine used.
+    pub threads: usize,
+    /// Whether the fast CPU kernels were on.
+    pub fast_kernels: bool,
+}
+
+/// Default number of timed iterations of a workload (the peer scripts' defaults where they
+/// have one).
+pub fn default_iterations(workload: &str) -> usize {
+    match workload {
+        "maml-sine" | "maml-sine-5" => 500,
+        "adapt-protonet-conv4" => 50,
+        _ => 5,
+    }
+}
+
+/// One prepared workload: `step` runs one iteration.
+struct Prepared {
+    step: Box<dyn FnMut() -> Result<()>>,
+    warmup: usize,
+}
+
+/// Runs `workload` for `iterations` timed iterations (after a short warm-up) on `device`.
+pub fn run(workload: &str, iterations: usize, device: &Device) -> Result<BenchResult> {
+    crate::runtime::init();
+    if iterations == 0 {
+        return Err(Error::Config("--iterations must be at least 1".into()));
+    }
+    let mut prepared = prepare(workload, device)?;
+    for _ in 0..prepared.warmup {
+        (prepared.step)()?;
+    }
+    let mut times = Vec::with_capacity(iterations);
+    let started = Instant::now();
+    for _ in 0..iterations {
+        let t = Instant::now();
+        (prepared.step)()?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let total = started.elapsed().as_secs_f64() * 1000.0;
+    Ok(BenchResult {
+        workload: workload.to_string(),
+        iterations,
+        ms_per_iter: total / iterations as f64,
+        min_ms: times.iter().cloned().fold(f64::INFINITY, f64::min),
+        peak_rss_mb: crate::runtime::peak_rss_mb(),
+        threads: candle_core::utils::get_num_threads(),
+        fast_kernels: crate::kernels::enabled(),
+    })
+}
+
+fn prepare(workload: &str, device: &Device) -> Result<Prepared> {
+    match workload {
+        "protonet-conv4" => protonet_episode(device),
+        "maml-conv4" => maml_conv4(false, device),
+        "fomaml-conv4" => maml_conv4(true, device),
+        "maml-sine" => maml_sine(1, device),
+        "maml-sine-5" => maml_sine(5, device),
+        "adapt-protonet-conv4" => adapt_protonet(device),
+        other => Err(Error::Config(format!(
+            "unknown workload `{other}`; choose one of: {}",
+            WORKLOADS.join(", ")
+        ))),
+    }
+}
+
+/// A classification task of `ways` classes with random 28x28 images, labels `0..ways` repeated
+/// per class (as `repeat_interleave` in the peer scripts).
+fn random_task(
+    ways: usize,
+    shots: usize,
+    queries: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<Task> {
+    let images = |n: usize, offset: u64| -> Result<Tensor> {
+        // Seeded so every run times the same numbers.
+        let mut rng = ChaCha8Rng::seed_from_u64(seed * 2 + offset);
+        let values: Vec<f32> = (0..n * 28 * 28)
+            .map(|_| rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut rng))
+            .collect();
+        Ok(Tensor::from_vec(values, (n, 1, 28, 28), device)?)
+    };
+    let labels = |per_class: usize| -> Result<Tensor> {
+        let ids: Vec<f32> = (0..ways)
+            .flat_map(|c| std::iter::repeat_n(c as f32, per_class))
+            .collect();
+        Ok(Tensor::from_vec(ids, ways * per_class, device)?)
+    };
+    Ok(Task {
+        support: (images(ways * shots, 0)?, labels(shots)?),
+        query: (images(ways * queries, 1)?, labels(queries)?),
+    })
+}
+
+fn learner(
+    arch: &Architecture,
+    algorithm: AlgorithmConfig,
+    kind: TaskKind,
+    device: &Device,
+) -> Result<MetaLearner> {
+    MetaLearner::new_on(
+        arch,
+        algorithm,
+        kind,
+        OptimizerConfig::adam(1e-3),
+        0,
+        DType::F32,
+        device,
+    )
+}
+
+fn protonet_episode(device: &Device) -> Result<Prepared> {
+    let (ways, shots, queries) = (60, 5, 5);
+    let arch = Architecture::conv4([1, 28, 28], 64, None)?;
+    let mut learner = learner(
+        &arch,
+        AlgorithmConfig::new(AlgorithmKind::Protonet),
+        TaskKind::Classification { ways },
+        device,
+    )?;
+    let task = random_task(ways, shots, queries, 0, device)?;
+    Ok(Prepared {
+        step: Box::new(move || {
+            learner
+                .meta_train_step(std::slice::from_ref(&task))
+                .map(|_| ())
+        }),
+        warmup: 1,
+    })
+}
+
+fn maml_conv4(first_order: bool, device: &Device) -> Result<Prepared> {
+    let (ways, shots, queries, meta_batch) = (5, 1, 15, 32);
+    let arch = Architecture::conv4([1, 28, 28], 64, Some(ways))?;
+    let mut algorithm = AlgorithmConfig::new(AlgorithmKind::Maml);
+    algorithm.first_order = first_order;
+    algorithm.inner_lr = 0.4;
+    algorithm.inner_steps = 1;
+    let mut learner = learner(&arch, algorithm, TaskKind::Classification { ways }, device)?;
+    learner.set_threads(crate::meta::learner::default_task_threads());
+    let tasks: Vec<Task> = (0..meta_batch)
+        .map(|t| random_task(ways, shots, queries, t as u64, device))
+        .collect::<Result<_>>()?;
+    Ok(Prepared {
+        step: Box::new(move || learner.meta_train_step(&tasks).map(|_| ())),
+        warmup: 1,
+    })
+}
+
+fn maml_sine(steps: usize, device: &Device) -> Result<Prepared> {
+    let tasks = SinusoidTasks::default();
+    let arch = Architecture::mlp(&[1, 40, 40, 1], Activation::Relu)?;
+    let mut algorithm = AlgorithmConfig::new(AlgorithmKind::Maml);
+    algorithm.inner_steps = steps;
+    algorithm.inner_lr = 0.01;
+    let mut learner = learner(&arch, algorithm, tasks.kind(), device)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let device = device.clone();
+    Ok(Prepared {
+        step: Box::new(move || {
+            let batch = tasks.sample_batch(Split::Train, 25, &mut rng)?;
+            let batch = move_tasks(batch, &device)?;
+            learner.meta_train_step(&batch).map(|_| ())
+        }),
+        warmup: 20,
+    })
+}
+
+fn adapt_protonet(device: &Device) -> Result<Prepared> {
+    let (ways, shots, queries) = (5, 5, 15);
+    let arch = Architecture::conv4([1, 28, 28], 64, None)?;
+    let learner = learner(
+        &arch,
+        AlgorithmConfig::new(AlgorithmKind::Protonet),
+        TaskKind::Classification { ways },
+        device,
+    )?;
+    let task = random_task(ways, shots, queries, 0, device)?;
+    Ok(Prepared {
+        step: Box::new(move || {
+            let adapted = learner.adapt((&task.support.0, &task.support.1), None)?;
+            let logits = learner.predict(&adapted, &task.query.0)?;
+            // Reading the predicted classes back is part of the deploy-time path.
+            logits.argmax(1)?.to_vec1::<u32>()?;
+            Ok(())
+        }),
+        warmup: 3,
+    })
+}
+
+fn move_tasks(tasks: Vec<Task>, device: &Device) -> Result<Vec<Task>> {
+    if device.is_cpu() {
+        return Ok(tasks);
+    }
+    tasks
+        .into_iter()
+        .map(|t| {
+            Ok(Task {
+                support: (
+                    t.support.0.to_device(device)?,
+                    t.support.1.to_device(device)?,
+                ),
+                query: (t.query.0.to_device(device)?, t.query.1.to_device(device)?),
+            })
+        })
+        .collect()
+}

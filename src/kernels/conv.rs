@@ -1,0 +1,240 @@
+//! Convolution as patch extraction (im2col) plus one matrix product, on channels-last data.
+//!
+//! Activations are kept as *rows*: a tensor `[rows, channels]` (or `[tasks, rows, channels]`)
+//! whose rows run over images, then image rows, then image columns — NHWC memory order without
+//! the reshapes, so that no graph node is spent on views. [`Im2Col`] turns such rows into patch
+//! rows `[out_rows, k·k·channels]` (patch order: kernel row, kernel column, channel); the
+//! convolution is then a GEMM with the weight reshaped to `[k·k·channels, filters]`.
+//! [`Col2Im`] is the adjoint of [`Im2Col`] (it sums patches back into images); each is the
+//! other's backward pass, so convolutions built from them are differentiable to any order.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use crate::kernels::{contiguous_slice, with_float};
+
+/// Shape of a batch of channels-last images and of a square convolution window over them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    /// Images in the batch (all tasks together).
+    pub images: usize,
+    /// Image height.
+    pub height: usize,
+    /// Image width.
+    pub width: usize,
+    /// Channels.
+    pub channels: usize,
+    /// Kernel side.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub padding: usize,
+}
+
+impl ConvGeometry {
+    /// Output height.
+    pub fn out_height(&self) -> usize {
+        (self.height + 2 * self.padding - self.kernel) / self.stride + 1
+    }
+    /// Output width.
+    pub fn out_width(&self) -> usize {
+        (self.width + 2 * self.padding - self.kernel) / self.stride + 1
+    }
+    /// Length of one patch row: `kernel · kernel · channels`.
+    pub fn patch_len(&self) -> usize {
+        self.kernel * self.kernel * self.channels
+    }
+
+    /// The shape `dims` with its rows (second-to-last dimension) rescaled from `from_rows_per_image`
+    /// to `to_rows_per_image` and its last dimension set to `last`; checks `dims` against the
+    /// geometry.
+    pub(crate) fn reshaped(
+        &self,
+        op: &str,
+        dims: &[usize],
+        from_rows_per_image: usize,
+        from_last: usize,
+        to_rows_per_image: usize,
+        to_last: usize,
+    ) -> candle_core::Result<Shape> {
+        let r = dims.len();
+        let total: usize = dims.iter().product();
+        if r < 2
+            || dims[r - 1] != from_last
+            || !dims[r - 2].is_multiple_of(from_rows_per_image)
+            || total != self.images * from_rows_per_image * from_last
+        {
+            return Err(candle_core::Error::Msg(format!(
+                "{op}: input shape {dims:?} does not hold {} images of {from_rows_per_image} rows of {from_last}",
+                self.images
+            )));
+        }
+        let mut out = dims.to_vec();
+        out[r - 2] = dims[r - 2] / from_rows_per_image * to_rows_per_image;
+        out[r - 1] = to_last;
+        Ok(Shape::from(out))
+    }
+}
+
+/// Patch extraction: rows of images `[.., images·h·w, c]` → patch rows
+/// `[.., images·oh·ow, k·k·c]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Im2Col(pub ConvGeometry);
+
+/// The adjoint of [`Im2Col`]: patch rows back to image rows, overlapping patches summed.
+#[derive(Clone, Copy, Debug)]
+pub struct Col2Im(pub ConvGeometry);
+
+/// Writes the patch rows of images `first..first + count` into `out`
+/// (`count·oh·ow·k·k·c` values).
+pub(crate) fn im2col_into<T: WithDType>(
+    g: &ConvGeometry,
+    x: &[T],
+    first: usize,
+    count: usize,
+    out: &mut [T],
+) {
+    let (oh, ow, kc, c) = (g.out_height(), g.out_width(), g.patch_len(), g.channels);
+    for (row, dst) in out.chunks_exact_mut(ow * kc).take(count * oh).enumerate() {
+        let (image, oy) = (first + row / oh, row % oh);
+        for ox in 0..ow {
+            let patch = &mut dst[ox * kc..(ox + 1) * kc];
+            for ky in 0..g.kernel {
+                let iy = (oy * g.stride + ky) as isize - g.padding as isize;
+                let row_inside = iy >= 0 && iy < g.height as isize;
+                for kx in 0..g.kernel {
+                    let ix = (ox * g.stride + kx) as isize - g.padding as isize;
+                    let at = (ky * g.kernel + kx) * c;
+                    if row_inside && ix >= 0 && ix < g.width as isize {
+                        let src = ((image * g.height + iy as usize) * g.width + ix as usize) * c;
+                        patch[at..at + c].copy_from_slice(&x[src..src + c]);
+                    } else {
+                        patch[at..at + c].fill(T::zero());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds the patch rows `cols` of `count` images into their image rows `out`
+/// (`count·h·w·c` values).
+pub(crate) fn col2im_add<T: WithDType>(g: &ConvGeometry, cols: &[T], count: usize, out: &mut [T]) {
+    let (oh, ow, kc, c) = (g.out_height(), g.out_width(), g.patch_len(), g.channels);
+    let image_len = g.height * g.width * c;
+    for image in 0..count {
+        let dst = &mut out[image * image_len..(image + 1) * image_len];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let patch = &cols[((image * oh + oy) * ow + ox) * kc..][..kc];
+                for ky in 0..g.kernel {
+                    let iy = (oy * g.stride + ky) as isize - g.padding as isize;
+                    if iy < 0 || iy >= g.height as isize {
+                        continue;
+                    }
+                    for kx in 0..g.kernel {
+                        let ix = (ox * g.stride + kx) as isize - g.padding as isize;
+                        if ix < 0 || ix >= g.width as isize {
+                            continue;
+                        }
+                        let at = (iy as usize * g.width + ix as usize) * c;
+                        let from = (ky * g.kernel + kx) * c;
+                        for (d, s) in dst[at..at + c].iter_mut().zip(&patch[from..from + c]) {
+                            *d += *s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn im2col<T: WithDType>(g: &ConvGeometry, x: &[T]) -> Vec<T> {
+    let per_image = g.out_height() * g.out_width() * g.patch_len();
+    let mut out = vec![T::zero(); g.images * per_image];
+    out.par_chunks_mut(per_image)
+        .enumerate()
+        .for_each(|(image, dst)| im2col_into(g, x, image, 1, dst));
+    out
+}
+
+fn col2im<T: WithDType>(g: &ConvGeometry, cols: &[T]) -> Vec<T> {
+    let image_len = g.height * g.width * g.channels;
+    let per_image = g.out_height() * g.out_width() * g.patch_len();
+    let mut out = vec![T::zero(); g.images * image_len];
+    out.par_chunks_mut(image_len)
+        .enumerate()
+        .for_each(|(image, dst)| {
+            col2im_add(g, &cols[image * per_image..(image + 1) * per_image], 1, dst)
+        });
+    out
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        let shape = g.reshaped(
+            "im2col",
+            l.dims(),
+            g.height * g.width,
+            g.channels,
+            g.out_height() * g.out_width(),
+            g.patch_len(),
+        )?;
+        with_float!("im2col", s.dtype(), T => {
+            let x = contiguous_slice::<T>(s, l, "im2col")?;
+            Ok((T::to_cpu_storage_owned(im2col(g, x)), shape))
+        })
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(Col2Im(self.0))?))
+    }
+}
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "col2im"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        let shape = g.reshaped(
+            "col2im",
+            l.dims(),
+            g.out_height() * g.out_width(),
+            g.patch_len(),
+            g.height * g.width,
+            g.channels,
+        )?;
+        with_float!("col2im", s.dtype(), T => {
+            let cols = contiguous_slice::<T>(s, l, "col2im")?;
+            Ok((T::to_cpu_storage_owned(col2im(g, cols)), shape))
+        })
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(Im2Col(self.0))?))
+    }
+}
+
+/// Patch rows of `x` (image rows `[.., images·h·w, c]`), differentiable to any order.
+pub fn im2col_rows(x: &Tensor, geometry: ConvGeometry) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Im2Col(geometry))
+}

@@ -1,0 +1,578 @@
+//! Fused kernels for first-order training: a whole convolution, and batch-norm + ReLU +
+//! max-pooling, each one graph node with a hand-written backward pass.
+//!
+//! Their backward passes compute gradients directly (never materialising patch matrices or
+//! per-step intermediates) and return constants: the gradients are right, but cannot be
+//! differentiated again. The forward path uses them only when the caller says no second-order
+//! gradient will be taken ([`crate::nn::network::ForwardCtx::differentiable_backward`] off);
+//! otherwise it composes the differentiable kernels of [`crate::kernels::conv`],
+//! [`crate::kernels::pool`] and [`crate::kernels::norm`].
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor, WithDType};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::kernels::conv::{col2im_add, im2col_into, ConvGeometry};
+use crate::kernels::pool::PoolGeometry;
+use crate::kernels::{contiguous_slice, with_float};
+
+/// Output rows a convolution chunk aims for: enough for an efficient GEMM, few enough that
+/// the chunk's patch matrix stays in cache.
+const CHUNK_ROWS: usize = 256;
+
+/// Parallel sums are split into this many fixed groups, each summed in order and then added in
+/// group order, so results do not depend on the thread count or on scheduling (rayon's
+/// fold/reduce split adaptively, and their float sums changed from run to run).
+const REDUCTION_GROUPS: usize = 16;
+
+/// `dst[m×n] (+)= a[m×k] · b[k×n]`, single-threaded (callers parallelise over chunks). Each
+/// matrix is given by its pointer, row stride and column stride.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    dst_rs: usize,
+    accumulate: bool,
+    a: (*const T, usize, usize),
+    b: (*const T, usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        a.0,
+        a.2 as isize,
+        a.1 as isize,
+        b.0,
+        b.2 as isize,
+        b.1 as isize,
+        if accumulate { T::one() } else { T::zero() },
+        T::one(),
+        false,
+        false,
+        false,
+        Parallelism::None,
+    )
+}
+
+/// Runs `f` on the contiguous CPU data of `t` as `&[T]`.
+fn with_data<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => Ok(f(contiguous_slice::<T>(cpu, layout, "fused kernel")?)),
+        _ => Err(candle_core::Error::Msg(
+            "fused kernels run on the CPU only".into(),
+        )),
+    }
+}
+
+/// Contiguous image ranges `(task, first image, count)` that never cross a task boundary.
+fn chunks(images: usize, tasks: usize, rows_per_image: usize) -> Vec<(usize, usize, usize)> {
+    let per_task = images / tasks;
+    let per_chunk = (CHUNK_ROWS / rows_per_image.max(1)).clamp(1, per_task.max(1));
+    let mut out = Vec::new();
+    for task in 0..tasks {
+        let mut first = task * per_task;
+        let end = first + per_task;
+        while first < end {
+            let count = per_chunk.min(end - first);
+            out.push((task, first, count));
+            first += count;
+        }
+    }
+    out
+}
+
+/// Splits `data` into consecutive pieces of the given lengths.
+fn split_lengths<T>(mut data: &mut [T], lengths: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
+    let mut out = Vec::new();
+    for len in lengths {
+        let (head, tail) = data.split_at_mut(len);
+        out.push(head);
+        data = tail;
+    }
+    out
+}
+
+/// A whole convolution on image rows: `(x [.., images·h·w, c], weight [k·k·c, filters] or
+/// [tasks, k·k·c, filters])` → `[.., images·oh·ow, filters]`. With a task dimension on the
+/// weight, images are split evenly between tasks in order.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvRows(pub ConvGeometry);
+
+impl ConvRows {
+    fn tasks_and_filters(&self, weight_dims: &[usize]) -> candle_core::Result<(usize, usize)> {
+        let g = &self.0;
+        let (tasks, k, filters) = match *weight_dims {
+            [k, f] => (1, k, f),
+            [t, k, f] => (t, k, f),
+            _ => (0, 0, 0),
+        };
+        if tasks == 0 || k != g.patch_len() || !g.images.is_multiple_of(tasks) {
+            return Err(candle_core::Error::Msg(format!(
+                "conv_rows: weight {weight_dims:?} does not fit {} images with patches of {}",
+                g.images,
+                g.patch_len()
+            )));
+        }
+        Ok((tasks, filters))
+    }
+
+    fn forward<T: WithDType>(&self, x: &[T], w: &[T], tasks: usize, filters: usize) -> Vec<T> {
+        let g = &self.0;
+        let (pixels, kc) = (g.out_height() * g.out_width(), g.patch_len());
+        let mut out = vec![T::zero(); g.images * pixels * filters];
+        let parts = chunks(g.images, tasks, pixels);
+        let slices = split_lengths(&mut out, parts.iter().map(|c| c.2 * pixels * filters));
+        parts
+            .into_par_iter()
+            .zip(slices)
+            .for_each(|((task, first, count), dst)| {
+                let mut cols = vec![T::zero(); count * pixels * kc];
+                im2col_into(g, x, first, count, &mut cols);
+                let w_task = &w[task * kc * filters..];
+                // Safety: the slices hold exactly the m×k, k×n and m×n values addressed.
+                unsafe {
+                    gemm_into(
+                        (count * pixels, filters, kc),
+                        dst.as_mut_ptr(),
+                        filters,
+                        false,
+                        (cols.as_ptr(), kc, 1),
+                        (w_task.as_ptr(), filters, 1),
+                    )
+                }
+            });
+        out
+    }
+
+    /// Gradients of the input (when `want_x`) and of the weight.
+    fn backward<T: WithDType>(
+        &self,
+        x: &[T],
+        w: &[T],
+        grad: &[T],
+        tasks: usize,
+        filters: usize,
+        want_x: bool,
+    ) -> (Option<Vec<T>>, Vec<T>) {
+        let g = &self.0;
+        let (pixels, kc) = (g.out_height() * g.out_width(), g.patch_len());
+        let image_len = g.height * g.width * g.channels;
+        let parts = chunks(g.images, tasks, pixels);
+        let dx = want_x.then(|| {
+            let mut dx = vec![T::zero(); g.images * image_len];
+            let slices = split_lengths(&mut dx, parts.iter().map(|c| c.2 * image_len));
+            parts
+                .par_iter()
+                .zip(slices)
+                .for_each(|(&(task, first, count), dst)| {
+                    let mut cols = vec![T::zero(); count * pixels * kc];
+                    let g_chunk = &grad[first * pixels * filters..];
+                    let w_task = &w[task * kc * filters..];
+                    // d cols = d y · wᵀ; wᵀ is w read with swapped strides.
+                    unsafe {
+                        gemm_into(
+                            (count * pixels, kc, filters),
+                            cols.as_mut_ptr(),
+                            kc,
+                            false,
+                            (g_chunk.as_ptr(), filters, 1),
+                            (w_task.as_ptr(), 1, filters),
+                        )
+                    }
+                    col2im_add(g, &cols, count, dst);
+                });
+            dx
+        });
+        // d w (per task) = Σ over chunks of colsᵀ · d y, summed per worker, then across workers.
+        let dw_len = tasks * kc * filters;
+        let group_len = parts.len().div_ceil(REDUCTION_GROUPS).max(1);
+        let dw = parts
+            .par_chunks(group_len)
+            .map(|group| {
+                group
+                    .iter()
+                    .fold(vec![T::zero(); dw_len], |mut acc, &(task, first, count)| {
+                        let mut cols = vec![T::zero(); count * pixels * kc];
+                        im2col_into(g, x, first, count, &mut cols);
+                        let g_chunk = &grad[first * pixels * filters..];
+                        unsafe {
+                            gemm_into(
+                                (kc, filters, count * pixels),
+                                acc[task * kc * filters..].as_mut_ptr(),
+                                filters,
+                                true,
+                                (cols.as_ptr(), 1, kc),
+                                (g_chunk.as_ptr(), filters, 1),
+                            )
+                        }
+                        acc
+                    })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .reduce(|mut a, b| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    *x += y;
+                }
+                a
+            })
+            .unwrap_or_else(|| vec![T::zero(); dw_len]);
+        (dx, dw)
+    }
+}
+
+impl CustomOp2 for ConvRows {
+    fn name(&self) -> &'static str {
+        "conv_rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        let (tasks, filters) = self.tasks_and_filters(l2.dims())?;
+        let shape = g.reshaped(
+            "conv_rows",
+            l1.dims(),
+            g.height * g.width,
+            g.channels,
+            g.out_height() * g.out_width(),
+            filters,
+        )?;
+        with_float!("conv_rows", s1.dtype(), T => {
+            let x = contiguous_slice::<T>(s1, l1, "conv_rows")?;
+            let w = contiguous_slice::<T>(s2, l2, "conv_rows")?;
+            Ok((T::to_cpu_storage_owned(self.forward(x, w, tasks, filters)), shape))
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (tasks, filters) = self.tasks_and_filters(w.dims())?;
+        let want_x = x.track_op();
+        with_float!("conv_rows", x.dtype(), T => {
+            let (dx, dw) = with_data::<T, _>(x, |xs| {
+                with_data::<T, _>(w, |ws| {
+                    with_data::<T, _>(grad, |gs| self.backward(xs, ws, gs, tasks, filters, want_x))
+                })
+            })???;
+            let dx = dx.map(|d| Tensor::from_vec(d, x.shape(), x.device())).transpose()?;
+            Ok((dx, Some(Tensor::from_vec(dw, w.shape(), w.device())?)))
+        })
+    }
+}
+
+/// Batch normalisation with given statistics, then max-pooling, then ReLU, on image rows:
+/// `(y [.., images·h·w, c], gamma, beta)` → pooled rows. `gamma` and `beta` are `[c]`, or
+/// `[tasks, c]` with images split evenly between tasks.
+///
+/// `mean` and `inv_std` (per task and channel) are the statistics to normalise with. With
+/// `batch_statistics`, they are the batch's own (from `y`), and the backward pass includes
+/// their dependence on `y`, as batch-norm in training mode does; otherwise they are constants
+/// (running statistics).
+#[derive(Clone, Debug)]
+pub struct BnPoolRelu {
+    /// Pooling geometry (`images` counts all tasks' images).
+    pub pool: PoolGeometry,
+    /// Per task and channel means, `[tasks·c]`.
+    pub mean: Vec<f64>,
+    /// Per task and channel `1 / sqrt(var + eps)`, `[tasks·c]`.
+    pub inv_std: Vec<f64>,
+    /// Whether the statistics are the batch's own.
+    pub batch_statistics: bool,
+}
+
+/// Per-channel constants of one task: `z = y · a + b` is the normalised, scaled, shifted value.
+struct TaskAffine<T> {
+    a: Vec<T>,
+    b: Vec<T>,
+}
+
+impl BnPoolRelu {
+    fn tasks(&self) -> usize {
+        self.mean.len() / self.pool.channels.max(1)
+    }
+
+    fn affine<T: WithDType>(&self, gamma: &[f64], beta: &[f64]) -> Vec<TaskAffine<T>> {
+        let c = self.pool.channels;
+        let per_task_params = gamma.len() > c;
+        (0..self.tasks())
+            .map(|t| {
+                let p = if per_task_params { t * c } else { 0 };
+                let (mut a, mut b) = (Vec::with_capacity(c), Vec::with_capacity(c));
+                for ch in 0..c {
+                    let scale = gamma[p + ch] * self.inv_std[t * c + ch];
+                    a.push(T::from_f64(scale));
+                    b.push(T::from_f64(beta[p + ch] - self.mean[t * c + ch] * scale));
+                }
+                TaskAffine { a, b }
+            })
+            .collect()
+    }
+
+    /// For every pooled pixel of image `image`, finds each channel's winning input and its
+    /// normalised value, and calls `visit(pooled offset of the pixel, winners, values)`.
+    /// Channels are the inner loop, so the work runs over contiguous memory.
+    fn winners<T: WithDType>(
+        &self,
+        y: &[T],
+        image: usize,
+        affine: &TaskAffine<T>,
+        mut visit: impl FnMut(usize, &[usize], &[T]),
+    ) {
+        let g = &self.pool;
+        let (oh, ow, c, s) = (g.out_height(), g.out_width(), g.channels, g.size);
+        let (a, b) = (&affine.a[..c], &affine.b[..c]);
+        let base = image * g.height * g.width * c;
+        let mut best_z = vec![T::zero(); c];
+        let mut best_at = vec![0usize; c];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let first = base + (oy * s * g.width + ox * s) * c;
+                for ch in 0..c {
+                    best_z[ch] = y[first + ch] * a[ch] + b[ch];
+                    best_at[ch] = first + ch;
+                }
+                for dy in 0..s {
+                    for dx in 0..s {
+                        if dy == 0 && dx == 0 {
+                            continue;
+                        }
+                        let at = base + ((oy * s + dy) * g.width + ox * s + dx) * c;
+                        let row = &y[at..at + c];
+                        for ch in 0..c {
+                            let z = row[ch] * a[ch] + b[ch];
+                            if z > best_z[ch] {
+                                best_z[ch] = z;
+                                best_at[ch] = at + ch;
+                            }
+                        }
+                    }
+                }
+                visit(((image * oh + oy) * ow + ox) * c, &best_at, &best_z);
+            }
+        }
+    }
+
+    fn forward<T: WithDType>(&self, y: &[T], gamma: &[f64], beta: &[f64]) -> Vec<T> {
+        let g = &self.pool;
+        let c = g.channels;
+        let per_image = g.out_height() * g.out_width() * c;
+        let per_task = g.images / self.tasks();
+        let affine = self.affine::<T>(gamma, beta);
+        let mut out = vec![T::zero(); g.images * per_image];
+        out.par_chunks_mut(per_image)
+            .enumerate()
+            .for_each(|(image, dst)| {
+                let offset = image * per_image;
+                self.winners(y, image, &affine[image / per_task], |i, _, z| {
+                    for (d, &z) in dst[i - offset..i - offset + c].iter_mut().zip(z) {
+                        *d = if z > T::zero() { z } else { T::zero() };
+                    }
+                });
+            });
+        out
+    }
+
+    /// Gradients of `y`, `gamma` and `beta` (the last two per task when `per_task_params`).
+    fn backward<T: WithDType>(
+        &self,
+        y: &[T],
+        gamma: &[f64],
+        beta: &[f64],
+        grad: &[T],
+    ) -> (Vec<T>, Vec<f64>, Vec<f64>) {
+        let g = &self.pool;
+        let c = g.channels;
+        let tasks = self.tasks();
+        let per_task = g.images / tasks;
+        let image_len = g.height * g.width * c;
+        let affine = self.affine::<T>(gamma, beta);
+        // Pass 1: per task and channel, Σ dz and Σ dz·ŷ over the winners (dz = incoming
+        // gradient where ReLU passes it). Fixed groups summed in order: deterministic.
+        let zero = || (vec![0f64; tasks * c], vec![0f64; tasks * c]);
+        let group_len = g.images.div_ceil(REDUCTION_GROUPS).max(1);
+        let (sum_dz, sum_dz_yhat) = (0..g.images.div_ceil(group_len))
+            .into_par_iter()
+            .map(|group| {
+                let images = group * group_len..((group + 1) * group_len).min(g.images);
+                images.fold(zero(), |(mut s1, mut s2), image| {
+                    let t = image / per_task;
+                    self.winners(y, image, &affine[t], |i, at, z| {
+                        for ch in 0..c {
+                            let dz = grad[i + ch];
+                            if z[ch] > T::zero() && dz != T::zero() {
+                                let k = t * c + ch;
+                                let dz = dz.to_f64();
+                                let yhat = (y[at[ch]].to_f64() - self.mean[k]) * self.inv_std[k];
+                                s1[k] += dz;
+                                s2[k] += dz * yhat;
+                            }
+                        }
+                    });
+                    (s1, s2)
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .fold(zero(), |(mut a1, mut a2), (b1, b2)| {
+                for i in 0..a1.len() {
+                    a1[i] += b1[i];
+                    a2[i] += b2[i];
+                }
+                (a1, a2)
+            });
+        // Pass 2: d y = a·(dz − mean(dz) − ŷ·mean(dz·ŷ)) with batch statistics, a = γ/σ (the
+        // centring terms are absent with running statistics). The centring part is linear in
+        // y: y·k1 + k0 per channel.
+        let rows_per_task = (per_task * g.height * g.width) as f64;
+        let centring: Vec<(Vec<T>, Vec<T>)> = (0..tasks)
+            .map(|t| {
+                (0..c)
+                    .map(|ch| {
+                        let k = t * c + ch;
+                        let a = affine[t].a[ch].to_f64();
+                        let (m1, m2) = (sum_dz[k] / rows_per_task, sum_dz_yhat[k] / rows_per_task);
+                        let k1 = -a * m2 * self.inv_std[k];
+                        let k0 = -a * (m1 - m2 * self.mean[k] * self.inv_std[k]);
+                        (T::from_f64(k1), T::from_f64(k0))
+                    })
+                    .unzip()
+            })
+            .collect();
+        let mut dy = vec![T::zero(); g.images * image_len];
+        dy.par_chunks_mut(image_len)
+            .enumerate()
+            .for_each(|(image, dst)| {
+                let t = image / per_task;
+                let aff = &affine[t];
+                let base = image * image_len;
+                if self.batch_statistics {
+                    let (k1, k0) = (&centring[t].0[..c], &centring[t].1[..c]);
+                    for (d_row, y_row) in dst
+                        .chunks_exact_mut(c)
+                        .zip(y[base..base + image_len].chunks_exact(c))
+                    {
+                        for ch in 0..c {
+                            d_row[ch] = y_row[ch] * k1[ch] + k0[ch];
+                        }
+                    }
+                }
+                self.winners(y, image, aff, |i, at, z| {
+                    for ch in 0..c {
+                        let dz = grad[i + ch];
+                        if z[ch] > T::zero() && dz != T::zero() {
+                            dst[at[ch] - base] += aff.a[ch] * dz;
+                        }
+                    }
+                });
+            });
+        let params = gamma.len();
+        let (mut d_gamma, mut d_beta) = (vec![0f64; params], vec![0f64; params]);
+        let per_task_params = params > c;
+        for t in 0..tasks {
+            for ch in 0..c {
+                let p = if per_task_params { t * c + ch } else { ch };
+                d_gamma[p] += sum_dz_yhat[t * c + ch];
+                d_beta[p] += sum_dz[t * c + ch];
+            }
+        }
+        (dy, d_gamma, d_beta)
+    }
+
+    fn check(&self, y: &[usize], gamma: &[usize], beta: &[usize]) -> candle_core::Result<Shape> {
+        let g = &self.pool;
+        let c = g.channels;
+        let tasks = self.tasks();
+        let params_ok = |d: &[usize]| d == [c] || d == [tasks, c];
+        let total: usize = y.iter().product();
+        if c == 0
+            || tasks == 0
+            || self.inv_std.len() != self.mean.len()
+            || !g.images.is_multiple_of(tasks)
+            || total != g.images * g.height * g.width * c
+            || y.last() != Some(&c)
+            || !params_ok(gamma)
+            || !params_ok(beta)
+        {
+            return Err(candle_core::Error::Msg(format!(
+                "bn_pool_relu: shapes y {y:?}, gamma {gamma:?}, beta {beta:?} do not fit {} images of {}x{}x{c} in {tasks} tasks",
+                g.images, g.height, g.width
+            )));
+        }
+        let r = y.len();
+        let mut out = y.to_vec();
+        out[r - 2] = y[r - 2] / (g.height * g.width) * (g.out_height() * g.out_width());
+        Ok(Shape::from(out))
+    }
+}
+
+fn to_f64s<T: WithDType>(v: &[T]) -> Vec<f64> {
+    v.iter().map(|x| x.to_f64()).collect()
+}
+
+impl CustomOp3 for BnPoolRelu {
+    fn name(&self) -> &'static str {
+        "bn_pool_relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = self.check(l1.dims(), l2.dims(), l3.dims())?;
+        with_float!("bn_pool_relu", s1.dtype(), T => {
+            let y = contiguous_slice::<T>(s1, l1, "bn_pool_relu")?;
+            let gamma = to_f64s(contiguous_slice::<T>(s2, l2, "bn_pool_relu")?);
+            let beta = to_f64s(contiguous_slice::<T>(s3, l3, "bn_pool_relu")?);
+            Ok((T::to_cpu_storage_owned(self.forward(y, &gamma, &beta)), shape))
+        })
+    }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        with_float!("bn_pool_relu", y.dtype(), T => {
+            let gamma_v = with_data::<T, _>(gamma, to_f64s)?;
+            let beta_v = with_data::<T, _>(beta, to_f64s)?;
+            let (dy, dg, db) = with_data::<T, _>(y, |ys| {
+                with_data::<T, _>(grad, |gs| self.backward(ys, &gamma_v, &beta_v, gs))
+            })??;
+            let as_param = |v: Vec<f64>, like: &Tensor| -> candle_core::Result<Tensor> {
+                Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype())
+            };
+            Ok((
+                Some(Tensor::from_vec(dy, y.shape(), y.device())?),
+                Some(as_param(dg, gamma)?),
+                Some(as_param(db, beta)?),
+            ))
+        })
+    }
+}

@@ -1,0 +1,487 @@
+//! The channels-last forward path for convolutional networks on the CPU, built on the kernels
+//! of [`crate::kernels`].
+//!
+//! Between layers, images travel as *rows* (`[images·h·w, c]`, or `[tasks, n·h·w, c]` in
+//! task-batched mode), so a convolution is one patch extraction plus one GEMM and batch-norm
+//! statistics are one pass over memory. Two rewrites keep the work down, both exact:
+//! a convolution's bias is folded into the following batch-norm's shift, and ReLU followed by
+//! max-pooling runs as pooling then ReLU (max commutes with a monotone function), so ReLU
+//! touches a quarter of the data. Values and gradients equal the reference path in
+//! [`crate::nn::network`] up to rounding; tests compare the two.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::Result;
+use crate::kernels::conv::{im2col_rows, ConvGeometry};
+use crate::kernels::fused::{BnPoolRelu, ConvRows};
+use crate::kernels::norm::channel_moments;
+use crate::kernels::pool::{max_pool_rows, PoolGeometry};
+use crate::nn::architecture::{Activation, Layer, NamedLayer};
+use crate::nn::network::{self, ForwardCtx, Mode};
+use crate::nn::params::ParamSet;
+
+/// Whether the fast path can run `layers` on `h`: fast kernels on, CPU, f32/f64, and at least
+/// one convolution to gain from.
+pub(crate) fn applies(layers: &[NamedLayer], h: &Tensor) -> bool {
+    crate::kernels::enabled()
+        && h.device().is_cpu()
+        && matches!(h.dtype(), DType::F32 | DType::F64)
+        && layers
+            .iter()
+            .any(|l| matches!(l.layer, Layer::Conv2d { .. }))
+}
+
+/// Channels-last image rows with their geometry.
+struct Rows {
+    /// `[images·h·w, c]`, or `[tasks, n·h·w, c]` when batched.
+    t: Tensor,
+    /// Leading dimensions of the plain layout: `[n]` or `[tasks, n]`.
+    lead: Vec<usize>,
+    h: usize,
+    w: usize,
+    c: usize,
+}
+
+impl Rows {
+    fn images(&self) -> usize {
+        self.lead.iter().product()
+    }
+}
+
+/// An activation between layers.
+enum Act {
+    /// The reference layout: `[lead.., c, h, w]` or `[lead.., features]`.
+    Plain(Tensor),
+    /// Channels-last rows.
+    Rows(Rows),
+}
+
+fn to_rows(x: &Tensor, lead_rank: usize) -> Result<Rows> {
+    let dims = x.dims();
+    let r = dims.len();
+    let (c, h, w) = (dims[r - 3], dims[r - 2], dims[r - 1]);
+    let lead = dims[..lead_rank].to_vec();
+    let n = dims[lead_rank - 1];
+    let t = if lead_rank == 1 {
+        let t = if c == 1 {
+            x.clone()
+        } else {
+            x.permute((0, 2, 3, 1))?
+        };
+        t.reshape((n * h * w, c))?
+    } else {
+        let t = if c == 1 {
+            x.clone()
+        } else {
+            x.permute((0, 1, 3, 4, 2))?
+        };
+        t.reshape((lead[0], n * h * w, c))?
+    };
+    Ok(Rows { t, lead, h, w, c })
+}
+
+fn to_plain(rows: Rows) -> Result<Tensor> {
+    let mut shape = rows.lead.clone();
+    shape.extend([rows.h, rows.w, rows.c]);
+    let t = rows.t.reshape(shape)?;
+    let r = rows.lead.len();
+    let t = if r == 1 {
+        t.permute((0, 3, 1, 2))?
+    } else {
+        t.permute((0, 1, 4, 2, 3))?
+    };
+    Ok(t.contiguous()?)
+}
+
+impl Act {
+    fn rows(self, lead_rank: usize) -> Result<Rows> {
+        match self {
+            Act::Rows(r) => Ok(r),
+            Act::Plain(x) => to_rows(&x, lead_rank),
+        }
+    }
+    fn plain(self) -> Result<Tensor> {
+        match self {
+            Act::Plain(x) => Ok(x),
+            Act::Rows(r) => to_plain(r),
+        }
+    }
+}
+
+/// Reshapes a per-channel vector (`[c]`, or `[tasks, c]` when batched) to broadcast over rows.
+fn per_channel(v: &Tensor, batched: bool) -> Result<Tensor> {
+    Ok(if batched && v.rank() == 2 {
+        v.unsqueeze(1)?
+    } else if batched {
+        v.reshape((1, 1, v.elem_count()))?
+    } else {
+        v.reshape((1, v.elem_count()))?
+    })
+}
+
+fn conv(
+    rows: Rows,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    batched: bool,
+    fused: bool,
+) -> Result<Rows> {
+    let k = w.dim(w.rank() - 1)?;
+    let filters = w.dim(w.rank() - 4)?;
+    let geometry = ConvGeometry {
+        images: rows.images(),
+        height: rows.h,
+        width: rows.w,
+        channels: rows.c,
+        kernel: k,
+        stride,
+        padding,
+    };
+    let patch = geometry.patch_len();
+    // The weight as a [k·k·c, filters] matrix in patch order (kernel row, column, channel).
+    let wm = if batched {
+        w.permute((0, 3, 4, 2, 1))?
+            .reshape((w.dim(0)?, patch, filters))?
+    } else {
+        w.permute((2, 3, 1, 0))?.reshape((patch, filters))?
+    };
+    let t = if fused {
+        rows.t
+            .contiguous()?
+            .apply_op2(&wm.contiguous()?, ConvRows(geometry))?
+    } else {
+        im2col_rows(&rows.t, geometry)?.matmul(&wm)?
+    };
+    Ok(Rows {
+        t,
+        lead: rows.lead,
+        h: geometry.out_height(),
+        w: geometry.out_width(),
+        c: filters,
+    })
+}
+
+/// Batch-norm over rows; `bias` is the preceding convolution's bias, folded in here.
+#[allow(clippy::too_many_arguments)]
+fn batch_norm(
+    rows: Rows,
+    name: &str,
+    gamma: &Tensor,
+    beta: &Tensor,
+    bias: Option<&Tensor>,
+    eps: f64,
+    batched: bool,
+    ctx: &mut ForwardCtx,
+) -> Result<Rows> {
+    let bias = bias.map(|b| per_channel(b, batched)).transpose()?;
+    let use_running = ctx.mode == Mode::Eval && ctx.running_stats.is_some();
+    // `pre_mean` is the mean of the biased convolution output (what the reference path
+    // normalises): the bias cancels, but stays in the graph so that it gets its (zero) gradient.
+    let (pre_mean, var) = if use_running {
+        let stats = ctx.running_stats.expect("checked");
+        (
+            per_channel(stats.get(&format!("{name}.running_mean"))?, batched)?,
+            per_channel(stats.get(&format!("{name}.running_var"))?, batched)?,
+        )
+    } else {
+        let (mean, var) = channel_moments(&rows.t)?;
+        let pre_mean = match &bias {
+            Some(b) => mean.broadcast_add(b)?,
+            None => mean,
+        };
+        if ctx.mode == Mode::Train && !batched {
+            if let Some(out) = ctx.batch_stats.as_deref_mut() {
+                let count = rows.t.dim(0)?;
+                let unbiased = if count > 1 {
+                    count as f64 / (count - 1) as f64
+                } else {
+                    1.0
+                };
+                out.push((
+                    format!("{name}.running_mean"),
+                    pre_mean.flatten_all()?.detach(),
+                ));
+                out.push((
+                    format!("{name}.running_var"),
+                    var.flatten_all()?.affine(unbiased, 0.0)?.detach(),
+                ));
+            }
+        }
+        (pre_mean, var)
+    };
+    let scale =
+        per_channel(gamma, batched)?.broadcast_mul(&var.affine(1.0, eps)?.sqrt()?.recip()?)?;
+    let offset = match &bias {
+        Some(b) => b.broadcast_sub(&pre_mean)?,
+        None => pre_mean.neg()?,
+    };
+    let shift = per_channel(beta, batched)?.broadcast_add(&offset.broadcast_mul(&scale)?)?;
+    Ok(Rows {
+        t: rows.t.broadcast_mul(&scale)?.broadcast_add(&shift)?,
+        ..rows
+    })
+}
+
+/// Batch-norm (with the convolution's bias folded in), max-pooling and ReLU as one fused kernel
+/// (first-order gradients only).
+#[allow(clippy::too_many_arguments)]
+fn bn_pool_relu(
+    rows: Rows,
+    name: &str,
+    gamma: &Tensor,
+    beta: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    size: usize,
+    batched: bool,
+    ctx: &mut ForwardCtx,
+) -> Result<Rows> {
+    let c = rows.c;
+    let tasks = if batched { rows.lead[0] } else { 1 };
+    let bias_v = bias.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let bias_of = |t: usize, ch: usize| bias_v[if bias_v.len() > c { t * c + ch } else { ch }];
+    let use_running = ctx.mode == Mode::Eval && ctx.running_stats.is_some();
+    let geometry = PoolGeometry {
+        images: rows.images(),
+        height: rows.h,
+        width: rows.w,
+        channels: c,
+        size,
+    };
+    if use_running {
+        // Constant statistics: the kernel applies z = y·a + b with a = γ/σ and
+        // b = β + (bias − running mean)·a, built here so that every parameter gets its gradient.
+        let stats = ctx.running_stats.expect("checked");
+        let mean = stats.get(&format!("{name}.running_mean"))?;
+        let var = stats.get(&format!("{name}.running_var"))?;
+        let a = gamma.broadcast_mul(&var.affine(1.0, eps)?.sqrt()?.recip()?)?;
+        let b = beta.broadcast_add(&bias.broadcast_sub(mean)?.broadcast_mul(&a)?)?;
+        let op = BnPoolRelu {
+            pool: geometry,
+            mean: vec![0.0; tasks * c],
+            inv_std: vec![1.0; tasks * c],
+            batch_statistics: false,
+        };
+        return Ok(Rows {
+            t: rows
+                .t
+                .contiguous()?
+                .apply_op3(&a.contiguous()?, &b.contiguous()?, op)?,
+            h: geometry.out_height(),
+            w: geometry.out_width(),
+            ..rows
+        });
+    }
+    let (mean, var) = {
+        let y = rows.t.contiguous()?;
+        let (storage, layout) = y.storage_and_layout();
+        let rows_per_task = y.elem_count() / c / tasks;
+        let stats = match &*storage {
+            candle_core::Storage::Cpu(cpu) => match cpu {
+                candle_core::CpuStorage::F32(v) => {
+                    let (a, b) = layout.contiguous_offsets().expect("contiguous");
+                    crate::kernels::norm::moments(&v[a..b], tasks, rows_per_task, c)
+                }
+                candle_core::CpuStorage::F64(v) => {
+                    let (a, b) = layout.contiguous_offsets().expect("contiguous");
+                    crate::kernels::norm::moments(&v[a..b], tasks, rows_per_task, c)
+                }
+                _ => unreachable!("fast path runs on f32 and f64 only"),
+            },
+            _ => unreachable!("fast path runs on the CPU only"),
+        };
+        drop(storage);
+        if ctx.mode == Mode::Train && !batched {
+            if let Some(out) = ctx.batch_stats.as_deref_mut() {
+                let unbiased = if rows_per_task > 1 {
+                    rows_per_task as f64 / (rows_per_task - 1) as f64
+                } else {
+                    1.0
+                };
+                let dtype = rows.t.dtype();
+                let device = rows.t.device();
+                let pre_mean: Vec<f64> = (0..c).map(|ch| stats.0[ch] + bias_of(0, ch)).collect();
+                let var: Vec<f64> = stats.1.iter().map(|v| v * unbiased).collect();
+                out.push((
+                    format!("{name}.running_mean"),
+                    Tensor::from_vec(pre_mean, c, device)?.to_dtype(dtype)?,
+                ));
+                out.push((
+                    format!("{name}.running_var"),
+                    Tensor::from_vec(var, c, device)?.to_dtype(dtype)?,
+                ));
+            }
+        }
+        stats
+    };
+    let op = BnPoolRelu {
+        pool: geometry,
+        inv_std: var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect(),
+        mean,
+        batch_statistics: true,
+    };
+    Ok(Rows {
+        t: rows
+            .t
+            .contiguous()?
+            .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?,
+        h: geometry.out_height(),
+        w: geometry.out_width(),
+        ..rows
+    })
+}
+
+fn max_pool(rows: Rows, size: usize) -> Result<Rows> {
+    let geometry = PoolGeometry {
+        images: rows.images(),
+        height: rows.h,
+        width: rows.w,
+        channels: rows.c,
+        size,
+    };
+    Ok(Rows {
+        t: max_pool_rows(&rows.t, geometry)?,
+        h: geometry.out_height(),
+        w: geometry.out_width(),
+        ..rows
+    })
+}
+
+/// Runs `layers` (the network's layers `start..end`) on `h` along the fast path.
+pub(crate) fn forward(
+    layers: &[NamedLayer],
+    params: &ParamSet,
+    h: &Tensor,
+    ctx: &mut ForwardCtx,
+    batched: bool,
+) -> Result<Tensor> {
+    let lead_rank = if batched { 2 } else { 1 };
+    let mut act = Act::Plain(h.clone());
+    let mut i = 0;
+    while i < layers.len() {
+        let named = &layers[i];
+        let next = layers.get(i + 1).map(|l| &l.layer);
+        let p = |n: &str| params.get(&format!("{}.{n}", named.name));
+        let spatial = match &act {
+            Act::Rows(_) => true,
+            Act::Plain(x) => x.rank() == lead_rank + 3,
+        };
+        act = match (&named.layer, spatial) {
+            (
+                Layer::Conv2d {
+                    stride, padding, ..
+                },
+                true,
+            ) => {
+                let fused = !ctx.differentiable_backward;
+                let y = conv(
+                    act.rows(lead_rank)?,
+                    p("weight")?,
+                    *stride,
+                    *padding,
+                    batched,
+                    fused,
+                )?;
+                let bias = p("bias")?;
+                let after_bn = (
+                    layers.get(i + 2).map(|l| &l.layer),
+                    layers.get(i + 3).map(|l| &l.layer),
+                );
+                if let (
+                    true,
+                    Some(Layer::BatchNorm { eps, .. }),
+                    (
+                        Some(Layer::Activation {
+                            activation: Activation::Relu,
+                        }),
+                        Some(Layer::MaxPool2d { size }),
+                    ),
+                ) = (fused, next, after_bn)
+                {
+                    let bn = &layers[i + 1];
+                    let q = |n: &str| params.get(&format!("{}.{n}", bn.name));
+                    i += 3;
+                    Act::Rows(bn_pool_relu(
+                        y,
+                        &bn.name,
+                        q("gamma")?,
+                        q("beta")?,
+                        bias,
+                        *eps,
+                        *size,
+                        batched,
+                        ctx,
+                    )?)
+                } else if let Some(Layer::BatchNorm { eps, .. }) = next {
+                    let bn = &layers[i + 1];
+                    let q = |n: &str| params.get(&format!("{}.{n}", bn.name));
+                    i += 1;
+                    Act::Rows(batch_norm(
+                        y,
+                        &bn.name,
+                        q("gamma")?,
+                        q("beta")?,
+                        Some(bias),
+                        *eps,
+                        batched,
+                        ctx,
+                    )?)
+                } else {
+                    let t = y.t.broadcast_add(&per_channel(bias, batched)?)?;
+                    Act::Rows(Rows { t, ..y })
+                }
+            }
+            (Layer::BatchNorm { eps, .. }, true) => Act::Rows(batch_norm(
+                act.rows(lead_rank)?,
+                &named.name,
+                p("gamma")?,
+                p("beta")?,
+                None,
+                *eps,
+                batched,
+                ctx,
+            )?),
+            (
+                Layer::Activation {
+                    activation: Activation::Relu,
+                },
+                true,
+            ) if matches!(next, Some(Layer::MaxPool2d { .. })) => {
+                let Some(Layer::MaxPool2d { size }) = next else {
+                    unreachable!("matched above")
+                };
+                i += 1;
+                let pooled = max_pool(act.rows(lead_rank)?, *size)?;
+                Act::Rows(Rows {
+                    t: pooled.t.relu()?,
+                    ..pooled
+                })
+            }
+            (Layer::MaxPool2d { size }, true) => Act::Rows(max_pool(act.rows(lead_rank)?, *size)?),
+            (
+                Layer::Activation {
+                    activation:
+                        activation @ (Activation::Relu
+                        | Activation::Sigmoid
+                        | Activation::Tanh
+                        | Activation::Linear),
+                },
+                _,
+            ) => match act {
+                Act::Rows(rows) => Act::Rows(Rows {
+                    t: network::activate(&rows.t, *activation)?,
+                    ..rows
+                }),
+                Act::Plain(x) => Act::Plain(network::activate(&x, *activation)?),
+            },
+            _ => {
+                // Everything else runs on the reference layout, exactly as the reference path.
+                let x = act.plain()?;
+                Act::Plain(network::apply_layer(named, params, &x, ctx, batched)?)
+            }
+        };
+        i += 1;
+    }
+    act.plain()
+}

@@ -1,0 +1,491 @@
+//! The fast CPU kernels against candle's reference operations, in f64: forward values, batch
+//! statistics, first-order gradients (of parameters and inputs), second-order gradients
+//! (Hessian-vector products), in plain and task-batched mode, on odd shapes; plus finite
+//! differences of the fused first-order kernels, and the kernels' own algebra.
+
+mod common;
+
+use anyhow::{ensure, Result};
+use candle_core::{DType, Device, Tensor, D};
+use rand::Rng;
+
+use common::{autodiff_gradient, check_gradient, hessian_vector_product, values, Point};
+use metalearn::kernels::conv::{im2col_rows, Col2Im, ConvGeometry};
+use metalearn::kernels::norm::channel_moments;
+use metalearn::kernels::pool::{max_pool_rows, PoolGeometry};
+use metalearn::kernels::with_kernels;
+use metalearn::nn::ops;
+use metalearn::{Architecture, ForwardCtx, Layer, Loss, Network, ParamSet};
+
+/// One network shape around the convolutional block.
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    channels: usize,
+    size: usize,
+    filters: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    pool: usize,
+    batch: usize,
+}
+
+/// Odd sizes, several channels, strides, paddings and pooling windows that leave rows over.
+const SHAPES: [Shape; 6] = [
+    Shape {
+        channels: 1,
+        size: 7,
+        filters: 3,
+        kernel: 3,
+        stride: 1,
+        padding: 1,
+        pool: 2,
+        batch: 3,
+    },
+    Shape {
+        channels: 2,
+        size: 9,
+        filters: 4,
+        kernel: 3,
+        stride: 2,
+        padding: 1,
+        pool: 2,
+        batch: 2,
+    },
+    Shape {
+        channels: 3,
+        size: 8,
+        filters: 2,
+        kernel: 2,
+        stride: 1,
+        padding: 0,
+        pool: 3,
+        batch: 2,
+    },
+    Shape {
+        channels: 1,
+        size: 6,
+        filters: 5,
+        kernel: 1,
+        stride: 1,
+        padding: 0,
+        pool: 2,
+        batch: 4,
+    },
+    Shape {
+        channels: 2,
+        size: 5,
+        filters: 3,
+        kernel: 3,
+        stride: 1,
+        padding: 0,
+        pool: 2,
+        batch: 3,
+    },
+    Shape {
+        channels: 2,
+        size: 11,
+        filters: 3,
+        kernel: 5,
+        stride: 2,
+        padding: 2,
+        pool: 2,
+        batch: 2,
+    },
+];
+
+/// conv → batch-norm → ReLU → max-pool, twice when the image allows, → flatten → dense.
+fn network(s: &Shape) -> Network {
+    let mut arch = Architecture::new(&[s.channels, s.size, s.size]);
+    let conv = Layer::Conv2d {
+        filters: s.filters,
+        kernel_size: s.kernel,
+        stride: s.stride,
+        padding: s.padding,
+    };
+    let block = |arch: &mut Architecture| {
+        arch.push(conv.clone());
+        arch.push(Layer::batch_norm());
+        arch.push(Layer::relu());
+        arch.push(Layer::max_pool2d(s.pool));
+    };
+    block(&mut arch);
+    let mut net = Network::build(&arch).expect("first block fits");
+    let mut twice = arch.clone();
+    block(&mut twice);
+    if let Ok(n) = Network::build(&twice) {
+        arch = twice;
+        net = n;
+    }
+    let _ = net;
+    arch.push(Layer::Flatten);
+    arch.push(Layer::dense(3));
+    Network::build(&arch).expect("valid architecture")
+}
+
+fn input(s: &Shape, lead: &[usize], seed: u64) -> Tensor {
+    let mut shape = lead.to_vec();
+    shape.extend([s.channels, s.size, s.size]);
+    common::normal(&mut common::rng(seed), &shape)
+}
+
+/// Which path a forward pass takes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Path {
+    Reference,
+    /// Fast kernels, differentiable composition.
+    Composed,
+    /// Fast kernels, fused first-order kernels.
+    Fused,
+}
+
+fn forward_on(
+    path: Path,
+    net: &Network,
+    params: &ParamSet,
+    x: &Tensor,
+    running: Option<&ParamSet>,
+    stats: Option<&mut Vec<(String, Tensor)>>,
+) -> metalearn::Result<Tensor> {
+    let mut ctx = match running {
+        Some(r) => ForwardCtx::eval(Some(r)),
+        None => ForwardCtx::train(),
+    };
+    ctx.batch_stats = stats;
+    if path == Path::Fused {
+        ctx = ctx.first_order();
+    }
+    with_kernels(path != Path::Reference, || net.forward(params, x, &mut ctx))
+}
+
+/// A scalar loss of the network's output against a fixed random target.
+fn objective<'a>(
+    path: Path,
+    net: &'a Network,
+    target: &'a Tensor,
+    running: Option<&'a ParamSet>,
+) -> impl Fn(&ParamSet, &Tensor) -> metalearn::Result<Tensor> + 'a {
+    move |params, x| {
+        let out = forward_on(path, net, params, x, running, None)?;
+        Loss::Mse.compute(&out, target)
+    }
+}
+
+fn max_difference(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "same number of values");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+fn scale_of(v: &[f64]) -> f64 {
+    v.iter().fold(1e-3f64, |m, x| m.max(x.abs()))
+}
+
+/// Running statistics away from the batch's own, so that eval mode differs from train mode.
+fn running_stats(net: &Network, seed: u64) -> ParamSet {
+    let mut rng = common::rng(seed);
+    net.init_buffers(&Device::Cpu, DType::F64)
+        .expect("buffers")
+        .map(|name, t| {
+            let noise = common::uniform(&mut rng, t.dims(), 0.1, 0.5);
+            Ok(if name.ends_with("running_var") {
+                t.add(&noise)?
+            } else {
+                noise
+            })
+        })
+        .expect("same shapes")
+}
+
+#[test]
+fn fast_paths_match_the_reference_in_values_statistics_and_gradients() -> Result<()> {
+    metalearn::runtime::init();
+    for (i, s) in SHAPES.iter().enumerate() {
+        let seed = 100 + i as u64;
+        let net = network(s);
+        let params = common::generic_params(&net, seed);
+        let x = input(s, &[s.batch], seed);
+        let target = common::normal(&mut common::rng(seed + 1), &[s.batch, 3]);
+        let running = running_stats(&net, seed + 2);
+        for running in [None, Some(&running)] {
+            let mut reference_stats = Vec::new();
+            let reference = values(&forward_on(
+                Path::Reference,
+                &net,
+                &params,
+                &x,
+                running,
+                Some(&mut reference_stats),
+            )?);
+            let point = Point::new(&params, &x);
+            let reference_grad =
+                autodiff_gradient(&objective(Path::Reference, &net, &target, running), &point);
+            for path in [Path::Composed, Path::Fused] {
+                let label = format!("{s:?} {path:?} running={}", running.is_some());
+                let mut stats = Vec::new();
+                let out = values(&forward_on(
+                    path,
+                    &net,
+                    &params,
+                    &x,
+                    running,
+                    Some(&mut stats),
+                )?);
+                let diff = max_difference(&out, &reference);
+                ensure!(
+                    diff < 1e-10 * scale_of(&reference),
+                    "{label}: outputs differ by {diff:e}"
+                );
+                ensure!(
+                    stats.len() == reference_stats.len(),
+                    "{label}: {} batch statistics, reference {}",
+                    stats.len(),
+                    reference_stats.len()
+                );
+                for ((name, a), (ref_name, b)) in stats.iter().zip(&reference_stats) {
+                    ensure!(
+                        name == ref_name,
+                        "{label}: statistic {name} where the reference has {ref_name}"
+                    );
+                    let (a, b) = (values(a), values(b));
+                    let diff = max_difference(&a, &b);
+                    ensure!(
+                        diff < 1e-10 * scale_of(&b),
+                        "{label}: {name} differs by {diff:e}"
+                    );
+                }
+                let grad = autodiff_gradient(&objective(path, &net, &target, running), &point);
+                let diff = max_difference(&grad, &reference_grad);
+                ensure!(
+                    diff < 1e-9 * scale_of(&reference_grad),
+                    "{label}: gradients differ by {diff:e} (largest {:e})",
+                    scale_of(&reference_grad)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn composed_fast_path_matches_the_reference_to_second_order() -> Result<()> {
+    metalearn::runtime::init();
+    for (i, s) in SHAPES.iter().enumerate() {
+        let seed = 200 + i as u64;
+        let net = network(s);
+        let params = common::generic_params(&net, seed);
+        let x = input(s, &[s.batch], seed);
+        let target = common::normal(&mut common::rng(seed + 1), &[s.batch, 3]);
+        let point = Point::new(&params, &x);
+        let mut rng = common::rng(seed + 2);
+        let direction: Vec<f64> = (0..point.len()).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let (s_ref, hv_ref) = hessian_vector_product(
+            &objective(Path::Reference, &net, &target, None),
+            &point,
+            &direction,
+        );
+        let (s_fast, hv_fast) = hessian_vector_product(
+            &objective(Path::Composed, &net, &target, None),
+            &point,
+            &direction,
+        );
+        ensure!(
+            (s_ref - s_fast).abs() < 1e-9 * s_ref.abs().max(1e-3),
+            "{s:?}: directional derivatives {s_fast} vs {s_ref}"
+        );
+        let diff = max_difference(&hv_fast, &hv_ref);
+        ensure!(
+            diff < 1e-8 * scale_of(&hv_ref),
+            "{s:?}: Hessian-vector products differ by {diff:e} (largest {:e})",
+            scale_of(&hv_ref)
+        );
+    }
+    Ok(())
+}
+
+/// Task-batched parameters: every parameter stacked for `tasks` tasks, each task's copy
+/// perturbed differently.
+fn task_params(params: &ParamSet, tasks: usize, seed: u64) -> ParamSet {
+    let mut rng = common::rng(seed);
+    params
+        .map(|_, t| {
+            let copies: Vec<Tensor> = (0..tasks)
+                .map(|_| t.add(&common::uniform(&mut rng, t.dims(), -0.1, 0.1)))
+                .collect::<candle_core::Result<_>>()?;
+            Ok(Tensor::stack(&copies, 0)?)
+        })
+        .expect("stackable")
+}
+
+#[test]
+fn task_batched_fast_paths_match_the_reference() -> Result<()> {
+    metalearn::runtime::init();
+    for (i, s) in SHAPES.iter().enumerate().take(4) {
+        let seed = 300 + i as u64;
+        let tasks = 2;
+        let net = network(s);
+        let params = task_params(&common::generic_params(&net, seed), tasks, seed + 5);
+        let x = input(s, &[tasks, s.batch], seed);
+        let target = common::normal(&mut common::rng(seed + 1), &[tasks, s.batch, 3]);
+        let point = Point::new(&params, &x);
+        let reference = values(&forward_on(Path::Reference, &net, &params, &x, None, None)?);
+        let reference_grad =
+            autodiff_gradient(&objective(Path::Reference, &net, &target, None), &point);
+        for path in [Path::Composed, Path::Fused] {
+            let out = values(&forward_on(path, &net, &params, &x, None, None)?);
+            let diff = max_difference(&out, &reference);
+            ensure!(
+                diff < 1e-10 * scale_of(&reference),
+                "{s:?} {path:?}: outputs differ by {diff:e}"
+            );
+            let grad = autodiff_gradient(&objective(path, &net, &target, None), &point);
+            let diff = max_difference(&grad, &reference_grad);
+            ensure!(
+                diff < 1e-9 * scale_of(&reference_grad),
+                "{s:?} {path:?}: gradients differ by {diff:e}"
+            );
+        }
+        let mut rng = common::rng(seed + 2);
+        let direction: Vec<f64> = (0..point.len()).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let (_, hv_ref) = hessian_vector_product(
+            &objective(Path::Reference, &net, &target, None),
+            &point,
+            &direction,
+        );
+        let (_, hv_fast) = hessian_vector_product(
+            &objective(Path::Composed, &net, &target, None),
+            &point,
+            &direction,
+        );
+        let diff = max_difference(&hv_fast, &hv_ref);
+        ensure!(
+            diff < 1e-8 * scale_of(&hv_ref),
+            "{s:?}: batched Hessian-vector products differ by {diff:e}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn fused_first_order_gradients_match_finite_differences() -> Result<()> {
+    metalearn::runtime::init();
+    for (i, s) in SHAPES.iter().enumerate().take(3) {
+        let seed = 400 + i as u64;
+        let net = network(s);
+        let params = common::generic_params(&net, seed);
+        let x = input(s, &[s.batch], seed);
+        let target = common::normal(&mut common::rng(seed + 1), &[s.batch, 3]);
+        let point = Point::new(&params, &x);
+        check_gradient(
+            &format!("{s:?} fused"),
+            &objective(Path::Fused, &net, &target, None),
+            &point,
+        )?;
+        let running = running_stats(&net, seed + 2);
+        check_gradient(
+            &format!("{s:?} fused, running statistics"),
+            &objective(Path::Fused, &net, &target, Some(&running)),
+            &point,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn col2im_is_the_adjoint_of_im2col() -> Result<()> {
+    for (i, s) in SHAPES.iter().enumerate() {
+        let g = ConvGeometry {
+            images: s.batch,
+            height: s.size,
+            width: s.size + 1,
+            channels: s.channels,
+            kernel: s.kernel,
+            stride: s.stride,
+            padding: s.padding,
+        };
+        let mut rng = common::rng(500 + i as u64);
+        let x = common::normal(&mut rng, &[s.batch * g.height * g.width, g.channels]);
+        let cols = im2col_rows(&x, g)?;
+        let c = common::normal(&mut rng, cols.dims());
+        let back = c.apply_op1(Col2Im(g))?;
+        let lhs = cols.mul(&c)?.sum_all()?.to_scalar::<f64>()?;
+        let rhs = x.mul(&back)?.sum_all()?.to_scalar::<f64>()?;
+        ensure!(
+            (lhs - rhs).abs() < 1e-10 * lhs.abs().max(1.0),
+            "{s:?}: ⟨im2col x, c⟩ = {lhs} but ⟨x, col2im c⟩ = {rhs}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn row_kernels_match_candle_operations() -> Result<()> {
+    for (i, s) in SHAPES.iter().enumerate() {
+        let mut rng = common::rng(600 + i as u64);
+        let (n, h, w, c) = (s.batch, s.size, s.size + 2, s.channels + 1);
+        let nchw = common::normal(&mut rng, &[n, c, h, w]);
+        let rows = nchw
+            .permute((0, 2, 3, 1))?
+            .contiguous()?
+            .reshape((n * h * w, c))?;
+        // Max-pooling.
+        let g = PoolGeometry {
+            images: n,
+            height: h,
+            width: w,
+            channels: c,
+            size: s.pool,
+        };
+        let pooled = max_pool_rows(&rows, g)?;
+        let expected = ops::max_pool(&nchw, s.pool)?
+            .permute((0, 2, 3, 1))?
+            .contiguous()?;
+        ensure!(
+            values(&pooled) == values(&expected),
+            "{s:?}: max-pool values differ"
+        );
+        // Moments per channel.
+        let (mean, var) = channel_moments(&rows)?;
+        let expected_mean = rows.mean_keepdim(0)?;
+        let expected_var = rows.broadcast_sub(&expected_mean)?.sqr()?.mean_keepdim(0)?;
+        ensure!(
+            max_difference(&values(&mean), &values(&expected_mean)) < 1e-12,
+            "{s:?}: means differ"
+        );
+        ensure!(
+            max_difference(&values(&var), &values(&expected_var)) < 1e-12,
+            "{s:?}: variances differ"
+        );
+        // Grouped moments (a leading task dimension).
+        let grouped = rows.reshape((n, h * w, c))?;
+        let (gm, _) = channel_moments(&grouped)?;
+        let expected = grouped.mean_keepdim(1)?;
+        ensure!(
+            max_difference(&values(&gm), &values(&expected)) < 1e-12,
+            "{s:?}: grouped means differ"
+        );
+        let _ = D::Minus1;
+    }
+    Ok(())
+}
+
+#[test]
+fn conv4_in_f32_matches_the_reference() -> Result<()> {
+    metalearn::runtime::init();
+    let arch = Architecture::conv4([1, 28, 28], 16, Some(5))?;
+    let net = Network::build(&arch)?;
+    let params = net.init_params(3, &Device::Cpu, DType::F32)?;
+    let x = common::normal(&mut common::rng(7), &[10, 1, 28, 28]).to_dtype(DType::F32)?;
+    let reference = values(&forward_on(Path::Reference, &net, &params, &x, None, None)?);
+    for path in [Path::Composed, Path::Fused] {
+        let out = values(&forward_on(path, &net, &params, &x, None, None)?);
+        let diff = max_difference(&out, &reference);
+        ensure!(
+            diff < 1e-4 * scale_of(&reference),
+            "{path:?}: f32 outputs differ by {diff:e}"
+        );
+    }
+    Ok(())
+}
