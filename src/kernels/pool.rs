@@ -80,35 +80,48 @@ fn for_each_winner<T: WithDType, O: Send>(
     out_row_len: usize,
     visit: impl Fn(&mut [O], usize, usize) + Sync,
 ) {
-    let (oh, ow, c, s) = (g.out_height(), g.out_width(), g.channels, g.size);
+    let (oh, ow, c) = (g.out_height(), g.out_width(), g.channels);
     out.par_chunks_mut(out_row_len)
         .enumerate()
         .for_each(|(row, dst)| {
             let (image, oy) = (row / oh, row % oh);
             let mut best = vec![0usize; c];
             for ox in 0..ow {
-                let first = ((image * g.height + oy * s) * g.width + ox * s) * c;
-                for (ch, b) in best.iter_mut().enumerate() {
-                    *b = first + ch;
-                }
-                for dy in 0..s {
-                    for dx in 0..s {
-                        if dy == 0 && dx == 0 {
-                            continue;
-                        }
-                        let at = ((image * g.height + oy * s + dy) * g.width + ox * s + dx) * c;
-                        for (ch, b) in best.iter_mut().enumerate() {
-                            if src[at + ch] > src[*b] {
-                                *b = at + ch;
-                            }
-                        }
-                    }
-                }
+                window_winners(g, src, image, (oy, ox), &mut best);
                 for (ch, &b) in best.iter().enumerate() {
                     visit(dst, ox * c + ch, b);
                 }
             }
         });
+}
+
+/// Fills `best` with the flat input index of each channel's winner in the window of pooled
+/// pixel `(oy, ox)` of `image` (the first maximum in row-major window order).
+fn window_winners<T: WithDType>(
+    g: &PoolGeometry,
+    src: &[T],
+    image: usize,
+    (oy, ox): (usize, usize),
+    best: &mut [usize],
+) {
+    let (c, s) = (g.channels, g.size);
+    let first = ((image * g.height + oy * s) * g.width + ox * s) * c;
+    for (ch, b) in best.iter_mut().enumerate() {
+        *b = first + ch;
+    }
+    for dy in 0..s {
+        for dx in 0..s {
+            if dy == 0 && dx == 0 {
+                continue;
+            }
+            let at = ((image * g.height + oy * s + dy) * g.width + ox * s + dx) * c;
+            for (ch, b) in best.iter_mut().enumerate() {
+                if src[at + ch] > src[*b] {
+                    *b = at + ch;
+                }
+            }
+        }
+    }
 }
 
 /// Max-pooling: image rows `[.., images·h·w, c]` → `[.., images·(h/s)·(w/s), c]`.
@@ -135,32 +148,19 @@ fn gather<T: WithDType>(g: &PoolGeometry, t: &[T], src: &[T]) -> Vec<T> {
 fn scatter<T: WithDType>(g: &PoolGeometry, t: &[T], src: &[T]) -> Vec<T> {
     let mut out = vec![T::zero(); src.len()];
     // Each image's windows lie inside the image: images are written in parallel.
-    let (oh, ow, c, s) = (g.out_height(), g.out_width(), g.channels, g.size);
+    let (oh, ow, c) = (g.out_height(), g.out_width(), g.channels);
     let image_len = g.height * g.width * c;
     out.par_chunks_mut(image_len)
         .enumerate()
         .for_each(|(image, dst)| {
             let mut best = vec![0usize; c];
+            let base = image * image_len;
             for oy in 0..oh {
                 for ox in 0..ow {
-                    let first = (oy * s * g.width + ox * s) * c;
-                    for (ch, b) in best.iter_mut().enumerate() {
-                        *b = first + ch;
-                    }
-                    let base = image * image_len;
-                    for dy in 0..s {
-                        for dx in 0..s {
-                            let at = ((oy * s + dy) * g.width + ox * s + dx) * c;
-                            for (ch, b) in best.iter_mut().enumerate() {
-                                if src[base + at + ch] > src[base + *b] {
-                                    *b = at + ch;
-                                }
-                            }
-                        }
-                    }
+                    window_winners(g, src, image, (oy, ox), &mut best);
                     let pooled = ((image * oh + oy) * ow + ox) * c;
                     for (ch, &b) in best.iter().enumerate() {
-                        dst[b] = t[pooled + ch];
+                        dst[b - base] = t[pooled + ch];
                     }
                 }
             }
