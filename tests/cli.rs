@@ -1,61 +1,21 @@
 //! End-to-end tests of the `metalearn` binary on small CSV files written to a temporary folder.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn metalearn(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_metalearn"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .expect("the metalearn binary runs")
-}
+mod common;
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use common::cli::{last_json, run_err_in, run_ok_in};
 
 /// Runs a command that must succeed; returns stdout.
 fn run_ok(args: &[&str]) -> String {
-    let out = metalearn(args);
-    assert!(
-        out.status.success(),
-        "metalearn {args:?} failed ({:?}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
+    run_ok_in(args, None)
 }
 
 /// Runs a command that must fail cleanly; returns stderr.
 fn run_err(args: &[&str]) -> String {
-    let out = metalearn(args);
-    let stderr = text(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "metalearn {args:?} should fail:\n{}",
-        text(&out.stdout)
-    );
-    // 101 is Rust's exit status after a panic.
-    assert_ne!(out.status.code(), Some(101), "panic exit status:\n{stderr}");
-    assert!(!stderr.contains("panicked"), "panic:\n{stderr}");
-    assert!(stderr.contains("error"), "no error message:\n{stderr}");
-    stderr
-}
-
-/// The last line of stdout, parsed as one JSON object.
-fn last_json(stdout: &str) -> Value {
-    let line = stdout
-        .lines()
-        .rfind(|l| !l.trim().is_empty())
-        .expect("stdout has a line");
-    let value: Value = serde_json::from_str(line)
-        .unwrap_or_else(|e| panic!("last stdout line is not JSON ({e}): {line}"));
-    assert!(value.is_object(), "not an object: {line}");
-    value
+    run_err_in(args, None)
 }
 
 fn num(v: &Value, key: &str) -> f64 {

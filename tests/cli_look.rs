@@ -2,58 +2,24 @@
 //! log) and `inspect` (what a checkpoint holds), and of the global `--threads` option.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-use serde_json::Value;
+mod common;
+
+use common::cli::{last_json, metalearn_in, run_err_in, run_ok_in, text};
 
 fn metalearn(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_metalearn"))
-        .args(args)
-        .current_dir(dir)
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .expect("the metalearn binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+    metalearn_in(args, Some(dir))
 }
 
 /// Runs a command that must succeed; returns stdout.
 fn run_ok(args: &[&str], dir: &Path) -> String {
-    let out = metalearn(args, dir);
-    assert!(
-        out.status.success(),
-        "metalearn {args:?} failed ({:?}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
+    run_ok_in(args, Some(dir))
 }
 
 /// Runs a command that must fail cleanly (no panic, a message); returns stderr.
 fn run_err(args: &[&str], dir: &Path) -> String {
-    let out = metalearn(args, dir);
-    let stderr = text(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "metalearn {args:?} should fail:\n{}",
-        text(&out.stdout)
-    );
-    assert_ne!(out.status.code(), Some(101), "panic exit status:\n{stderr}");
-    assert!(!stderr.contains("panicked"), "panic:\n{stderr}");
-    assert!(stderr.contains("error"), "no error message:\n{stderr}");
-    stderr
-}
-
-/// The last line of stdout, parsed as one JSON object.
-fn last_json(stdout: &str) -> Value {
-    let line = stdout
-        .lines()
-        .rfind(|l| !l.trim().is_empty())
-        .expect("stdout has a line");
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    run_err_in(args, Some(dir))
 }
 
 /// A three-class CSV whose class follows the sign pattern of two features.

@@ -7,6 +7,8 @@ use std::process::Command;
 use candle_core::Device;
 use metalearn::Checkpoint;
 
+pub use super::cli::last_json;
+
 /// A `metalearn` command in `dir` with `threads` compute threads (the global `--threads`, and
 /// `RAYON_NUM_THREADS` so that nothing falls back to every core).
 pub fn metalearn(dir: &Path, threads: usize, args: &[&str]) -> Command {
@@ -24,12 +26,6 @@ pub fn run_json(mut cmd: Command) -> serde_json::Value {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{cmd:?} failed: {stderr}");
     last_json(&String::from_utf8_lossy(&out.stdout))
-}
-
-/// The last line of `stdout`, parsed as JSON.
-pub fn last_json(stdout: &str) -> serde_json::Value {
-    let line = stdout.lines().last().expect("some output");
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
 }
 
 /// Loads a checkpoint or fails the test with the reason.

@@ -12,6 +12,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use metalearn::{Network, ParamSet};
 
+pub mod cli;
 pub mod meta_runs;
 
 /// A seeded random generator.
