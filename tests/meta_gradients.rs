@@ -1109,3 +1109,162 @@ fn max_pool_takes_window_maxima() -> Result<()> {
     }
     Ok(())
 }
+
+/// A regression task with `inputs` features and `outputs` targets per example.
+fn wide_regression_task(
+    rng: &mut ChaCha8Rng,
+    support: usize,
+    query: usize,
+    io: [usize; 2],
+) -> Task {
+    let [inputs, outputs] = io;
+    Task {
+        support: (
+            uniform(rng, &[support, inputs], -2.0, 2.0),
+            uniform(rng, &[support, outputs], -1.0, 1.0),
+        ),
+        query: (
+            uniform(rng, &[query, inputs], -2.0, 2.0),
+            uniform(rng, &[query, outputs], -1.0, 1.0),
+        ),
+    }
+}
+
+#[test]
+fn mlp_maml_kernel_matches_the_reference_path() -> Result<()> {
+    use metalearn::kernels::with_kernels;
+    metalearn::runtime::init();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut deep = Architecture::mlp(&[3, 6, 5, 2], Activation::Relu)?;
+    deep.push(Layer::Activation {
+        activation: Activation::Linear,
+    });
+    let cases: Vec<(&str, Architecture, Vec<Task>)> = vec![
+        (
+            "1-4-4-1 ReLU, equal sizes",
+            Architecture::mlp(&[1, 4, 4, 1], Activation::Relu)?,
+            equal_size_regression_tasks(&mut rng),
+        ),
+        (
+            "1-4-4-1 ReLU, mixed sizes",
+            Architecture::mlp(&[1, 4, 4, 1], Activation::Relu)?,
+            mixed_size_regression_tasks(&mut rng),
+        ),
+        (
+            "3-6-5-2 ReLU then linear",
+            deep,
+            (0..4)
+                .map(|i| wide_regression_task(&mut rng, 4 + i, 3, [3, 2]))
+                .collect(),
+        ),
+    ];
+    for (label, arch, tasks) in &cases {
+        let net = Network::build(arch)?;
+        let meta = meta_params(&generic_params(&net, 5), None);
+        for (steps, first_order) in [(1, false), (3, false), (2, true)] {
+            let maml = Maml {
+                inner_lr: 0.05,
+                inner_steps: steps,
+                first_order,
+            };
+            let kind = TaskKind::Regression;
+            let fast = with_kernels(true, || maml.meta_train_step(&net, &meta, tasks, kind))?;
+            let reference = with_kernels(false, || maml.meta_train_step(&net, &meta, tasks, kind))?;
+            let case = format!("{label}, {steps} steps, first order {first_order}");
+            let direct = with_kernels(true, || {
+                metalearn::kernels::mlp_maml::meta_step(
+                    &net,
+                    &meta,
+                    tasks,
+                    kind,
+                    0.05,
+                    steps,
+                    !first_order,
+                )
+            })?;
+            ensure!(direct.is_some(), "{case}: the kernel declined the network");
+            ensure!(
+                (fast.loss - reference.loss).abs() <= 1e-12 * reference.loss.abs().max(1.0),
+                "{case}: loss {} vs reference {}",
+                fast.loss,
+                reference.loss
+            );
+            let (a, b) = (flat_grads(&fast, &meta), flat_grads(&reference, &meta));
+            let scale = b.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f64::max);
+            ensure!(
+                worst <= 1e-10 * scale,
+                "{case}: gradients differ by {worst:e} (largest {scale:e})"
+            );
+            ensure!(
+                b.iter().filter(|v| **v != 0.0).count() > b.len() / 2,
+                "{case}: most gradients are zero, the comparison would prove little"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn mlp_maml_kernel_in_f32_matches_the_reference_path() -> Result<()> {
+    // f32 runs the vectorised product (AVX2 and FMA where the CPU has them); sizes are chosen
+    // so that blocks of 8 columns and 4 rows are both full and partial.
+    use metalearn::kernels::with_kernels;
+    metalearn::runtime::init();
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let arch = Architecture::mlp(&[3, 40, 13, 1], Activation::Relu)?;
+    let net = Network::build(&arch)?;
+    let to_f32 = |t: &Tensor| t.to_dtype(DType::F32).expect("cast");
+    let weights = generic_params(&net, 9).map(|_, t| Ok(to_f32(t)))?;
+    let meta = meta_params(&weights, None);
+    let tasks: Vec<Task> = (0..5)
+        .map(|i| {
+            let t = wide_regression_task(&mut rng, 10 + i, 7, [3, 1]);
+            Task {
+                support: (to_f32(&t.support.0), to_f32(&t.support.1)),
+                query: (to_f32(&t.query.0), to_f32(&t.query.1)),
+            }
+        })
+        .collect();
+    for (steps, first_order) in [(1, false), (3, false), (2, true)] {
+        let maml = Maml {
+            inner_lr: 0.01,
+            inner_steps: steps,
+            first_order,
+        };
+        let kind = TaskKind::Regression;
+        let fast = with_kernels(true, || maml.meta_train_step(&net, &meta, &tasks, kind))?;
+        let reference = with_kernels(false, || maml.meta_train_step(&net, &meta, &tasks, kind))?;
+        let flat = |step: &MetaStep| -> Vec<f32> {
+            step.grads
+                .iter()
+                .flat_map(|g| {
+                    g.as_ref()
+                        .expect("every weight has a gradient")
+                        .flatten_all()
+                        .and_then(|g| g.to_vec1::<f32>())
+                        .expect("f32 gradient")
+                })
+                .collect()
+        };
+        let (a, b) = (flat(&fast), flat(&reference));
+        let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        ensure!(
+            worst <= 1e-4 * scale && (fast.loss - reference.loss).abs() <= 1e-5 * reference.loss,
+            "{steps} steps, first order {first_order}: gradients differ by {worst:e} (largest \
+             {scale:e}), losses {} vs {}",
+            fast.loss,
+            reference.loss
+        );
+    }
+    Ok(())
+}

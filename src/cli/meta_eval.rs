@@ -142,6 +142,7 @@ pub fn run(args: &MetaEvalArgs) -> Result<()> {
         Some(test) => {
             config.task.split = None;
             config.task.split_by_group = false;
+            config.task.validation_data = None;
             config.task.split_alphabets = Some(crate::data::omniglot::AlphabetSplit {
                 train: Vec::new(),
                 validation: Vec::new(),

@@ -6,6 +6,7 @@
 //! never panic on bad input: each error names the file, the line and column (CSV) or the path
 //! (images), and says what to do.
 
+pub mod augment;
 pub mod csv;
 pub mod fetch;
 pub mod image_folder;

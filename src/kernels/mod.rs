@@ -1,4 +1,5 @@
-//! Fast CPU kernels for the convolutional path, as candle custom ops.
+//! Fast CPU kernels: the convolutional path as candle custom ops, and the MAML meta-gradient of
+//! small MLPs in plain loops ([`mlp_maml`]).
 //!
 //! The plain candle implementation in [`crate::nn::network`] stays the reference: every kernel
 //! here is tested against it in values, gradients and second-order gradients. The kernels are on
@@ -50,6 +51,7 @@ pub fn with_kernels<R>(on: bool, f: impl FnOnce() -> R) -> R {
 
 pub mod conv;
 pub mod fused;
+pub mod mlp_maml;
 pub mod norm;
 pub mod pool;
 

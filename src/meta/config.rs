@@ -137,6 +137,14 @@ pub struct TaskConfig {
     /// Omniglot: folder of the decoded-image cache (default: `.metalearn-cache` beside the data).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_dir: Option<PathBuf>,
+    /// Omniglot: a second archive or folder whose `split_alphabets.validation` alphabets give the
+    /// validation tasks, so that every alphabet of `data` can be meta-trained on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_data: Option<PathBuf>,
+    /// Image data: random perturbation of meta-training images, `{ shift = 1.5, rotation = 10,
+    /// scale = 0.1, shear = 0.1, stroke = 0.5 }` (see [`crate::data::augment::Augment`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augment: Option<crate::data::augment::Augment>,
 }
 
 /// `[model]`: the network.
@@ -286,10 +294,15 @@ impl ExperimentConfig {
         TableSchema::of::<ExperimentConfig>()
             .with_table(
                 "task",
-                TableSchema::of::<TaskConfig>().with_table(
-                    "split_alphabets",
-                    TableSchema::of::<crate::data::omniglot::AlphabetSplit>(),
-                ),
+                TableSchema::of::<TaskConfig>()
+                    .with_table(
+                        "split_alphabets",
+                        TableSchema::of::<crate::data::omniglot::AlphabetSplit>(),
+                    )
+                    .with_table(
+                        "augment",
+                        TableSchema::of::<crate::data::augment::Augment>(),
+                    ),
             )
             .with_table("model", TableSchema::of::<ModelConfig>())
             .with_table("algorithm", TableSchema::of::<AlgorithmConfig>())
@@ -371,6 +384,8 @@ impl ExperimentConfig {
             ("resample", t.resample.is_some()),
             ("split_alphabets", t.split_alphabets.is_some()),
             ("cache_dir", t.cache_dir.is_some()),
+            ("augment", t.augment.is_some()),
+            ("validation_data", t.validation_data.is_some()),
         ];
         match t.kind.as_str() {
             "sinusoid" => {
@@ -529,6 +544,9 @@ impl ExperimentConfig {
                     "`task.split_alphabets.train` is empty: name the alphabets to meta-train on",
                 ));
             }
+        }
+        if let Some((key, message)) = t.augment.as_ref().and_then(|a| a.problem()) {
+            return Err(KeyProblem::new(key, message));
         }
         Ok(())
     }
@@ -744,9 +762,11 @@ impl ExperimentConfig {
         if self.task.rotations
             || self.task.resample.is_some()
             || self.task.split_alphabets.is_some()
+            || self.task.validation_data.is_some()
         {
             return Err(Error::Config(format!(
-                "task.rotations, task.resample and task.split_alphabets apply only to Omniglot \
+                "task.rotations, task.resample, task.split_alphabets and task.validation_data \
+                 apply only to Omniglot \
                  data, and {} is not in the Omniglot layout; remove them or set task.omniglot = true",
                 path.display()
             )));
@@ -779,18 +799,18 @@ impl ExperimentConfig {
             by_group: self.task.split_by_group,
             seed: self.task.split_seed,
         };
-        Ok(Box::new(EpisodicSampler::new(
-            pool,
-            self.episode()?,
-            &split,
-        )?))
+        let sampler = EpisodicSampler::new(pool, self.episode()?, &split)?;
+        Ok(Box::new(self.augmented(sampler)?))
     }
 
     /// Episodes over an Omniglot archive or folder (see [`crate::data::omniglot`]): classes are
     /// characters grouped by alphabet; `split_alphabets` or the `split` fractions (of alphabets
     /// with `split_by_group`, else of characters) divide them.
     fn omniglot_source(&self, path: &Path) -> Result<Box<dyn TaskSource>> {
-        use crate::data::omniglot::{CachePolicy, OmniglotData, OmniglotOptions, OmniglotSplit};
+        use crate::data::omniglot::{
+            AlphabetSplit, CachePolicy, OmniglotData, OmniglotOptions, OmniglotSplit,
+        };
+        use crate::tasks::WithValidation;
         let t = &self.task;
         if let Some(channels) = t.channels.filter(|&c| c != 1) {
             return Err(Error::Config(format!(
@@ -816,6 +836,35 @@ impl ExperimentConfig {
             ));
         }
         let data = OmniglotData::load(path, &options)?;
+        if let Some(validation_path) = &t.validation_data {
+            let alphabets = t.split_alphabets.clone().ok_or_else(|| {
+                Error::Config(
+                    "task.validation_data needs task.split_alphabets, whose `validation` list \
+                     names the alphabets of the validation data to validate on"
+                        .into(),
+                )
+            })?;
+            let validation_split = OmniglotSplit::Alphabets(AlphabetSplit {
+                validation: alphabets.validation.clone(),
+                ..AlphabetSplit::default()
+            });
+            let main_split = OmniglotSplit::Alphabets(AlphabetSplit {
+                validation: Vec::new(),
+                ..alphabets
+            });
+            // Rotated copies are only ever meta-trained on, so the validation archive needs none.
+            let validation_options = OmniglotOptions {
+                rotations: false,
+                ..options
+            };
+            let validation = OmniglotData::load(validation_path, &validation_options)?
+                .sampler(self.episode()?, &validation_split)?;
+            let sampler = data.sampler(self.episode()?, &main_split)?;
+            return Ok(Box::new(WithValidation::new(
+                Box::new(self.augmented(sampler)?),
+                Box::new(validation),
+            )?));
+        }
         let split = match &t.split_alphabets {
             Some(alphabets) => OmniglotSplit::Alphabets(alphabets.clone()),
             None => OmniglotSplit::Fractions(SplitSpec {
@@ -824,7 +873,16 @@ impl ExperimentConfig {
                 seed: t.split_seed,
             }),
         };
-        Ok(Box::new(data.sampler(self.episode()?, &split)?))
+        let sampler = data.sampler(self.episode()?, &split)?;
+        Ok(Box::new(self.augmented(sampler)?))
+    }
+
+    /// Applies `task.augment` (if set) to a sampler's meta-training episodes.
+    fn augmented(&self, sampler: EpisodicSampler) -> Result<EpisodicSampler> {
+        match &self.task.augment {
+            Some(augment) => sampler.with_augment(augment.clone()),
+            None => Ok(sampler),
+        }
     }
 
     /// The network for tasks with inputs of `input_shape`.

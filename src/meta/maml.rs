@@ -47,6 +47,17 @@ impl MetaAlgorithm for Maml {
         tasks: &[Task],
         kind: TaskKind,
     ) -> Result<MetaStep> {
+        if let Some(step) = crate::kernels::mlp_maml::meta_step(
+            net,
+            meta,
+            tasks,
+            kind,
+            self.inner_lr,
+            self.inner_steps,
+            !self.first_order,
+        )? {
+            return Ok(step);
+        }
         let cfg = self.inner(kind, self.inner_steps, !self.first_order);
         gradient_meta_step(net, meta, tasks, kind, &cfg)
     }

@@ -6,6 +6,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::data::augment::Augment;
 use crate::error::{Error, Result};
 use crate::tasks::{Split, Task, TaskKind, TaskSource};
 
@@ -136,6 +137,7 @@ pub struct EpisodicSampler {
     pool: ClassPool,
     episode: EpisodeSpec,
     splits: [Vec<usize>; 3],
+    augment: Option<Augment>,
 }
 
 impl EpisodicSampler {
@@ -188,7 +190,53 @@ impl EpisodicSampler {
             pool,
             episode,
             splits,
+            augment: None,
         })
+    }
+
+    /// Perturbs the images of meta-training episodes (never validation or test ones) with
+    /// `augment`. Needs image inputs `[channels, height, width]`.
+    pub fn with_augment(mut self, augment: Augment) -> Result<Self> {
+        augment.validate()?;
+        if augment.is_active() && self.image_shape().is_none() {
+            return Err(Error::Config(format!(
+                "task.augment perturbs images, but the inputs have shape {:?};                  remove task.augment or use image data",
+                self.input_shape()
+            )));
+        }
+        self.augment = augment.is_active().then_some(augment);
+        Ok(self)
+    }
+
+    /// The augmentation of meta-training episodes, if any.
+    pub fn augment(&self) -> Option<&Augment> {
+        self.augment.as_ref()
+    }
+
+    fn image_shape(&self) -> Option<[usize; 3]> {
+        match self.pool.x.dims() {
+            [_, c, h, w] => Some([*c, *h, *w]),
+            _ => None,
+        }
+    }
+
+    /// Gathers the examples `idx`, augmented when they feed meta-training.
+    fn gather(&self, idx: &[u32], split: Split, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+        let idx_t = Tensor::from_slice(idx, idx.len(), &Device::Cpu)?;
+        let x = self.pool.x.index_select(&idx_t, 0)?;
+        match (&self.augment, self.image_shape()) {
+            (Some(augment), Some(shape)) if split == Split::Train => {
+                let dtype = x.dtype();
+                let dims = x.dims().to_vec();
+                let mut values = x
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                augment.apply(&mut values, shape, rng);
+                Ok(Tensor::from_vec(values, dims, &Device::Cpu)?.to_dtype(dtype)?)
+            }
+            _ => Ok(x),
+        }
     }
 
     /// Classes of a split.
@@ -257,9 +305,8 @@ impl TaskSource for EpisodicSampler {
             idx.push(examples[rng.gen_range(0..examples.len())]);
             labels.push(global as f32);
         }
-        let idx_t = Tensor::from_slice(&idx, idx.len(), &Device::Cpu)?;
         Ok((
-            self.pool.x.index_select(&idx_t, 0)?,
+            self.gather(&idx, Split::Train, rng)?,
             Tensor::from_vec(labels, n, &Device::Cpu)?,
             classes.len(),
         ))
@@ -289,17 +336,13 @@ impl TaskSource for EpisodicSampler {
             s_y.extend(std::iter::repeat_n(label as f32, shots));
             q_y.extend(std::iter::repeat_n(label as f32, queries));
         }
-        let take = |idx: &[u32]| -> Result<Tensor> {
-            let idx = Tensor::from_slice(idx, idx.len(), &Device::Cpu)?;
-            Ok(self.pool.x.index_select(&idx, 0)?)
-        };
         Ok(Task {
             support: (
-                take(&s_idx)?,
+                self.gather(&s_idx, split, rng)?,
                 Tensor::from_vec(s_y, s_idx.len(), &Device::Cpu)?,
             ),
             query: (
-                take(&q_idx)?,
+                self.gather(&q_idx, split, rng)?,
                 Tensor::from_vec(q_y, q_idx.len(), &Device::Cpu)?,
             ),
         })

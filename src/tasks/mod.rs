@@ -117,3 +117,57 @@ impl TaskBatch {
         self.len() == 0
     }
 }
+
+/// A task source whose validation tasks come from a second source (e.g. alphabets of another
+/// archive), so that every class of the first can be meta-trained on.
+pub struct WithValidation {
+    tasks: Box<dyn TaskSource>,
+    validation: Box<dyn TaskSource>,
+}
+
+impl WithValidation {
+    /// Draws validation tasks from `validation` and every other split from `tasks`; both must
+    /// produce tasks of the same kind and input shape.
+    pub fn new(tasks: Box<dyn TaskSource>, validation: Box<dyn TaskSource>) -> Result<Self> {
+        if tasks.kind() != validation.kind() || tasks.input_shape() != validation.input_shape() {
+            return Err(Error::Config(format!(
+                "the validation data gives {:?} tasks with inputs {:?}, but the training data \
+                 gives {:?} tasks with inputs {:?}; use data of the same kind and image size",
+                validation.kind(),
+                validation.input_shape(),
+                tasks.kind(),
+                tasks.input_shape()
+            )));
+        }
+        Ok(Self { tasks, validation })
+    }
+
+    fn for_split(&self, split: Split) -> &dyn TaskSource {
+        match split {
+            Split::Validation => self.validation.as_ref(),
+            Split::Train | Split::Test => self.tasks.as_ref(),
+        }
+    }
+}
+
+impl TaskSource for WithValidation {
+    fn sample(&self, split: Split, rng: &mut ChaCha8Rng) -> Result<Task> {
+        self.for_split(split).sample(split, rng)
+    }
+
+    fn kind(&self) -> TaskKind {
+        self.tasks.kind()
+    }
+
+    fn input_shape(&self) -> Vec<usize> {
+        self.tasks.input_shape()
+    }
+
+    fn check_split(&self, split: Split) -> Result<()> {
+        self.for_split(split).check_split(split)
+    }
+
+    fn joint_batch(&self, tasks: usize, rng: &mut ChaCha8Rng) -> Result<(Tensor, Tensor, usize)> {
+        self.tasks.joint_batch(tasks, rng)
+    }
+}

@@ -1,0 +1,304 @@
+//! Random image augmentation for meta-training episodes: small affine jitter (shift, rotation,
+//! scale, shear) and stroke-thickness changes, drawn afresh for every image.
+//!
+//! Images are `[channels, height, width]` with ink high and background 0 (as the Omniglot loader
+//! produces), so pixels that come from outside the frame are background. Augmentation applies to
+//! meta-training episodes only; validation and test episodes always see the images as loaded.
+
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// How strongly to perturb each training image. Every field is the half-width of a uniform
+/// range around "unchanged"; 0 turns that perturbation off.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Augment {
+    /// Largest translation, in pixels, along each axis.
+    #[serde(default)]
+    pub shift: f64,
+    /// Largest rotation, in degrees, either way.
+    #[serde(default)]
+    pub rotation: f64,
+    /// Largest relative change of size: 0.1 scales by a factor in [0.9, 1.1].
+    #[serde(default)]
+    pub scale: f64,
+    /// Largest horizontal shear (tangent of the shear angle).
+    #[serde(default)]
+    pub shear: f64,
+    /// Largest change of stroke thickness, in [0, 1]: a positive draw blends the image towards
+    /// its dilation (thicker strokes), a negative one towards its erosion (thinner strokes).
+    #[serde(default)]
+    pub stroke: f64,
+}
+
+impl Augment {
+    /// Checks that every range is finite and within what keeps a character recognisable; the
+    /// error names the field (as `task.augment.<field>`) and the allowed range.
+    pub fn validate(&self) -> Result<()> {
+        match self.problem() {
+            Some((_, message)) => Err(Error::Config(message)),
+            None => Ok(()),
+        }
+    }
+
+    /// The first out-of-range field, as its config key and a message naming the allowed range.
+    pub fn problem(&self) -> Option<(String, String)> {
+        let fields = [
+            ("shift", self.shift, 8.0, "pixels"),
+            ("rotation", self.rotation, 45.0, "degrees"),
+            ("scale", self.scale, 0.5, "relative change of size"),
+            ("shear", self.shear, 0.5, "tangent of the shear angle"),
+            (
+                "stroke",
+                self.stroke,
+                1.0,
+                "blend towards dilation or erosion",
+            ),
+        ];
+        for (name, value, max, unit) in fields {
+            if !value.is_finite() || !(0.0..=max).contains(&value) {
+                let key = format!("task.augment.{name}");
+                let message = format!(
+                    "`{key}` = {value} is out of range: use a value in [0, {max}] \
+                     ({unit}; 0 turns it off)"
+                );
+                return Some((key, message));
+            }
+        }
+        None
+    }
+
+    /// Whether any perturbation is switched on.
+    pub fn is_active(&self) -> bool {
+        self.has_geometry() || self.stroke > 0.0
+    }
+
+    fn has_geometry(&self) -> bool {
+        self.shift > 0.0 || self.rotation > 0.0 || self.scale > 0.0 || self.shear > 0.0
+    }
+
+    /// Perturbs every image of `images` (`count` images of `[channels, height, width]`, laid out
+    /// contiguously) in place, each with its own random draw.
+    pub fn apply(
+        &self,
+        images: &mut [f32],
+        [channels, height, width]: [usize; 3],
+        rng: &mut ChaCha8Rng,
+    ) {
+        let image_len = channels * height * width;
+        if image_len == 0 || !self.is_active() {
+            return;
+        }
+        let mut scratch = vec![0f32; height * width];
+        for image in images.chunks_exact_mut(image_len) {
+            if self.has_geometry() {
+                let warp = self.draw_warp(rng);
+                for plane in image.chunks_exact_mut(height * width) {
+                    warp.resample(plane, &mut scratch, height, width);
+                    plane.copy_from_slice(&scratch);
+                }
+            }
+            if self.stroke > 0.0 {
+                let amount = rng.gen_range(-self.stroke..=self.stroke) as f32;
+                for plane in image.chunks_exact_mut(height * width) {
+                    change_stroke(plane, &mut scratch, height, width, amount);
+                    plane.copy_from_slice(&scratch);
+                }
+            }
+        }
+    }
+
+    fn draw_warp(&self, rng: &mut ChaCha8Rng) -> Warp {
+        let mut symmetric = |half: f64| {
+            if half > 0.0 {
+                rng.gen_range(-half..=half)
+            } else {
+                0.0
+            }
+        };
+        let angle = symmetric(self.rotation).to_radians();
+        let scale = 1.0 + symmetric(self.scale);
+        let shear = symmetric(self.shear);
+        let shift = [symmetric(self.shift), symmetric(self.shift)];
+        // Forward map (about the centre): p' = R · S_hear · s·p + t. Resampling needs the inverse.
+        let (sin, cos) = angle.sin_cos();
+        let forward = [
+            [scale * cos, scale * (cos * shear - sin)],
+            [scale * sin, scale * (sin * shear + cos)],
+        ];
+        let det = forward[0][0] * forward[1][1] - forward[0][1] * forward[1][0];
+        let inverse = [
+            [forward[1][1] / det, -forward[0][1] / det],
+            [-forward[1][0] / det, forward[0][0] / det],
+        ];
+        Warp { inverse, shift }
+    }
+}
+
+/// An affine map about the image centre, kept as its inverse for resampling.
+struct Warp {
+    /// Inverse of the linear part, in (x, y) order.
+    inverse: [[f64; 2]; 2],
+    /// Translation (x, y) in pixels.
+    shift: [f64; 2],
+}
+
+impl Warp {
+    /// Writes the warped `source` plane into `out` with bilinear interpolation; pixels mapped
+    /// from outside the frame are background (0).
+    fn resample(&self, source: &[f32], out: &mut [f32], height: usize, width: usize) {
+        let centre = [(width as f64 - 1.0) / 2.0, (height as f64 - 1.0) / 2.0];
+        let at = |x: isize, y: isize| -> f32 {
+            if x < 0 || y < 0 || x >= width as isize || y >= height as isize {
+                0.0
+            } else {
+                source[y as usize * width + x as usize]
+            }
+        };
+        for y in 0..height {
+            for x in 0..width {
+                let dx = x as f64 - centre[0] - self.shift[0];
+                let dy = y as f64 - centre[1] - self.shift[1];
+                let sx = self.inverse[0][0] * dx + self.inverse[0][1] * dy + centre[0];
+                let sy = self.inverse[1][0] * dx + self.inverse[1][1] * dy + centre[1];
+                let (x0, y0) = (sx.floor(), sy.floor());
+                let (fx, fy) = ((sx - x0) as f32, (sy - y0) as f32);
+                let (x0, y0) = (x0 as isize, y0 as isize);
+                let top = at(x0, y0) * (1.0 - fx) + at(x0 + 1, y0) * fx;
+                let bottom = at(x0, y0 + 1) * (1.0 - fx) + at(x0 + 1, y0 + 1) * fx;
+                out[y * width + x] = top * (1.0 - fy) + bottom * fy;
+            }
+        }
+    }
+}
+
+/// Blends `plane` towards its 3x3-cross dilation (`amount` > 0) or erosion (`amount` < 0) by
+/// `|amount|`, writing the result to `out`.
+fn change_stroke(plane: &[f32], out: &mut [f32], height: usize, width: usize, amount: f32) {
+    let thicker = amount > 0.0;
+    let weight = amount.abs();
+    for y in 0..height {
+        for x in 0..width {
+            let centre = plane[y * width + x];
+            let mut extreme = centre;
+            let neighbours = [
+                (x.wrapping_sub(1), y),
+                (x + 1, y),
+                (x, y.wrapping_sub(1)),
+                (x, y + 1),
+            ];
+            for (nx, ny) in neighbours {
+                // Outside the frame is background, which erosion takes and dilation ignores.
+                let value = if nx < width && ny < height {
+                    plane[ny * width + nx]
+                } else {
+                    0.0
+                };
+                extreme = if thicker {
+                    extreme.max(value)
+                } else {
+                    extreme.min(value)
+                };
+            }
+            out[y * width + x] = centre + weight * (extreme - centre);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn ink_sum(plane: &[f32]) -> f32 {
+        plane.iter().sum()
+    }
+
+    fn dot_image() -> Vec<f32> {
+        let mut plane = vec![0f32; 9 * 9];
+        for y in 3..6 {
+            for x in 3..6 {
+                plane[y * 9 + x] = 1.0;
+            }
+        }
+        plane
+    }
+
+    #[test]
+    fn zero_ranges_leave_images_unchanged() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut image = dot_image();
+        Augment::default().apply(&mut image, [1, 9, 9], &mut rng);
+        assert_eq!(image, dot_image());
+    }
+
+    #[test]
+    fn whole_pixel_shift_moves_the_ink() {
+        let warp = Warp {
+            inverse: [[1.0, 0.0], [0.0, 1.0]],
+            shift: [2.0, -1.0],
+        };
+        let source = dot_image();
+        let mut out = vec![0f32; 81];
+        warp.resample(&source, &mut out, 9, 9);
+        for y in 0..9 {
+            for x in 0..9 {
+                let expected = if (5..8).contains(&x) && (2..5).contains(&y) {
+                    1.0
+                } else {
+                    0.0
+                };
+                assert!((out[y * 9 + x] - expected).abs() < 1e-6, "pixel ({x}, {y})");
+            }
+        }
+    }
+
+    #[test]
+    fn stroke_changes_thicken_and_thin() {
+        let source = dot_image();
+        let mut out = vec![0f32; 81];
+        change_stroke(&source, &mut out, 9, 9, 1.0);
+        // A 3x3 block dilated by a cross gains 4 edges of 3 pixels.
+        assert_eq!(ink_sum(&out), 9.0 + 12.0);
+        change_stroke(&source, &mut out, 9, 9, -1.0);
+        assert_eq!(ink_sum(&out), 1.0);
+        change_stroke(&source, &mut out, 9, 9, 0.5);
+        assert_eq!(ink_sum(&out), 9.0 + 6.0);
+    }
+
+    #[test]
+    fn draws_differ_per_image_and_stay_in_range() {
+        let augment = Augment {
+            shift: 1.5,
+            rotation: 10.0,
+            scale: 0.1,
+            shear: 0.1,
+            stroke: 0.5,
+        };
+        augment.validate().unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut images: Vec<f32> = dot_image().repeat(2);
+        augment.apply(&mut images, [1, 9, 9], &mut rng);
+        assert_ne!(images[..81], images[81..]);
+        assert!(images.iter().all(|v| (0.0..=1.0 + 1e-6).contains(v)));
+        assert!(ink_sum(&images[..81]) > 3.0);
+    }
+
+    #[test]
+    fn out_of_range_fields_are_named() {
+        let augment = Augment {
+            rotation: 90.0,
+            ..Augment::default()
+        };
+        let message = augment.validate().unwrap_err().to_string();
+        assert!(message.contains("task.augment.rotation"), "{message}");
+        let augment = Augment {
+            shift: f64::NAN,
+            ..Augment::default()
+        };
+        assert!(augment.validate().is_err());
+    }
+}
