@@ -575,3 +575,30 @@ fn real_minimal_background_split() {
     assert!((0.02..0.4).contains(&mean), "mean ink {mean}");
     assert!(empty > 0.5, "fraction of empty pixels {empty}");
 }
+
+#[test]
+fn supersampled_images_match_the_loaded_ones_and_follow_rotations() {
+    use metalearn::data::augment::Augment;
+    let (_dir, zip) = fixture();
+    let options = OmniglotOptions {
+        rotations: true,
+        ..options(CachePolicy::Off)
+    };
+    let data = OmniglotData::load(&zip, &options).unwrap();
+    let fine = data.supersampled(&zip, &options, 3).unwrap();
+    assert_eq!(fine.len(), data.len());
+    // Without perturbation, shrinking the fine images gives the loaded images (105 -> 84 -> 28
+    // by box filters is the 105 -> 28 box filter up to rounding to 8 bits), rotated copies
+    // included.
+    let indices: Vec<u32> = (0..data.len() as u32).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let shrunk = Augment::default().apply_supersampled(&fine, &indices, &mut rng);
+    let loaded = pixels(&data);
+    let worst = shrunk
+        .iter()
+        .zip(&loaded)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 0.05, "largest pixel difference {worst}");
+    assert!(loaded.iter().any(|&v| v > 0.5), "the fixture has ink");
+}

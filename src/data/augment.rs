@@ -138,6 +138,148 @@ impl Augment {
     }
 }
 
+/// Training images kept at an integer multiple (`factor`) of the model's resolution, so that
+/// augmentation warps the fine drawing and then shrinks it with a box filter, as the loader
+/// shrinks unaugmented images. Warping at the model's resolution instead would blur every
+/// augmented image, which unaugmented validation and test images are not.
+#[derive(Clone, Debug)]
+pub struct Supersampled {
+    factor: usize,
+    height: usize,
+    width: usize,
+    /// Ink levels (0 = background, 255 = ink) of the distinct drawings, each
+    /// `[height · factor, width · factor]`.
+    pixels: Vec<u8>,
+    /// For each example of the pool: its drawing and clockwise quarter turns.
+    examples: Vec<(u32, u8)>,
+}
+
+impl Supersampled {
+    /// `pixels` holds `drawings` images of `[height · factor, width · factor]`; `examples` maps
+    /// each pool example to a drawing and a number of clockwise quarter turns (square images
+    /// only when turning).
+    pub fn new(
+        factor: usize,
+        [height, width]: [usize; 2],
+        pixels: Vec<u8>,
+        examples: Vec<(u32, u8)>,
+    ) -> Result<Self> {
+        let plane = height * factor * width * factor;
+        if factor == 0 || plane == 0 || pixels.len() % plane != 0 {
+            return Err(Error::Data(format!(
+                "supersampled images: {} pixels do not make whole {height}x{width} images at                  factor {factor}",
+                pixels.len()
+            )));
+        }
+        let drawings = pixels.len() / plane;
+        if let Some((i, _)) = examples
+            .iter()
+            .enumerate()
+            .find(|(_, (d, turns))| *d as usize >= drawings || (*turns % 4 != 0 && height != width))
+        {
+            return Err(Error::Data(format!(
+                "supersampled images: example {i} refers to a missing drawing or turns a                  non-square image"
+            )));
+        }
+        Ok(Self {
+            factor,
+            height,
+            width,
+            pixels,
+            examples,
+        })
+    }
+
+    /// Number of pool examples covered.
+    pub fn len(&self) -> usize {
+        self.examples.len()
+    }
+
+    /// Whether no examples are covered.
+    pub fn is_empty(&self) -> bool {
+        self.examples.is_empty()
+    }
+
+    /// The model's image size `[height, width]`.
+    pub fn image_size(&self) -> [usize; 2] {
+        [self.height, self.width]
+    }
+
+    /// Example `index` at the fine resolution, turned, as f32 ink levels in `[0, 1]`.
+    fn fine_image(&self, index: u32) -> Vec<f32> {
+        let (drawing, turns) = self.examples[index as usize];
+        let (h, w) = (self.height * self.factor, self.width * self.factor);
+        let start = drawing as usize * h * w;
+        let image = &self.pixels[start..start + h * w];
+        let mut out = vec![0f32; h * w];
+        for y in 0..h {
+            for x in 0..w {
+                // Clockwise quarter turns of a square image (h == w when turns > 0).
+                let (sy, sx) = match turns % 4 {
+                    0 => (y, x),
+                    1 => (h - 1 - x, y),
+                    2 => (h - 1 - y, w - 1 - x),
+                    _ => (x, w - 1 - y),
+                };
+                out[y * w + x] = f32::from(image[sy * w + sx]) / 255.0;
+            }
+        }
+        out
+    }
+}
+
+impl Augment {
+    /// Augmented copies of pool examples `indices` (`[indices.len(), 1, height, width]`, laid
+    /// out contiguously): each is warped at the fine resolution, shrunk by box filtering, then
+    /// given its stroke change.
+    pub fn apply_supersampled(
+        &self,
+        fine: &Supersampled,
+        indices: &[u32],
+        rng: &mut ChaCha8Rng,
+    ) -> Vec<f32> {
+        let (h, w, f) = (fine.height, fine.width, fine.factor);
+        let mut out = vec![0f32; indices.len() * h * w];
+        let mut warped = vec![0f32; h * f * w * f];
+        let mut scratch = vec![0f32; h * w];
+        for (&index, plane) in indices.iter().zip(out.chunks_exact_mut(h * w)) {
+            let image = fine.fine_image(index);
+            let source = if self.has_geometry() {
+                let mut warp = self.draw_warp(rng);
+                // Shifts are drawn in model pixels.
+                warp.shift = [warp.shift[0] * f as f64, warp.shift[1] * f as f64];
+                warp.resample(&image, &mut warped, h * f, w * f);
+                &warped
+            } else {
+                &image
+            };
+            box_shrink(source, f, h, w, plane);
+            if self.stroke > 0.0 {
+                let amount = rng.gen_range(-self.stroke..=self.stroke) as f32;
+                change_stroke(plane, &mut scratch, h, w, amount);
+                plane.copy_from_slice(&scratch);
+            }
+        }
+        out
+    }
+}
+
+/// Averages `factor x factor` blocks of the fine `source` into the `height x width` `out`.
+fn box_shrink(source: &[f32], factor: usize, height: usize, width: usize, out: &mut [f32]) {
+    let fine_width = width * factor;
+    let scale = 1.0 / (factor * factor) as f32;
+    for y in 0..height {
+        for x in 0..width {
+            let mut sum = 0.0;
+            for dy in 0..factor {
+                let row = (y * factor + dy) * fine_width + x * factor;
+                sum += source[row..row + factor].iter().sum::<f32>();
+            }
+            out[y * width + x] = sum * scale;
+        }
+    }
+}
+
 /// An affine map about the image centre, kept as its inverse for resampling.
 struct Warp {
     /// Inverse of the linear part, in (x, y) order.
@@ -225,6 +367,22 @@ mod tests {
             }
         }
         plane
+    }
+
+    #[test]
+    fn supersampled_images_shrink_and_turn_like_the_loader() {
+        // One 2x2 drawing at factor 2 (a 4x4 fine image): ink in the fine top-left block only.
+        let mut pixels = vec![0u8; 16];
+        for (y, x) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+            pixels[y * 4 + x] = 255;
+        }
+        let fine = Supersampled::new(2, [2, 2], pixels, vec![(0, 0), (0, 1)]).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let out = Augment::default().apply_supersampled(&fine, &[0, 1], &mut rng);
+        // Unturned: ink top-left; one clockwise quarter turn: ink top-right.
+        assert_eq!(out, vec![1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]);
+        assert!(Supersampled::new(2, [2, 2], vec![0; 15], vec![]).is_err());
+        assert!(Supersampled::new(2, [2, 2], vec![0; 16], vec![(1, 0)]).is_err());
     }
 
     #[test]

@@ -38,6 +38,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::data::augment::Supersampled;
 use crate::error::{Error, Result};
 use crate::fsutil::atomic_write;
 use crate::tasks::episodic::{split_classes, ClassPool, EpisodeSpec, EpisodicSampler, SplitSpec};
@@ -226,6 +227,45 @@ impl OmniglotData {
         };
         let data = base.into_data(options)?;
         Ok((data, outcome))
+    }
+
+    /// The images of `path` (the archive or folder this data was loaded from, with the same
+    /// `options`) at `factor` times the resolution, for augmentation that warps fine detail
+    /// before shrinking (see [`Supersampled`]). Decoded afresh; not cached.
+    pub fn supersampled(
+        &self,
+        path: &Path,
+        options: &OmniglotOptions,
+        factor: usize,
+    ) -> Result<Supersampled> {
+        let archive = Archive::open(path)?;
+        let (h, w) = (options.height * factor, options.width * factor);
+        let decoded: Vec<Vec<f32>> = archive
+            .entries
+            .par_iter()
+            .map(|e| preprocess_png(&e.bytes, h, w, options.resample, &e.name))
+            .collect::<Result<_>>()?;
+        let drawings = decoded.len();
+        if drawings == 0 || self.labels.len() % drawings != 0 {
+            return Err(Error::Data(format!(
+                "{}: {drawings} drawings do not match the {} loaded images; was it changed \
+                 while loading?",
+                archive.display,
+                self.labels.len()
+            )));
+        }
+        let pixels: Vec<u8> = decoded
+            .iter()
+            .flatten()
+            .map(|&v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+            .collect();
+        // Images are stored unrotated first, then one block per rotation (see `into_data`).
+        let mut examples: Vec<(u32, u8)> = (0..drawings as u32).map(|d| (d, 0)).collect();
+        for block in 1..self.labels.len() / drawings {
+            let turns = ROTATIONS[block - 1].1;
+            examples.extend((0..drawings as u32).map(|d| (d, turns)));
+        }
+        Supersampled::new(factor, [options.height, options.width], pixels, examples)
     }
 
     /// Number of images.

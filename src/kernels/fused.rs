@@ -381,14 +381,49 @@ impl BnPoolRelu {
         out.par_chunks_mut(per_image)
             .enumerate()
             .for_each(|(image, dst)| {
-                let offset = image * per_image;
-                self.winners(y, image, &affine[image / per_task], |i, _, z| {
-                    for (d, &z) in dst[i - offset..i - offset + c].iter_mut().zip(z) {
-                        *d = if z > T::zero() { z } else { T::zero() };
-                    }
-                });
+                self.pooled_values(y, image, &affine[image / per_task], dst);
             });
         out
+    }
+
+    /// The forward pass of one image: each window's largest normalised value, through ReLU.
+    /// Unlike [`Self::winners`] it tracks no positions, so the channel loop is a plain
+    /// vectorisable maximum.
+    fn pooled_values<T: WithDType>(
+        &self,
+        y: &[T],
+        image: usize,
+        affine: &TaskAffine<T>,
+        dst: &mut [T],
+    ) {
+        let g = &self.pool;
+        let (oh, ow, c, s) = (g.out_height(), g.out_width(), g.channels, g.size);
+        let (a, b) = (&affine.a[..c], &affine.b[..c]);
+        let base = image * g.height * g.width * c;
+        for (pixel, best) in dst.chunks_exact_mut(c).take(oh * ow).enumerate() {
+            let (oy, ox) = (pixel / ow, pixel % ow);
+            for dy in 0..s {
+                for dx in 0..s {
+                    let at = base + ((oy * s + dy) * g.width + ox * s + dx) * c;
+                    let row = &y[at..at + c];
+                    if dy == 0 && dx == 0 {
+                        for (((out, &v), &a), &b) in best.iter_mut().zip(row).zip(a).zip(b) {
+                            *out = v * a + b;
+                        }
+                    } else {
+                        for (((out, &v), &a), &b) in best.iter_mut().zip(row).zip(a).zip(b) {
+                            let z = v * a + b;
+                            *out = if z > *out { z } else { *out };
+                        }
+                    }
+                }
+            }
+            for out in best.iter_mut() {
+                if *out < T::zero() {
+                    *out = T::zero();
+                }
+            }
+        }
     }
 
     /// Gradients of `y`, `gamma` and `beta` (the last two per task when `per_task_params`).

@@ -855,11 +855,12 @@ impl ExperimentConfig {
             // Rotated copies are only ever meta-trained on, so the validation archive needs none.
             let validation_options = OmniglotOptions {
                 rotations: false,
-                ..options
+                ..options.clone()
             };
             let validation = OmniglotData::load(validation_path, &validation_options)?
                 .sampler(self.episode()?, &validation_split)?;
             let sampler = data.sampler(self.episode()?, &main_split)?;
+            let sampler = self.supersample(sampler, &data, path, &options)?;
             return Ok(Box::new(WithValidation::new(
                 Box::new(self.augmented(sampler)?),
                 Box::new(validation),
@@ -874,7 +875,26 @@ impl ExperimentConfig {
             }),
         };
         let sampler = data.sampler(self.episode()?, &split)?;
+        let sampler = self.supersample(sampler, &data, path, &options)?;
         Ok(Box::new(self.augmented(sampler)?))
+    }
+
+    /// With augmentation on, gives an Omniglot sampler the images at three times the model's
+    /// resolution, so that warps do not blur (see [`crate::data::augment::Supersampled`]).
+    fn supersample(
+        &self,
+        sampler: EpisodicSampler,
+        data: &crate::data::omniglot::OmniglotData,
+        path: &Path,
+        options: &crate::data::omniglot::OmniglotOptions,
+    ) -> Result<EpisodicSampler> {
+        const FACTOR: usize = 3;
+        match &self.task.augment {
+            Some(augment) if augment.is_active() => {
+                sampler.with_supersampled(data.supersampled(path, options, FACTOR)?)
+            }
+            _ => Ok(sampler),
+        }
     }
 
     /// Applies `task.augment` (if set) to a sampler's meta-training episodes.

@@ -6,7 +6,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::data::augment::Augment;
+use crate::data::augment::{Augment, Supersampled};
 use crate::error::{Error, Result};
 use crate::tasks::{Split, Task, TaskKind, TaskSource};
 
@@ -138,6 +138,7 @@ pub struct EpisodicSampler {
     episode: EpisodeSpec,
     splits: [Vec<usize>; 3],
     augment: Option<Augment>,
+    supersampled: Option<std::sync::Arc<Supersampled>>,
 }
 
 impl EpisodicSampler {
@@ -191,7 +192,25 @@ impl EpisodicSampler {
             episode,
             splits,
             augment: None,
+            supersampled: None,
         })
+    }
+
+    /// Augments from `fine`, the pool's images at a finer resolution (see [`Supersampled`]);
+    /// it must cover every example of the pool at the pool's image size.
+    pub fn with_supersampled(mut self, fine: Supersampled) -> Result<Self> {
+        let pool_size = self.image_shape().map(|[c, h, w]| (c, [h, w]));
+        let examples = self.pool.x.dims().first().copied().unwrap_or(0);
+        if pool_size != Some((1, fine.image_size())) || fine.len() != examples {
+            return Err(Error::Data(format!(
+                "supersampled images ({} of {:?}) do not match the pool ({examples} of {:?})",
+                fine.len(),
+                fine.image_size(),
+                self.input_shape()
+            )));
+        }
+        self.supersampled = Some(std::sync::Arc::new(fine));
+        Ok(self)
     }
 
     /// Perturbs the images of meta-training episodes (never validation or test ones) with
@@ -224,6 +243,12 @@ impl EpisodicSampler {
     fn gather(&self, idx: &[u32], split: Split, rng: &mut ChaCha8Rng) -> Result<Tensor> {
         let idx_t = Tensor::from_slice(idx, idx.len(), &Device::Cpu)?;
         let x = self.pool.x.index_select(&idx_t, 0)?;
+        if let (Some(augment), Some(fine), Split::Train) =
+            (&self.augment, &self.supersampled, split)
+        {
+            let values = augment.apply_supersampled(fine, idx, rng);
+            return Ok(Tensor::from_vec(values, x.dims(), &Device::Cpu)?.to_dtype(x.dtype())?);
+        }
         match (&self.augment, self.image_shape()) {
             (Some(augment), Some(shape)) if split == Split::Train => {
                 let dtype = x.dtype();
