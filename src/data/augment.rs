@@ -211,20 +211,13 @@ impl Supersampled {
         let (h, w) = (self.height * self.factor, self.width * self.factor);
         let start = drawing as usize * h * w;
         let image = &self.pixels[start..start + h * w];
-        let mut out = vec![0f32; h * w];
-        for y in 0..h {
-            for x in 0..w {
-                // Clockwise quarter turns of a square image (h == w when turns > 0).
-                let (sy, sx) = match turns % 4 {
-                    0 => (y, x),
-                    1 => (h - 1 - x, y),
-                    2 => (h - 1 - y, w - 1 - x),
-                    _ => (x, w - 1 - y),
-                };
-                out[y * w + x] = f32::from(image[sy * w + sx]) / 255.0;
-            }
+        let ink: Vec<f32> = image.iter().map(|&v| f32::from(v) / 255.0).collect();
+        if turns % 4 == 0 {
+            ink
+        } else {
+            // Turned images are square (checked in `new`).
+            crate::data::omniglot::rotate_square(&ink, h, turns)
         }
-        out
     }
 }
 

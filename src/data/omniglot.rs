@@ -484,7 +484,7 @@ fn area_resize(src: &[f32], h0: usize, w0: usize, h: usize, w: usize) -> Vec<f32
 }
 
 /// Rotates a square row-major image clockwise by `quarter_turns` x 90 degrees.
-fn rotate_square(src: &[f32], side: usize, quarter_turns: u8) -> Vec<f32> {
+pub(crate) fn rotate_square(src: &[f32], side: usize, quarter_turns: u8) -> Vec<f32> {
     let mut out = vec![0f32; side * side];
     for y in 0..side {
         for x in 0..side {
