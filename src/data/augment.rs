@@ -165,7 +165,7 @@ impl Supersampled {
         examples: Vec<(u32, u8)>,
     ) -> Result<Self> {
         let plane = height * factor * width * factor;
-        if factor == 0 || plane == 0 || pixels.len() % plane != 0 {
+        if factor == 0 || plane == 0 || !pixels.len().is_multiple_of(plane) {
             return Err(Error::Data(format!(
                 "supersampled images: {} pixels do not make whole {height}x{width} images at                  factor {factor}",
                 pixels.len()

@@ -246,7 +246,7 @@ impl OmniglotData {
             .map(|e| preprocess_png(&e.bytes, h, w, options.resample, &e.name))
             .collect::<Result<_>>()?;
         let drawings = decoded.len();
-        if drawings == 0 || self.labels.len() % drawings != 0 {
+        if drawings == 0 || !self.labels.len().is_multiple_of(drawings) {
             return Err(Error::Data(format!(
                 "{}: {drawings} drawings do not match the {} loaded images; was it changed \
                  while loading?",
