@@ -602,3 +602,99 @@ fn supersampled_images_match_the_loaded_ones_and_follow_rotations() {
     assert!(worst < 0.05, "largest pixel difference {worst}");
     assert!(loaded.iter().any(|&v| v > 0.5), "the fixture has ink");
 }
+
+#[test]
+fn config_augmentation_touches_only_training_and_validation_data_comes_from_its_archive() {
+    let (dir, zip) = fixture();
+    let second = dir.path().join("images_background_small2.zip");
+    write_zip(&second, "images_background_small2", &[]);
+    let base = format!(
+        r#"
+[task]
+kind = "classification"
+data = "{}"
+ways = 2
+shots = 1
+queries = 2
+cache_dir = "{}"
+split_alphabets = {{ train = ["Alpha", "Beta"], validation = ["Beta"], test = ["Gamma"] }}
+
+[model]
+arch = "conv4"
+width = 8
+
+[algorithm]
+name = "protonet"
+"#,
+        zip.display(),
+        dir.path().join("cache").display()
+    );
+    // Beta in two splits of one archive is refused; with validation_data, validation alphabets
+    // are looked up in the second archive and may also be trained on in the first.
+    let plain = ExperimentConfig::from_toml(&base).unwrap();
+    let err = plain.task_source(None).err().unwrap().to_string();
+    assert!(err.contains("two splits"), "{err}");
+    let with_validation = base.replace(
+        "queries = 2\n",
+        &format!("queries = 2\nvalidation_data = \"{}\"\n", second.display()),
+    );
+    let source = ExperimentConfig::from_toml(&with_validation)
+        .unwrap()
+        .task_source(None)
+        .unwrap();
+    source.check_split(Split::Validation).unwrap();
+    let task = source
+        .sample(Split::Validation, &mut ChaCha8Rng::seed_from_u64(1))
+        .unwrap();
+    assert_eq!(task.support.0.dims(), &[2, 1, 28, 28]);
+
+    // Augmentation changes meta-training images, never validation ones.
+    let augmented = with_validation.replace(
+        "queries = 2\n",
+        "queries = 2\naugment = { shift = 1.5, rotation = 10, scale = 0.1, shear = 0.1, stroke = 0.4 }\n",
+    );
+    let augmented = ExperimentConfig::from_toml(&augmented)
+        .unwrap()
+        .task_source(None)
+        .unwrap();
+    let draw = |source: &dyn metalearn::tasks::TaskSource, split| {
+        let task = source
+            .sample(split, &mut ChaCha8Rng::seed_from_u64(5))
+            .unwrap();
+        let values = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (values(&task.support.0), values(&task.support.1))
+    };
+    let (plain_x, plain_y) = draw(source.as_ref(), Split::Train);
+    let (aug_x, aug_y) = draw(augmented.as_ref(), Split::Train);
+    assert_eq!(plain_y, aug_y, "the same classes and drawings are drawn");
+    assert_ne!(plain_x, aug_x, "training images are perturbed");
+    let ink = |x: &[f32]| x.iter().sum::<f32>();
+    let ratio = ink(&aug_x) / ink(&plain_x);
+    assert!(
+        (0.5..2.0).contains(&ratio),
+        "ink changed by a factor {ratio}"
+    );
+    assert_eq!(
+        draw(source.as_ref(), Split::Validation),
+        draw(augmented.as_ref(), Split::Validation)
+    );
+
+    // Bad settings are named.
+    let bad = with_validation.replace(
+        "queries = 2\n",
+        "queries = 2\naugment = { rotation = 90 }\n",
+    );
+    let err = ExperimentConfig::from_toml(&bad).err().unwrap().to_string();
+    assert!(err.contains("task.augment.rotation"), "{err}");
+    let no_split = with_validation.replace(
+        "split_alphabets = { train = [\"Alpha\", \"Beta\"], validation = [\"Beta\"], test = [\"Gamma\"] }\n",
+        "",
+    );
+    let err = ExperimentConfig::from_toml(&no_split)
+        .unwrap()
+        .task_source(None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("split_alphabets"), "{err}");
+}
