@@ -479,20 +479,18 @@ fn corrupt_or_unexpected_entries_are_named() {
     assert!(err.contains("9999_01.png"), "{err}");
 }
 
-#[test]
-fn experiment_config_reads_omniglot_archives() {
-    let (dir, zip) = fixture();
-    let toml = format!(
+/// A 2-way 1-shot ProtoNet experiment on the Omniglot archive `zip`, with `task_lines` added to
+/// the `[task]` table.
+fn protonet_toml(zip: &Path, cache: &Path, task_lines: &str) -> String {
+    format!(
         r#"
 [task]
 kind = "classification"
 data = "{}"
 ways = 2
 shots = 1
-queries = 3
-rotations = true
 cache_dir = "{}"
-split_alphabets = {{ train = ["Alpha", "Beta"], test = ["Gamma"] }}
+{task_lines}
 
 [model]
 arch = "conv4"
@@ -502,7 +500,17 @@ width = 8
 name = "protonet"
 "#,
         zip.display(),
-        dir.path().join("cache").display()
+        cache.display()
+    )
+}
+
+#[test]
+fn experiment_config_reads_omniglot_archives() {
+    let (dir, zip) = fixture();
+    let toml = protonet_toml(
+        &zip,
+        &dir.path().join("cache"),
+        "queries = 3\nrotations = true\nsplit_alphabets = { train = [\"Alpha\", \"Beta\"], test = [\"Gamma\"] }",
     );
     let config = ExperimentConfig::from_toml(&toml).unwrap();
     let source = config.task_source(None).unwrap();
@@ -608,26 +616,10 @@ fn config_augmentation_touches_only_training_and_validation_data_comes_from_its_
     let (dir, zip) = fixture();
     let second = dir.path().join("images_background_small2.zip");
     write_zip(&second, "images_background_small2", &[]);
-    let base = format!(
-        r#"
-[task]
-kind = "classification"
-data = "{}"
-ways = 2
-shots = 1
-queries = 2
-cache_dir = "{}"
-split_alphabets = {{ train = ["Alpha", "Beta"], validation = ["Beta"], test = ["Gamma"] }}
-
-[model]
-arch = "conv4"
-width = 8
-
-[algorithm]
-name = "protonet"
-"#,
-        zip.display(),
-        dir.path().join("cache").display()
+    let base = protonet_toml(
+        &zip,
+        &dir.path().join("cache"),
+        "queries = 2\nsplit_alphabets = { train = [\"Alpha\", \"Beta\"], validation = [\"Beta\"], test = [\"Gamma\"] }",
     );
     // Beta in two splits of one archive is refused; with validation_data, validation alphabets
     // are looked up in the second archive and may also be trained on in the first.
