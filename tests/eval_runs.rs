@@ -203,6 +203,20 @@ fn protonet_matches_exact_copies_and_any_ways_work() {
     assert_eq!(json["per_run"].as_array().unwrap().len(), 3);
     assert_eq!(json["ways"], 20);
     assert_eq!(json["test_images"], 60);
+    assert_eq!(json["test_time_shifts"], false);
+
+    // Test-time shifts embed a copy exactly as its original, so copies still match.
+    let json = last_json(&metalearn(&[
+        "eval-runs",
+        "--model",
+        model.to_str().unwrap(),
+        "--runs",
+        runs.to_str().unwrap(),
+        "--test-time-shifts",
+        "--json",
+    ]));
+    assert_eq!(json["error_percent"], 0.0, "{json}");
+    assert_eq!(json["test_time_shifts"], true);
 
     // With every pairing shifted by one class, the same matcher is always wrong.
     let wrong = dir.path().join("wrong");

@@ -824,6 +824,7 @@ fn anil_inner_loop_changes_only_the_head() -> Result<()> {
         let meta = meta_params(&theta, None);
         let state = EvalState {
             running_stats: None,
+            test_time_shifts: false,
         };
         let Adapted::Weights(adapted) = alg.adapt(
             &net,
@@ -966,6 +967,7 @@ fn protonet_logits_are_negative_squared_distances_to_class_means() -> Result<()>
     let kind = TaskKind::Classification { ways };
     let state = EvalState {
         running_stats: None,
+        test_time_shifts: false,
     };
     let adapted = ProtoNet.adapt(&net, &meta, (&sx, &class_ids(&s_ids)), 0, kind, &state)?;
     let logits = ProtoNet.predict(&net, &meta, &adapted, &qx, &state)?;

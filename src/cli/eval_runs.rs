@@ -24,6 +24,10 @@ pub struct EvalRunsArgs {
     /// Adaptation steps (default: algorithm.eval_inner_steps of the checkpoint).
     #[arg(long)]
     pub steps: Option<usize>,
+    /// Test-time augmentation for ProtoNet models: embed every image as the mean embedding of
+    /// the image and its copies shifted by one pixel left, right, up and down.
+    #[arg(long)]
+    pub test_time_shifts: bool,
     /// Print one JSON object with the results as the last line of stdout.
     #[arg(long)]
     pub json: bool,
@@ -34,7 +38,8 @@ pub fn run(args: &EvalRunsArgs) -> Result<()> {
     let path = resolve_model_path(&args.model)?;
     let ckpt = Checkpoint::load(&path, &candle_core::Device::Cpu)?;
     let bench = OneShotBenchmark::open(&args.runs)?;
-    let learner = learner_for_ways(&ckpt, bench.ways())?;
+    let mut learner = learner_for_ways(&ckpt, bench.ways())?;
+    learner.set_test_time_shifts(args.test_time_shifts);
     // Preprocess as during meta-training: the filter is recorded in the experiment config.
     let resample = ckpt
         .section("experiment")
@@ -74,6 +79,7 @@ pub fn run(args: &EvalRunsArgs) -> Result<()> {
                 "ways": report.ways,
                 "test_images": report.test_images,
                 "steps": steps,
+                "test_time_shifts": args.test_time_shifts,
             })
         );
     } else {

@@ -54,6 +54,10 @@ pub struct MetaEvalArgs {
     /// never seen in meta-training (replaces the config's split).
     #[arg(long, value_delimiter = ',')]
     pub test_alphabets: Option<Vec<String>>,
+    /// Test-time augmentation for ProtoNet models: embed every image as the mean embedding of
+    /// the image and its copies shifted by one pixel left, right, up and down.
+    #[arg(long)]
+    pub test_time_shifts: bool,
     /// Also train and score the transfer baseline (joint training, then fine-tuning).
     #[arg(long)]
     pub baseline: bool,
@@ -152,13 +156,14 @@ pub fn run(args: &MetaEvalArgs) -> Result<()> {
         }
         None => split,
     };
-    let learner = match args.ways {
+    let mut learner = match args.ways {
         Some(ways) if Some(ways) != trained_ways => crate::eval::runs::learner_for_ways(
             &Checkpoint::load(&path, &candle_core::Device::Cpu)?,
             ways,
         )?,
         _ => learner,
     };
+    learner.set_test_time_shifts(args.test_time_shifts);
     let source = config.task_source(args.data.as_deref())?;
     source.check_split(split)?;
     let episodes = args.episodes.unwrap_or(config.eval.episodes);
@@ -188,6 +193,7 @@ pub fn run(args: &MetaEvalArgs) -> Result<()> {
         "ways": config.task.ways,
         "shots": config.task.shots,
         "same_alphabet": config.task.same_group,
+        "test_time_shifts": args.test_time_shifts,
     });
     if !args.json {
         println!(

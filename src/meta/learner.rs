@@ -29,6 +29,7 @@ pub struct MetaLearner {
     optimizer: Optimizer,
     iteration: u64,
     threads: usize,
+    test_time_shifts: bool,
 }
 
 /// Worker threads for splitting a meta-batch of convolutional tasks: one per core.
@@ -104,6 +105,7 @@ impl MetaLearner {
             // One batched graph by default: for small models, splitting the meta-batch across
             // threads costs more in allocator contention than it gains (measured on sinusoid MAML).
             threads: 1,
+            test_time_shifts: false,
         })
     }
 
@@ -255,6 +257,12 @@ impl MetaLearner {
         })
     }
 
+    /// Switches test-time augmentation by one-pixel shifts on or off for `adapt` and `predict`
+    /// (used by ProtoNet; other algorithms ignore it). Off by default.
+    pub fn set_test_time_shifts(&mut self, on: bool) {
+        self.test_time_shifts = on;
+    }
+
     /// Sets into how many chunks the meta-batch is split to run in parallel (default 1).
     pub fn set_threads(&mut self, threads: usize) {
         self.threads = threads.max(1);
@@ -275,6 +283,7 @@ impl MetaLearner {
             self.task_kind,
             &EvalState {
                 running_stats: Some(&self.buffers),
+                test_time_shifts: self.test_time_shifts,
             },
         )
     }
@@ -289,6 +298,7 @@ impl MetaLearner {
             &x.to_dtype(dtype)?,
             &EvalState {
                 running_stats: Some(&self.buffers),
+                test_time_shifts: self.test_time_shifts,
             },
         )
     }

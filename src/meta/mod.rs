@@ -170,6 +170,9 @@ pub enum Adapted {
 pub struct EvalState<'a> {
     /// Batch-norm running statistics (ProtoNet uses them at test time).
     pub running_stats: Option<&'a ParamSet>,
+    /// Test-time augmentation (ProtoNet): embed each image as the mean embedding of the image
+    /// and its copies shifted by one pixel left, right, up and down.
+    pub test_time_shifts: bool,
 }
 
 /// One meta-learning algorithm: a meta-training step on a batch of tasks, adaptation to a

@@ -50,6 +50,40 @@ fn ways_of(kind: TaskKind) -> Result<usize> {
     }
 }
 
+/// The image batch `x` (`[n, c, h, w]`) followed by its copies shifted by one pixel right,
+/// left, down and up (zeros fill the uncovered edge): `[5n, c, h, w]`.
+pub fn shifted_copies(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    Ok(Tensor::cat(
+        &[
+            x.clone(),
+            x.pad_with_zeros(3, 1, 0)?.narrow(3, 0, w)?,
+            x.pad_with_zeros(3, 0, 1)?.narrow(3, 1, w)?,
+            x.pad_with_zeros(2, 1, 0)?.narrow(2, 0, h)?,
+            x.pad_with_zeros(2, 0, 1)?.narrow(2, 1, h)?,
+        ],
+        0,
+    )?)
+}
+
+/// Embeddings `[n, d]` of `x` at evaluation time; with test-time shifts (image inputs only),
+/// each is the mean embedding of the image and its four one-pixel shifts.
+fn eval_embedding(
+    net: &Network,
+    weights: &crate::nn::params::ParamSet,
+    x: &Tensor,
+    state: &EvalState,
+) -> Result<Tensor> {
+    let mut ctx = ForwardCtx::eval(state.running_stats).first_order();
+    if !state.test_time_shifts || x.rank() != 4 {
+        return flatten_embedding(net.forward(weights, x, &mut ctx)?);
+    }
+    let n = x.dim(0)?;
+    let e = flatten_embedding(net.forward(weights, &shifted_copies(x)?, &mut ctx)?)?;
+    let dim = e.dim(1)?;
+    Ok(e.reshape((5, n, dim))?.mean(0)?)
+}
+
 fn flatten_embedding(e: Tensor) -> Result<Tensor> {
     Ok(if e.rank() > 2 { e.flatten_from(1)? } else { e })
 }
@@ -110,11 +144,7 @@ impl MetaAlgorithm for ProtoNet {
     ) -> Result<Adapted> {
         let ways = ways_of(kind)?;
         let weights = meta.weights.detach();
-        let e = flatten_embedding(net.forward(
-            &weights,
-            support.0,
-            &mut ForwardCtx::eval(state.running_stats).first_order(),
-        )?)?;
+        let e = eval_embedding(net, &weights, support.0, state)?;
         Ok(Adapted::Prototypes(prototypes(&e, support.1, ways)?))
     }
 
@@ -132,11 +162,35 @@ impl MetaAlgorithm for ProtoNet {
             ));
         };
         let weights = meta.weights.detach();
-        let e = flatten_embedding(net.forward(
-            &weights,
-            x,
-            &mut ForwardCtx::eval(state.running_stats).first_order(),
-        )?)?;
+        let e = eval_embedding(net, &weights, x, state)?;
         negative_squared_distances(&e, protos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn shifted_copies_move_the_image_by_one_pixel() {
+        // One 1x3x3 image with a single ink pixel in the centre.
+        let mut values = vec![0f32; 9];
+        values[4] = 1.0;
+        let x = Tensor::from_vec(values, (1, 1, 3, 3), &Device::Cpu).unwrap();
+        let copies = shifted_copies(&x).unwrap();
+        assert_eq!(copies.dims(), &[5, 1, 3, 3]);
+        let ink_at = |k: usize| -> usize {
+            let v = copies
+                .get(k)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            v.iter().position(|&p| p == 1.0).unwrap()
+        };
+        // Unshifted, right, left, down, up (row-major offsets in the 3x3 image).
+        assert_eq!([0, 1, 2, 3, 4].map(ink_at), [4, 5, 3, 7, 1]);
     }
 }
