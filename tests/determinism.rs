@@ -203,24 +203,8 @@ episodes = 15
 baseline_iterations = 40
 "#;
 
-const PROTONET_CONFIG: &str = r#"
-[task]
-kind = "classification"
-data = "images"
-image_size = [16, 16]
-channels = 1
-ways = 3
-shots = 2
-queries = 2
-split = [0.5, 0.25, 0.25]
-
-[model]
-arch = "conv4"
-width = 8
-
-[algorithm]
-name = "protonet"
-
+/// The `[training]` (and `[eval]`) tables appended to `meta_runs::SMALL_PROTONET_EXPERIMENT`.
+const PROTONET_TRAINING: &str = r#"
 [training]
 iterations = 30
 meta_batch = 2
@@ -232,24 +216,6 @@ seed = 8
 [eval]
 episodes = 10
 "#;
-
-/// Grey 16x16 images, 12 classes of 4, each class a bright square at its own place plus noise.
-fn write_image_folder(root: &Path) {
-    let mut rng = common::rng(12);
-    for class in 0..12u32 {
-        let folder = root.join(format!("class{class}"));
-        std::fs::create_dir_all(&folder).unwrap();
-        let (cx, cy) = (1 + (class % 4) * 3, 1 + (class / 4) * 5);
-        for i in 0..4 {
-            let image = image::GrayImage::from_fn(16, 16, |x, y| {
-                let inside = (cx..cx + 5).contains(&x) && (cy..cy + 5).contains(&y);
-                let base: u8 = if inside { 200 } else { 30 };
-                image::Luma([base.saturating_add(rng.gen_range(0..40))])
-            });
-            image.save(folder.join(format!("{i}.png"))).unwrap();
-        }
-    }
-}
 
 fn meta_train(dir: &Path, out: &str, threads: usize) -> serde_json::Value {
     meta_runs::run_json(meta_runs::metalearn(
@@ -320,8 +286,12 @@ fn sine_maml_meta_train_and_eval_repeat_exactly_for_a_thread_count() {
 #[test]
 fn protonet_meta_train_and_eval_repeat_exactly_for_a_thread_count() {
     let dir = tempfile::tempdir().unwrap();
-    write_image_folder(&dir.path().join("images"));
-    std::fs::write(dir.path().join("config.toml"), PROTONET_CONFIG).unwrap();
+    meta_runs::write_square_images(&dir.path().join("images"), 4, 12);
+    let config = format!(
+        "{}{PROTONET_TRAINING}",
+        meta_runs::SMALL_PROTONET_EXPERIMENT
+    );
+    std::fs::write(dir.path().join("config.toml"), config).unwrap();
     check_meta_commands(dir.path(), "protonet", false);
 }
 

@@ -49,25 +49,8 @@ seed = 11
 schedule = { type = "cosine", min_factor = 0.1 }
 "#;
 
-/// ProtoNet with a small Conv-4 on 16x16 grey images (batch-norm running statistics included).
-const PROTONET_CONFIG: &str = r#"
-[task]
-kind = "classification"
-data = "images"
-image_size = [16, 16]
-channels = 1
-ways = 3
-shots = 2
-queries = 2
-split = [0.5, 0.25, 0.25]
-
-[model]
-arch = "conv4"
-width = 8
-
-[algorithm]
-name = "protonet"
-
+/// The `[training]` (and `[eval]`) tables appended to `meta_runs::SMALL_PROTONET_EXPERIMENT`.
+const PROTONET_TRAINING: &str = r#"
 [training]
 iterations = 300
 meta_batch = 2
@@ -188,29 +171,14 @@ fn sine_maml_killed_at_random_moments_resumes_to_the_same_result() {
     kill_resume_and_compare(dir.path(), 2024);
 }
 
-/// Grey 16x16 images, 12 classes of 5: each class a bright square at its own place, with a
-/// pixel-level jitter so that images of a class differ.
-fn write_image_folder(root: &Path) {
-    let mut rng = ChaCha8Rng::seed_from_u64(7);
-    for class in 0..12u32 {
-        let folder = root.join(format!("class{class}"));
-        std::fs::create_dir_all(&folder).unwrap();
-        let (cx, cy) = (1 + (class % 4) * 3, 1 + (class / 4) * 5);
-        for i in 0..5 {
-            let image = image::GrayImage::from_fn(16, 16, |x, y| {
-                let inside = (cx..cx + 5).contains(&x) && (cy..cy + 5).contains(&y);
-                let base: u8 = if inside { 200 } else { 30 };
-                image::Luma([base.saturating_add(rng.gen_range(0..40))])
-            });
-            image.save(folder.join(format!("{i}.png"))).unwrap();
-        }
-    }
-}
-
 #[test]
 fn protonet_on_images_killed_at_random_moments_resumes_to_the_same_result() {
     let dir = tempfile::tempdir().unwrap();
-    write_image_folder(&dir.path().join("images"));
-    std::fs::write(dir.path().join("config.toml"), PROTONET_CONFIG).unwrap();
+    meta_runs::write_square_images(&dir.path().join("images"), 5, 7);
+    let config = format!(
+        "{}{PROTONET_TRAINING}",
+        meta_runs::SMALL_PROTONET_EXPERIMENT
+    );
+    std::fs::write(dir.path().join("config.toml"), config).unwrap();
     kill_resume_and_compare(dir.path(), 77);
 }

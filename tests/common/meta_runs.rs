@@ -111,3 +111,45 @@ pub fn assert_same_summary(a: &serde_json::Value, b: &serde_json::Value) {
     }
     assert!(a["best_iteration"].is_u64(), "the run validated: {a}");
 }
+
+/// The `[task]`, `[model]` and `[algorithm]` tables of a small ProtoNet experiment: a Conv-4 of
+/// width 8 on the 16x16 grey images of [`write_square_images`] in `images/`. Append a
+/// `[training]` table (and `[eval]` if wanted) to make a whole config.
+pub const SMALL_PROTONET_EXPERIMENT: &str = r#"
+[task]
+kind = "classification"
+data = "images"
+image_size = [16, 16]
+channels = 1
+ways = 3
+shots = 2
+queries = 2
+split = [0.5, 0.25, 0.25]
+
+[model]
+arch = "conv4"
+width = 8
+
+[algorithm]
+name = "protonet"
+"#;
+
+/// Grey 16x16 images, 12 classes of `per_class`: each class a bright square at its own place,
+/// with pixel noise drawn from `seed` so that images of a class differ.
+pub fn write_square_images(root: &Path, per_class: usize, seed: u64) {
+    use rand::Rng;
+    let mut rng = super::rng(seed);
+    for class in 0..12u32 {
+        let folder = root.join(format!("class{class}"));
+        std::fs::create_dir_all(&folder).unwrap();
+        let (cx, cy) = (1 + (class % 4) * 3, 1 + (class / 4) * 5);
+        for i in 0..per_class {
+            let image = image::GrayImage::from_fn(16, 16, |x, y| {
+                let inside = (cx..cx + 5).contains(&x) && (cy..cy + 5).contains(&y);
+                let base: u8 = if inside { 200 } else { 30 };
+                image::Luma([base.saturating_add(rng.gen_range(0..40))])
+            });
+            image.save(folder.join(format!("{i}.png"))).unwrap();
+        }
+    }
+}
