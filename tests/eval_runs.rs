@@ -3,9 +3,11 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+
+mod common;
 
 use candle_core::DType;
+use common::cli::{last_json, run_err_in, run_ok_in};
 use metalearn::data::omniglot::Resample;
 use metalearn::eval::runs::{evaluate_runs, learner_for_ways, OneShotBenchmark, RunsOptions};
 use metalearn::meta::config::ExperimentConfig;
@@ -136,33 +138,6 @@ eval_inner_steps = 2
     path
 }
 
-fn metalearn(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_metalearn"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .unwrap()
-}
-
-fn last_json(out: &Output) -> serde_json::Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
-}
-
-fn stderr_of_failure(out: &Output) -> String {
-    assert!(
-        !out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 #[test]
 fn runs_format_is_read_with_sorted_classes_and_answers() {
     let dir = tempfile::tempdir().unwrap();
@@ -190,14 +165,17 @@ fn protonet_matches_exact_copies_and_any_ways_work() {
     write_runs(&runs, 3, false);
     // Meta-trained for 5 ways: ProtoNet has no head, so 20-way runs are fine.
     let model = checkpoint(dir.path(), "protonet", "conv4", 5);
-    let json = last_json(&metalearn(&[
-        "eval-runs",
-        "--model",
-        model.to_str().unwrap(),
-        "--runs",
-        runs.to_str().unwrap(),
-        "--json",
-    ]));
+    let json = last_json(&run_ok_in(
+        &[
+            "eval-runs",
+            "--model",
+            model.to_str().unwrap(),
+            "--runs",
+            runs.to_str().unwrap(),
+            "--json",
+        ],
+        None,
+    ));
     // Every test image is a copy of its class's training image: nearest prototype is exact.
     assert_eq!(json["error_percent"], 0.0, "{json}");
     assert_eq!(json["per_run"].as_array().unwrap().len(), 3);
@@ -206,42 +184,49 @@ fn protonet_matches_exact_copies_and_any_ways_work() {
     assert_eq!(json["test_time_shifts"], false);
 
     // Test-time shifts embed a copy exactly as its original, so copies still match.
-    let json = last_json(&metalearn(&[
-        "eval-runs",
-        "--model",
-        model.to_str().unwrap(),
-        "--runs",
-        runs.to_str().unwrap(),
-        "--test-time-shifts",
-        "--json",
-    ]));
+    let json = last_json(&run_ok_in(
+        &[
+            "eval-runs",
+            "--model",
+            model.to_str().unwrap(),
+            "--runs",
+            runs.to_str().unwrap(),
+            "--test-time-shifts",
+            "--json",
+        ],
+        None,
+    ));
     assert_eq!(json["error_percent"], 0.0, "{json}");
     assert_eq!(json["test_time_shifts"], true);
 
     // With every pairing shifted by one class, the same matcher is always wrong.
     let wrong = dir.path().join("wrong");
     write_runs(&wrong, 2, true);
-    let json = last_json(&metalearn(&[
-        "eval-runs",
-        "--model",
-        model.to_str().unwrap(),
-        "--runs",
-        wrong.to_str().unwrap(),
-        "--json",
-    ]));
+    let json = last_json(&run_ok_in(
+        &[
+            "eval-runs",
+            "--model",
+            model.to_str().unwrap(),
+            "--runs",
+            wrong.to_str().unwrap(),
+            "--json",
+        ],
+        None,
+    ));
     assert_eq!(json["error_percent"], 100.0, "{json}");
     assert_eq!(json["per_run"], serde_json::json!([100.0, 100.0]));
 
     // The text output lists each run and the mean.
-    let out = metalearn(&[
-        "eval-runs",
-        "--model",
-        model.to_str().unwrap(),
-        "--runs",
-        runs.to_str().unwrap(),
-    ]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success());
+    let text = run_ok_in(
+        &[
+            "eval-runs",
+            "--model",
+            model.to_str().unwrap(),
+            "--runs",
+            runs.to_str().unwrap(),
+        ],
+        None,
+    );
     assert!(
         text.contains("run03: 0.0% error") && text.contains("mean error"),
         "{text}"
@@ -254,26 +239,32 @@ fn maml_family_needs_a_twenty_way_checkpoint() {
     let runs = dir.path().join("runs");
     write_runs(&runs, 2, false);
     let five = checkpoint(dir.path(), "maml", "mlp", 5);
-    let err = stderr_of_failure(&metalearn(&[
-        "eval-runs",
-        "--model",
-        five.to_str().unwrap(),
-        "--runs",
-        runs.to_str().unwrap(),
-    ]));
+    let err = run_err_in(
+        &[
+            "eval-runs",
+            "--model",
+            five.to_str().unwrap(),
+            "--runs",
+            runs.to_str().unwrap(),
+        ],
+        None,
+    );
     assert!(err.contains("5-way") && err.contains("20"), "{err}");
 
     let twenty = checkpoint(dir.path(), "maml", "mlp", 20);
-    let json = last_json(&metalearn(&[
-        "eval-runs",
-        "--model",
-        twenty.to_str().unwrap(),
-        "--runs",
-        runs.to_str().unwrap(),
-        "--steps",
-        "1",
-        "--json",
-    ]));
+    let json = last_json(&run_ok_in(
+        &[
+            "eval-runs",
+            "--model",
+            twenty.to_str().unwrap(),
+            "--runs",
+            runs.to_str().unwrap(),
+            "--steps",
+            "1",
+            "--json",
+        ],
+        None,
+    ));
     let per_run: Vec<f64> = json["per_run"]
         .as_array()
         .unwrap()
@@ -329,13 +320,16 @@ fn malformed_runs_are_errors_naming_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let model = checkpoint(dir.path(), "protonet", "conv4", 5);
     let run_eval = |runs: &Path| {
-        stderr_of_failure(&metalearn(&[
-            "eval-runs",
-            "--model",
-            model.to_str().unwrap(),
-            "--runs",
-            runs.to_str().unwrap(),
-        ]))
+        run_err_in(
+            &[
+                "eval-runs",
+                "--model",
+                model.to_str().unwrap(),
+                "--runs",
+                runs.to_str().unwrap(),
+            ],
+            None,
+        )
     };
 
     // Missing class_labels.txt.
