@@ -105,7 +105,8 @@ impl Checkpoint {
             ("state", &self.state),
         ] {
             for (name, t) in set.iter() {
-                tensors.push((format!("{prefix}.{name}"), t.detach().contiguous()?));
+                let on_cpu = t.detach().to_device(&candle_core::Device::Cpu)?;
+                tensors.push((format!("{prefix}.{name}"), on_cpu.contiguous()?));
             }
         }
         let bytes = safetensors::tensor::serialize(tensors, Some(metadata))

@@ -420,6 +420,70 @@ fn col2im_is_the_adjoint_of_im2col() -> Result<()> {
     Ok(())
 }
 
+/// `ops::conv2d` (shifted slices and one matrix product, the reference and GPU path): values
+/// against candle's `conv2d`, gradients of input and kernels and Hessian-vector products against
+/// finite differences, on the odd shapes (non-square images too); task-batched, each task
+/// against its own convolution.
+#[test]
+fn shifted_slice_convolution_matches_candle_conv2d() -> Result<()> {
+    metalearn::runtime::init();
+    for (i, s) in SHAPES.iter().enumerate() {
+        let mut rng = common::rng(700 + i as u64);
+        let (n, h, w) = (s.batch, s.size, s.size + 1);
+        let x = common::normal(&mut rng, &[n, s.channels, h, w]);
+        let kernels = common::normal(&mut rng, &[s.filters, s.channels, s.kernel, s.kernel]);
+        let params = ParamSet::from_pairs([("w".to_string(), kernels.clone())])?;
+        let (stride, padding) = (s.stride, s.padding);
+        let expected = x.conv2d(&kernels, padding, stride, 1, 1)?;
+        let got = ops::conv2d(&x, &kernels, stride, padding)?;
+        ensure!(
+            got.dims() == expected.dims(),
+            "{s:?}: shape {:?} vs {:?}",
+            got.dims(),
+            expected.dims()
+        );
+        let diff = max_difference(&values(&got), &values(&expected));
+        ensure!(
+            diff < 1e-12 * scale_of(&values(&expected)),
+            "{s:?}: values differ by {diff:e}"
+        );
+        // Gradients and Hessian-vector products against finite differences, not candle's
+        // conv2d: its backward pass fails on strided shapes whose rows do not divide evenly
+        // (shape mismatch in add, [2, 2, 9, 10] vs [2, 2, 9, 9] for the second shape here).
+        let target = common::normal(&mut rng, expected.dims());
+        let objective = move |p: &ParamSet, x: &Tensor| -> metalearn::Result<Tensor> {
+            let y = ops::conv2d(x, p.get("w")?, stride, padding)?;
+            // Nonlinear, so that the Hessian is not zero.
+            Ok(y.tanh()?.sub(&target)?.sqr()?.sum_all()?)
+        };
+        let point = Point::new(&params, &x);
+        check_gradient(&format!("{s:?}"), &objective, &point)?;
+        common::check_hessian_vector_product(&format!("{s:?}"), &objective, &point, 40 + i as u64)?;
+        // Task-batched: three tasks, each with its own images and kernels.
+        let xs = common::normal(&mut rng, &[3, n, s.channels, h, w]);
+        let ks = common::normal(&mut rng, &[3, s.filters, s.channels, s.kernel, s.kernel]);
+        let batched = ops::conv2d(&xs, &ks, stride, padding)?;
+        for t in 0..3 {
+            let one = xs.get(t)?.conv2d(&ks.get(t)?, padding, stride, 1, 1)?;
+            let diff = max_difference(&values(&batched.get(t)?), &values(&one));
+            ensure!(
+                diff < 1e-12 * scale_of(&values(&one)),
+                "{s:?}: task {t} differs by {diff:e}"
+            );
+        }
+    }
+    // Shapes that cannot be convolved are errors, not panics.
+    let x = Tensor::zeros((1, 2, 3, 3), DType::F64, &Device::Cpu)?;
+    for (kernels, stride) in [((4, 3, 2, 2), 1), ((4, 2, 5, 5), 1), ((4, 2, 2, 2), 0)] {
+        let k = Tensor::zeros(kernels, DType::F64, &Device::Cpu)?;
+        ensure!(
+            ops::conv2d(&x, &k, stride, 0).is_err(),
+            "{kernels:?} stride {stride} accepted"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn row_kernels_match_candle_operations() -> Result<()> {
     for (i, s) in SHAPES.iter().enumerate() {

@@ -712,7 +712,7 @@ fn resumed_training_matches_an_uninterrupted_run_exactly() -> Result<()> {
         let interrupted = dir.path().join(format!("interrupted-{}", kind.name()));
         let mut first = sinusoid_learner(kind)?;
         meta_train(&mut first, &source, &options(20, Some(&interrupted)), None)?;
-        let (mut resumed, ckpt) = resume(&interrupted)?;
+        let (mut resumed, ckpt) = resume(&interrupted, &Device::Cpu)?;
         assert_eq!(resumed.iteration(), 20);
         let report = meta_train(
             &mut resumed,

@@ -317,4 +317,21 @@ fn meta_commands_reject_bad_input_clearly() {
     );
     assert!(!ok);
     assert!(stderr.contains("cannot resume"), "{stderr}");
+
+    // --cuda without a GPU build (the tests' build) names the feature and the way out.
+    if !cfg!(feature = "cuda") {
+        for args in [
+            &["meta-train", "--config", "s.toml", "--out", "g", "--cuda"][..],
+            &["bench", "--workload", "maml-sine", "--cuda"][..],
+        ] {
+            let (ok, _, stderr) = metalearn(args, d);
+            assert!(!ok, "{args:?} succeeded without a GPU build");
+            assert!(stderr.contains("--features cuda"), "{stderr}");
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+        assert!(
+            !d.join("g").exists(),
+            "a failed --cuda run left an output folder"
+        );
+    }
 }

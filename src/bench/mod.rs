@@ -55,6 +55,8 @@ pub struct BenchResult {
     pub threads: usize,
     /// Whether the fast CPU kernels were on.
     pub fast_kernels: bool,
+    /// Where the workload ran: `cpu` or `cuda`.
+    pub device: String,
 }
 
 /// Default number of timed iterations of a workload (the peer scripts' defaults where they
@@ -83,11 +85,15 @@ pub fn run(workload: &str, iterations: usize, device: &Device) -> Result<BenchRe
     for _ in 0..prepared.warmup {
         (prepared.step)()?;
     }
+    // GPU work is queued asynchronously: each iteration waits for the device so that its time
+    // covers the work it launched (a no-op on the CPU).
+    device.synchronize()?;
     let mut times = Vec::with_capacity(iterations);
     let started = Instant::now();
     for _ in 0..iterations {
         let t = Instant::now();
         (prepared.step)()?;
+        device.synchronize()?;
         times.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     let total = started.elapsed().as_secs_f64() * 1000.0;
@@ -98,7 +104,8 @@ pub fn run(workload: &str, iterations: usize, device: &Device) -> Result<BenchRe
         min_ms: times.iter().cloned().fold(f64::INFINITY, f64::min),
         peak_rss_mb: crate::runtime::peak_rss_mb(),
         threads: candle_core::utils::get_num_threads(),
-        fast_kernels: crate::kernels::enabled(),
+        fast_kernels: crate::kernels::enabled() && device.is_cpu(),
+        device: if device.is_cpu() { "cpu" } else { "cuda" }.to_string(),
     })
 }
 
@@ -191,7 +198,13 @@ fn maml_conv4(first_order: bool, device: &Device) -> Result<Prepared> {
     algorithm.inner_lr = 0.4;
     algorithm.inner_steps = 1;
     let mut learner = learner(&arch, algorithm, TaskKind::Classification { ways }, device)?;
-    learner.set_threads(crate::meta::learner::default_task_threads());
+    learner.set_threads(if device.is_cpu() {
+        crate::meta::learner::default_task_threads()
+    } else {
+        // Four chunks of eight tasks, one after another: the whole meta-batch's second-order
+        // graph (about 2 GB per task on the plain candle path) does not fit in 80 GB.
+        4
+    });
     let tasks: Vec<Task> = (0..meta_batch)
         .map(|t| random_task(ways, shots, queries, t as u64, device))
         .collect::<Result<_>>()?;

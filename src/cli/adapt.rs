@@ -76,7 +76,7 @@ fn csv_has_column(path: &std::path::Path, column: &str) -> Result<bool> {
 
 /// Runs `adapt`.
 pub fn run(args: &AdaptArgs) -> Result<()> {
-    let (learner, config, model_path) = load_meta_model(&args.model)?;
+    let (learner, config, model_path) = load_meta_model(&args.model, &candle_core::Device::Cpu)?;
     let target = args
         .target
         .clone()

@@ -44,15 +44,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
     if args.reference {
         crate::kernels::set_enabled(false);
     }
-    let device = if args.cuda {
-        candle_core::Device::new_cuda(0).map_err(|e| {
-            Error::Config(format!(
-                "--cuda: no CUDA device ({e}); build with `--features cuda` on a machine with an NVIDIA GPU"
-            ))
-        })?
-    } else {
-        candle_core::Device::Cpu
-    };
+    let device = super::common::compute_device(args.cuda)?;
     for name in names {
         let iterations = args.iterations.unwrap_or_else(|| default_iterations(&name));
         let result = run(&name, iterations, &device)?;
@@ -73,8 +65,9 @@ fn print_result(result: &BenchResult, json: bool) {
         .peak_rss_mb
         .map_or("n/a".to_string(), |m| format!("{m:.0} MiB"));
     println!(
-        "metalearn {}: {:.2} ms/iter (min {:.2}) over {} iterations, peak RSS {rss}, {} threads, {} kernels",
+        "metalearn {} on {}: {:.2} ms/iter (min {:.2}) over {} iterations, peak RSS {rss}, {} threads, {} kernels",
         result.workload,
+        result.device,
         result.ms_per_iter,
         result.min_ms,
         result.iterations,

@@ -768,3 +768,16 @@ fn is_score(key: &str) -> bool {
 pub fn scores_to_summary(scores: BTreeMap<String, f64>) -> Summary {
     scores.into_iter().map(|(k, v)| (k, json!(v))).collect()
 }
+
+/// The device chosen by a command's `--cuda` switch: the first CUDA GPU, or the CPU.
+pub fn compute_device(cuda: bool) -> Result<candle_core::Device> {
+    if !cuda {
+        return Ok(candle_core::Device::Cpu);
+    }
+    candle_core::Device::new_cuda(0).map_err(|e| {
+        Error::Config(format!(
+            "--cuda: no CUDA device ({e}); build with `--features cuda` on a machine with an \
+             NVIDIA GPU, or drop --cuda to run on the CPU"
+        ))
+    })
+}

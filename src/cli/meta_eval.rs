@@ -58,6 +58,9 @@ pub struct MetaEvalArgs {
     /// the image and its copies shifted by one pixel left, right, up and down.
     #[arg(long)]
     pub test_time_shifts: bool,
+    /// Run on the first CUDA GPU (needs a build with the `cuda` feature).
+    #[arg(long)]
+    pub cuda: bool,
     /// Also train and score the transfer baseline (joint training, then fine-tuning).
     #[arg(long)]
     pub baseline: bool,
@@ -92,10 +95,13 @@ pub fn resolve_model_path(path: &Path) -> Result<PathBuf> {
     Ok(path.to_path_buf())
 }
 
-/// Loads a meta-learning checkpoint and the experiment config stored in it.
-pub fn load_meta_model(path: &Path) -> Result<(MetaLearner, ExperimentConfig, PathBuf)> {
+/// Loads a meta-learning checkpoint onto `device` and the experiment config stored in it.
+pub fn load_meta_model(
+    path: &Path,
+    device: &candle_core::Device,
+) -> Result<(MetaLearner, ExperimentConfig, PathBuf)> {
     let path = resolve_model_path(path)?;
-    let ckpt = Checkpoint::load(&path, &candle_core::Device::Cpu)?;
+    let ckpt = Checkpoint::load(&path, device)?;
     let learner = MetaLearner::from_checkpoint(&ckpt)?;
     let config: ExperimentConfig = ckpt
         .section("experiment")
@@ -128,7 +134,8 @@ pub fn run(args: &MetaEvalArgs) -> Result<()> {
             )))
         }
     };
-    let (learner, mut config, path) = load_meta_model(&args.model)?;
+    let device = super::common::compute_device(args.cuda)?;
+    let (learner, mut config, path) = load_meta_model(&args.model, &device)?;
     let trained_ways = config.task.ways;
     if let Some(ways) = args.ways {
         config.task.ways = Some(ways);
@@ -157,10 +164,9 @@ pub fn run(args: &MetaEvalArgs) -> Result<()> {
         None => split,
     };
     let mut learner = match args.ways {
-        Some(ways) if Some(ways) != trained_ways => crate::eval::runs::learner_for_ways(
-            &Checkpoint::load(&path, &candle_core::Device::Cpu)?,
-            ways,
-        )?,
+        Some(ways) if Some(ways) != trained_ways => {
+            crate::eval::runs::learner_for_ways(&Checkpoint::load(&path, &device)?, ways)?
+        }
         _ => learner,
     };
     learner.set_test_time_shifts(args.test_time_shifts);

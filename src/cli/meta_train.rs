@@ -42,6 +42,10 @@ pub struct MetaTrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Train on the first CUDA GPU (needs a build with the `cuda` feature). Checkpoints are the
+    /// same as from the CPU and load on either.
+    #[arg(long)]
+    pub cuda: bool,
 }
 
 /// Runs `meta-train`; with the global `--threads N`, up to N tasks of a meta-batch also run in
@@ -70,18 +74,20 @@ pub fn run(args: &MetaTrainArgs, threads: Option<usize>) -> Result<()> {
         PathBuf::from("runs").join(stem)
     });
     let source = config.task_source(None)?;
+    let device = super::common::compute_device(args.cuda)?;
     let (mut learner, resumed) = if args.resume {
-        let (learner, ckpt) = resume(&out)?;
+        let (learner, ckpt) = resume(&out, &device)?;
         (learner, Some(ckpt))
     } else {
         let arch = config.architecture(&source.input_shape())?;
-        let learner = MetaLearner::new(
+        let learner = MetaLearner::new_on(
             &arch,
             config.algorithm.clone(),
             config.task_kind()?,
             OptimizerConfig::adam(config.training.outer_lr),
             config.training.seed,
             DType::F32,
+            &device,
         )?;
         (learner, None)
     };

@@ -195,15 +195,14 @@ impl MetaLearner {
         if tasks.is_empty() {
             return Err(Error::Data("empty meta-batch".into()));
         }
-        // Task sources produce f32 data; a learner in another precision converts it, as `adapt`
-        // and `predict` do.
-        let dtype = self.vars.first().map_or(DType::F32, |v| v.dtype());
+        // Task sources produce f32 data on the CPU; a learner in another precision or on a GPU
+        // converts it, as `adapt` and `predict` do.
         let converted: Vec<Task>;
-        let tasks = if tasks.iter().all(|t| t.support.0.dtype() == dtype) {
+        let tasks = if tasks.iter().all(|t| self.holds(&t.support.0)) {
             tasks
         } else {
             let cast = |(x, y): &(Tensor, Tensor)| -> Result<(Tensor, Tensor)> {
-                Ok((x.to_dtype(dtype)?, y.to_dtype(dtype)?))
+                Ok((self.bring(x)?, self.bring(y)?))
             };
             converted = tasks
                 .iter()
@@ -224,14 +223,18 @@ impl MetaLearner {
                 .meta_train_step(&self.network, &meta, tasks, self.task_kind);
         }
         let chunk = tasks.len().div_ceil(workers);
-        let parts: Vec<(usize, crate::meta::MetaStep)> = tasks
-            .par_chunks(chunk)
-            .map(|c| {
-                self.algorithm
-                    .meta_train_step(&self.network, &meta, c, self.task_kind)
-                    .map(|s| (c.len(), s))
-            })
-            .collect::<Result<_>>()?;
+        let step = |c: &[Task]| {
+            self.algorithm
+                .meta_train_step(&self.network, &meta, c, self.task_kind)
+                .map(|s| (c.len(), s))
+        };
+        // A GPU runs each chunk's operations in parallel itself; there the chunks run one after
+        // another, which bounds the memory of the gradient graph to one chunk's.
+        let parts: Vec<(usize, crate::meta::MetaStep)> = if self.device().is_cpu() {
+            tasks.par_chunks(chunk).map(step).collect::<Result<_>>()?
+        } else {
+            tasks.chunks(chunk).map(step).collect::<Result<_>>()?
+        };
         let total = tasks.len() as f64;
         let mut loss = 0.0;
         let mut grads: Vec<Option<Tensor>> = vec![None; parts[0].1.grads.len()];
@@ -257,13 +260,36 @@ impl MetaLearner {
         })
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> Device {
+        self.vars
+            .first()
+            .map_or(Device::Cpu, |v| v.as_tensor().device().clone())
+    }
+
+    fn dtype(&self) -> DType {
+        self.vars.first().map_or(DType::F32, |v| v.dtype())
+    }
+
+    /// Whether `t` already has the weights' precision and device.
+    fn holds(&self, t: &Tensor) -> bool {
+        t.dtype() == self.dtype() && t.device().same_device(&self.device())
+    }
+
+    /// `t` in the weights' precision, on their device.
+    fn bring(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.to_device(&self.device())?.to_dtype(self.dtype())?)
+    }
+
     /// Switches test-time augmentation by one-pixel shifts on or off for `adapt` and `predict`
     /// (used by ProtoNet; other algorithms ignore it). Off by default.
     pub fn set_test_time_shifts(&mut self, on: bool) {
         self.test_time_shifts = on;
     }
 
-    /// Sets into how many chunks the meta-batch is split to run in parallel (default 1).
+    /// Sets into how many chunks the meta-batch is split (default 1). On the CPU the chunks run
+    /// in parallel; on a GPU one after another, so that only one chunk's gradient graph is held
+    /// in GPU memory at a time.
     pub fn set_threads(&mut self, threads: usize) {
         self.threads = threads.max(1);
     }
@@ -272,9 +298,8 @@ impl MetaLearner {
     /// steps).
     pub fn adapt(&self, support: (&Tensor, &Tensor), steps: Option<usize>) -> Result<Adapted> {
         let steps = steps.unwrap_or(self.algorithm_config.eval_inner_steps);
-        let dtype = self.vars.first().map_or(DType::F32, |v| v.dtype());
-        let x = support.0.to_dtype(dtype)?;
-        let y = support.1.to_dtype(dtype)?;
+        let x = self.bring(support.0)?;
+        let y = self.bring(support.1)?;
         self.algorithm.adapt(
             &self.network,
             &self.meta_params(),
@@ -290,12 +315,11 @@ impl MetaLearner {
 
     /// Predictions (regression values or class logits) for `x` after adaptation.
     pub fn predict(&self, adapted: &Adapted, x: &Tensor) -> Result<Tensor> {
-        let dtype = self.vars.first().map_or(DType::F32, |v| v.dtype());
         self.algorithm.predict(
             &self.network,
             &self.meta_params(),
             adapted,
-            &x.to_dtype(dtype)?,
+            &self.bring(x)?,
             &EvalState {
                 running_stats: Some(&self.buffers),
                 test_time_shifts: self.test_time_shifts,
@@ -315,7 +339,8 @@ impl MetaLearner {
     pub fn evaluate_task(&self, task: &Task, steps: Option<usize>) -> Result<f64> {
         let adapted = self.adapt((&task.support.0, &task.support.1), steps)?;
         let pred = self.predict(&adapted, &task.query.0)?;
-        self.metric().compute(&pred, &task.query.1, 0.5)
+        self.metric()
+            .compute(&pred, &self.bring(&task.query.1)?, 0.5)
     }
 
     /// The learner as a checkpoint: weights, running statistics, Meta-SGD rates and optimiser

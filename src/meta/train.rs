@@ -196,8 +196,9 @@ fn restore_rng(state: &LoopState) -> Result<ChaCha8Rng> {
     Ok(rng)
 }
 
-/// Loads the learner and loop state from `<dir>/latest.safetensors` to continue training.
-pub fn resume(dir: &Path) -> Result<(MetaLearner, Checkpoint)> {
+/// Loads the learner (onto `device`) and loop state from `<dir>/latest.safetensors` to continue
+/// training.
+pub fn resume(dir: &Path, device: &candle_core::Device) -> Result<(MetaLearner, Checkpoint)> {
     let path = dir.join(LATEST_FILE);
     if !path.exists() {
         return Err(Error::Config(format!(
@@ -206,7 +207,7 @@ pub fn resume(dir: &Path) -> Result<(MetaLearner, Checkpoint)> {
             dir.display()
         )));
     }
-    let ckpt = Checkpoint::load(&path, &candle_core::Device::Cpu)?;
+    let ckpt = Checkpoint::load(&path, device)?;
     let learner = MetaLearner::from_checkpoint(&ckpt)?;
     Ok((learner, ckpt))
 }

@@ -467,20 +467,16 @@ fn conv2d(
     padding: usize,
     batched: bool,
 ) -> Result<Tensor> {
-    if !batched {
-        let y = x.conv2d(w, padding, stride, 1, 1)?;
-        return Ok(y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?);
-    }
-    // Tasks become convolution groups: x [T, n, c, h, w] -> [n, T*c, h, w],
-    // w [T, o, c, k, k] -> [T*o, c, k, k].
-    let (t, n, c, h, wd) = x.dims5()?;
-    let (_, o, _, k, _) = w.dims5()?;
-    let xg = x.transpose(0, 1)?.reshape((n, t * c, h, wd))?;
-    let wg = w.reshape((t * o, c, k, k))?;
-    let y = xg.conv2d(&wg, padding, stride, 1, t)?;
-    let (_, _, oh, ow) = y.dims4()?;
-    let y = y.reshape((n, t, o, oh, ow))?.transpose(0, 1)?;
-    Ok(y.broadcast_add(&b.reshape((t, 1, o, 1, 1))?)?)
+    // Shifted slices and one matrix product: exact to any order on every device, where candle's
+    // own conv2d runs out of memory in second-order MAML (see `ops::conv2d`).
+    let y = crate::nn::ops::conv2d(x, w, stride, padding)?;
+    let o = w.dim(if batched { 1 } else { 0 })?;
+    let bias_shape: &[usize] = if batched {
+        &[b.dim(0)?, 1, o, 1, 1]
+    } else {
+        &[1, o, 1, 1]
+    };
+    Ok(y.broadcast_add(&b.reshape(bias_shape)?)?)
 }
 
 fn batch_norm(

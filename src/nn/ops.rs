@@ -76,3 +76,107 @@ pub fn one_hot(labels: &Tensor, classes: usize, dtype: DType) -> Result<Tensor> 
     }
     Ok(Tensor::from_vec(values, (ids.len(), classes), labels.device())?.to_dtype(dtype)?)
 }
+
+/// 2-D convolution (no bias) as one matrix product: every output pixel's `k x k x c` patch is
+/// gathered into a row from `k * k` shifted slices of the zero-padded input, and the rows are
+/// multiplied by the flattened kernels.
+///
+/// Shapes: `x [n, c, h, w]` with `w [o, c, k, k]` gives `[n, o, oh, ow]`; task-batched,
+/// `x [t, n, c, h, w]` with `w [t, o, c, k, k]` gives `[t, n, o, oh, ow]` (task `i`'s images
+/// with task `i`'s kernels).
+///
+/// Slicing, stacking and matrix products have backward passes made of the same operations, so
+/// gradients through this are exact to any order at a bounded memory cost. candle's own
+/// `conv2d` computes the kernel gradient as a convolution with the image-sized gradient as its
+/// kernel; differentiated again, as second-order MAML does, that allocates patch matrices of
+/// the image size squared (tens of GB for a Conv-4 meta-batch).
+pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    let rank = x.rank();
+    if !((rank == 4 || rank == 5) && w.rank() == rank) {
+        return Err(Error::Shape(format!(
+            "conv2d needs input [n, c, h, w] with kernels [o, c, k, k], or both with a leading \
+             task dimension; got input {:?} and kernels {:?}",
+            x.dims(),
+            w.dims()
+        )));
+    }
+    let (xd, wd) = (x.dims(), w.dims());
+    let (c, h, width) = (xd[rank - 3], xd[rank - 2], xd[rank - 1]);
+    let (o, kc, k) = (wd[rank - 4], wd[rank - 3], wd[rank - 2]);
+    let leading_match = rank == 4 || xd[0] == wd[0];
+    if kc != c || wd[rank - 1] != k || !leading_match || stride == 0 {
+        return Err(Error::Shape(format!(
+            "conv2d: kernels {wd:?} do not fit input {xd:?} (stride {stride})"
+        )));
+    }
+    let (padded_h, padded_w) = (h + 2 * padding, width + 2 * padding);
+    if padded_h < k || padded_w < k {
+        return Err(Error::Shape(format!(
+            "conv2d: the {k}x{k} kernel is larger than the {padded_h}x{padded_w} padded input"
+        )));
+    }
+    let (oh, ow) = ((padded_h - k) / stride + 1, (padded_w - k) / stride + 1);
+    // Channels last: [lead.., h, w, c], so that a patch is contiguous along the row.
+    let (h_dim, w_dim) = (rank - 3, rank - 2);
+    let mut xl = if rank == 4 {
+        x.permute((0, 2, 3, 1))?
+    } else {
+        x.permute((0, 1, 3, 4, 2))?
+    };
+    if padding > 0 {
+        xl = xl
+            .pad_with_zeros(h_dim, padding, padding)?
+            .pad_with_zeros(w_dim, padding, padding)?;
+    }
+    let mut shifts = Vec::with_capacity(k * k);
+    for i in 0..k {
+        for j in 0..k {
+            let slice = xl.narrow(h_dim, i, (oh - 1) * stride + 1)?.narrow(
+                w_dim,
+                j,
+                (ow - 1) * stride + 1,
+            )?;
+            let slice = every_nth(&every_nth(&slice, h_dim, stride, oh)?, w_dim, stride, ow)?;
+            shifts.push(slice.contiguous()?);
+        }
+    }
+    // [lead.., oh, ow, c, k*k]: the column order of the kernels flattened as [o, c*k*k].
+    let patches = Tensor::stack(&shifts, rank)?;
+    let lead = &xd[..rank - 3];
+    let images: usize = lead[rank - 4..].iter().product::<usize>() * oh * ow;
+    let (rows, kernels) = if rank == 4 {
+        (
+            patches.reshape((images, c * k * k))?,
+            w.reshape((o, c * k * k))?.t()?,
+        )
+    } else {
+        (
+            patches.reshape((xd[0], images, c * k * k))?,
+            w.reshape((xd[0], o, c * k * k))?.transpose(1, 2)?,
+        )
+    };
+    let mut out_shape = lead.to_vec();
+    out_shape.extend([oh, ow, o]);
+    let y = rows.matmul(&kernels)?.reshape(out_shape)?;
+    Ok(if rank == 4 {
+        y.permute((0, 3, 1, 2))?
+    } else {
+        y.permute((0, 1, 4, 2, 3))?
+    })
+}
+
+/// Every `step`-th entry along `dim`, `count` of them, of a tensor holding `(count - 1) * step
+/// + 1` entries there.
+fn every_nth(x: &Tensor, dim: usize, step: usize, count: usize) -> Result<Tensor> {
+    if step == 1 {
+        return Ok(x.clone());
+    }
+    let padded = x.pad_with_zeros(dim, 0, step - 1)?;
+    let mut split: Vec<usize> = padded.dims().to_vec();
+    split[dim] = count;
+    split.insert(dim + 1, step);
+    Ok(padded
+        .reshape(split)?
+        .narrow(dim + 1, 0, 1)?
+        .squeeze(dim + 1)?)
+}
