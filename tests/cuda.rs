@@ -79,18 +79,10 @@ fn regression_tasks(count: usize, dtype: DType) -> Result<Vec<Task>> {
 }
 
 fn to_device(tasks: &[Task], device: &Device) -> Result<Vec<Task>> {
-    tasks
+    Ok(tasks
         .iter()
-        .map(|t| {
-            Ok(Task {
-                support: (
-                    t.support.0.to_device(device)?,
-                    t.support.1.to_device(device)?,
-                ),
-                query: (t.query.0.to_device(device)?, t.query.1.to_device(device)?),
-            })
-        })
-        .collect()
+        .map(|t| t.to_device(device))
+        .collect::<metalearn::Result<_>>()?)
 }
 
 /// One SGD(lr 1) meta-step on `device`: the loss and every weight's move, flattened, in f64.

@@ -259,16 +259,5 @@ fn move_tasks(tasks: Vec<Task>, device: &Device) -> Result<Vec<Task>> {
     if device.is_cpu() {
         return Ok(tasks);
     }
-    tasks
-        .into_iter()
-        .map(|t| {
-            Ok(Task {
-                support: (
-                    t.support.0.to_device(device)?,
-                    t.support.1.to_device(device)?,
-                ),
-                query: (t.query.0.to_device(device)?, t.query.1.to_device(device)?),
-            })
-        })
-        .collect()
+    tasks.iter().map(|t| t.to_device(device)).collect()
 }

@@ -201,17 +201,9 @@ impl MetaLearner {
         let tasks = if tasks.iter().all(|t| self.holds(&t.support.0)) {
             tasks
         } else {
-            let cast = |(x, y): &(Tensor, Tensor)| -> Result<(Tensor, Tensor)> {
-                Ok((self.bring(x)?, self.bring(y)?))
-            };
             converted = tasks
                 .iter()
-                .map(|t| {
-                    Ok(Task {
-                        support: cast(&t.support)?,
-                        query: cast(&t.query)?,
-                    })
-                })
+                .map(|t| t.map(|x| self.bring(x)))
                 .collect::<Result<_>>()?;
             &converted
         };

@@ -21,6 +21,21 @@ pub struct Task {
     pub query: (Tensor, Tensor),
 }
 
+impl Task {
+    /// The task with every tensor passed through `convert` (a change of device or precision).
+    pub fn map(&self, convert: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Task> {
+        Ok(Task {
+            support: (convert(&self.support.0)?, convert(&self.support.1)?),
+            query: (convert(&self.query.0)?, convert(&self.query.1)?),
+        })
+    }
+
+    /// The task with its tensors on `device`.
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<Task> {
+        self.map(|t| Ok(t.to_device(device)?))
+    }
+}
+
 /// Whether tasks are regression or N-way classification problems.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "type")]
