@@ -25,7 +25,7 @@ pub struct EvalRunsArgs {
     #[arg(long)]
     pub steps: Option<usize>,
     /// Test-time augmentation for ProtoNet models: embed every image as the mean embedding of
-    /// the image and its copies shifted by one pixel left, right, up and down.
+    /// the image and its eight copies shifted by one pixel (diagonals included).
     #[arg(long)]
     pub test_time_shifts: bool,
     /// Print one JSON object with the results as the last line of stdout.

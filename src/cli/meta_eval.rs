@@ -55,7 +55,7 @@ pub struct MetaEvalArgs {
     #[arg(long, value_delimiter = ',')]
     pub test_alphabets: Option<Vec<String>>,
     /// Test-time augmentation for ProtoNet models: embed every image as the mean embedding of
-    /// the image and its copies shifted by one pixel left, right, up and down.
+    /// the image and its eight copies shifted by one pixel (diagonals included).
     #[arg(long)]
     pub test_time_shifts: bool,
     /// Run on the first CUDA GPU (needs a build with the `cuda` feature).

@@ -50,24 +50,41 @@ fn ways_of(kind: TaskKind) -> Result<usize> {
     }
 }
 
-/// The image batch `x` (`[n, c, h, w]`) followed by its copies shifted by one pixel right,
-/// left, down and up (zeros fill the uncovered edge): `[5n, c, h, w]`.
+/// The offsets (rows down, columns right) of the copies [`shifted_copies`] makes: the image
+/// itself, then its eight one-pixel shifts, diagonals included.
+pub const SHIFTS: [(i32, i32); 9] = [
+    (0, 0),
+    (0, 1),
+    (0, -1),
+    (1, 0),
+    (-1, 0),
+    (1, 1),
+    (1, -1),
+    (-1, 1),
+    (-1, -1),
+];
+
+/// The image batch `x` (`[n, c, h, w]`) followed by its copies shifted by each offset of
+/// [`SHIFTS`] after the first (zeros fill the uncovered edge): `[9n, c, h, w]`.
 pub fn shifted_copies(x: &Tensor) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
-    Ok(Tensor::cat(
-        &[
-            x.clone(),
-            x.pad_with_zeros(3, 1, 0)?.narrow(3, 0, w)?,
-            x.pad_with_zeros(3, 0, 1)?.narrow(3, 1, w)?,
-            x.pad_with_zeros(2, 1, 0)?.narrow(2, 0, h)?,
-            x.pad_with_zeros(2, 0, 1)?.narrow(2, 1, h)?,
-        ],
-        0,
-    )?)
+    // `by` pixels along `dim` (of length `len`): +1 moves the content down or right.
+    let shift = |t: &Tensor, dim: usize, by: i32, len: usize| -> Result<Tensor> {
+        Ok(match by {
+            1 => t.pad_with_zeros(dim, 1, 0)?.narrow(dim, 0, len)?,
+            -1 => t.pad_with_zeros(dim, 0, 1)?.narrow(dim, 1, len)?,
+            _ => t.clone(),
+        })
+    };
+    let copies = SHIFTS
+        .iter()
+        .map(|&(down, right)| shift(&shift(x, 2, down, h)?, 3, right, w))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&copies, 0)?)
 }
 
 /// Embeddings `[n, d]` of `x` at evaluation time; with test-time shifts (image inputs only),
-/// each is the mean embedding of the image and its four one-pixel shifts.
+/// each is the mean embedding of the image and its eight one-pixel shifts.
 fn eval_embedding(
     net: &Network,
     weights: &crate::nn::params::ParamSet,
@@ -81,7 +98,7 @@ fn eval_embedding(
     let n = x.dim(0)?;
     let e = flatten_embedding(net.forward(weights, &shifted_copies(x)?, &mut ctx)?)?;
     let dim = e.dim(1)?;
-    Ok(e.reshape((5, n, dim))?.mean(0)?)
+    Ok(e.reshape((SHIFTS.len(), n, dim))?.mean(0)?)
 }
 
 fn flatten_embedding(e: Tensor) -> Result<Tensor> {
@@ -179,8 +196,8 @@ mod tests {
         values[4] = 1.0;
         let x = Tensor::from_vec(values, (1, 1, 3, 3), &Device::Cpu).unwrap();
         let copies = shifted_copies(&x).unwrap();
-        assert_eq!(copies.dims(), &[5, 1, 3, 3]);
-        let ink_at = |k: usize| -> usize {
+        assert_eq!(copies.dims(), &[9, 1, 3, 3]);
+        for (k, &(down, right)) in SHIFTS.iter().enumerate() {
             let v = copies
                 .get(k)
                 .unwrap()
@@ -188,9 +205,10 @@ mod tests {
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap();
-            v.iter().position(|&p| p == 1.0).unwrap()
-        };
-        // Unshifted, right, left, down, up (row-major offsets in the 3x3 image).
-        assert_eq!([0, 1, 2, 3, 4].map(ink_at), [4, 5, 3, 7, 1]);
+            // The ink moves from the centre (1, 1) by the offset, row-major in the 3x3 image.
+            let expected = ((1 + down) * 3 + 1 + right) as usize;
+            assert_eq!(v.iter().position(|&p| p == 1.0), Some(expected), "copy {k}");
+            assert_eq!(v.iter().filter(|&&p| p != 0.0).count(), 1, "copy {k}");
+        }
     }
 }
