@@ -138,6 +138,19 @@ eval_inner_steps = 2
     path
 }
 
+/// The `eval-runs` command line for `model` on `runs`, followed by `extra`.
+fn eval_runs_args<'a>(model: &'a Path, runs: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "eval-runs",
+        "--model",
+        model.to_str().unwrap(),
+        "--runs",
+        runs.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 #[test]
 fn runs_format_is_read_with_sorted_classes_and_answers() {
     let dir = tempfile::tempdir().unwrap();
@@ -166,14 +179,7 @@ fn protonet_matches_exact_copies_and_any_ways_work() {
     // Meta-trained for 5 ways: ProtoNet has no head, so 20-way runs are fine.
     let model = checkpoint(dir.path(), "protonet", "conv4", 5);
     let json = last_json(&run_ok_in(
-        &[
-            "eval-runs",
-            "--model",
-            model.to_str().unwrap(),
-            "--runs",
-            runs.to_str().unwrap(),
-            "--json",
-        ],
+        &eval_runs_args(&model, &runs, &["--json"]),
         None,
     ));
     // Every test image is a copy of its class's training image: nearest prototype is exact.
@@ -185,15 +191,7 @@ fn protonet_matches_exact_copies_and_any_ways_work() {
 
     // Test-time shifts embed a copy exactly as its original, so copies still match.
     let json = last_json(&run_ok_in(
-        &[
-            "eval-runs",
-            "--model",
-            model.to_str().unwrap(),
-            "--runs",
-            runs.to_str().unwrap(),
-            "--test-time-shifts",
-            "--json",
-        ],
+        &eval_runs_args(&model, &runs, &["--test-time-shifts", "--json"]),
         None,
     ));
     assert_eq!(json["error_percent"], 0.0, "{json}");
@@ -203,30 +201,14 @@ fn protonet_matches_exact_copies_and_any_ways_work() {
     let wrong = dir.path().join("wrong");
     write_runs(&wrong, 2, true);
     let json = last_json(&run_ok_in(
-        &[
-            "eval-runs",
-            "--model",
-            model.to_str().unwrap(),
-            "--runs",
-            wrong.to_str().unwrap(),
-            "--json",
-        ],
+        &eval_runs_args(&model, &wrong, &["--json"]),
         None,
     ));
     assert_eq!(json["error_percent"], 100.0, "{json}");
     assert_eq!(json["per_run"], serde_json::json!([100.0, 100.0]));
 
     // The text output lists each run and the mean.
-    let text = run_ok_in(
-        &[
-            "eval-runs",
-            "--model",
-            model.to_str().unwrap(),
-            "--runs",
-            runs.to_str().unwrap(),
-        ],
-        None,
-    );
+    let text = run_ok_in(&eval_runs_args(&model, &runs, &[]), None);
     assert!(
         text.contains("run03: 0.0% error") && text.contains("mean error"),
         "{text}"
@@ -239,30 +221,12 @@ fn maml_family_needs_a_twenty_way_checkpoint() {
     let runs = dir.path().join("runs");
     write_runs(&runs, 2, false);
     let five = checkpoint(dir.path(), "maml", "mlp", 5);
-    let err = run_err_in(
-        &[
-            "eval-runs",
-            "--model",
-            five.to_str().unwrap(),
-            "--runs",
-            runs.to_str().unwrap(),
-        ],
-        None,
-    );
+    let err = run_err_in(&eval_runs_args(&five, &runs, &[]), None);
     assert!(err.contains("5-way") && err.contains("20"), "{err}");
 
     let twenty = checkpoint(dir.path(), "maml", "mlp", 20);
     let json = last_json(&run_ok_in(
-        &[
-            "eval-runs",
-            "--model",
-            twenty.to_str().unwrap(),
-            "--runs",
-            runs.to_str().unwrap(),
-            "--steps",
-            "1",
-            "--json",
-        ],
+        &eval_runs_args(&twenty, &runs, &["--steps", "1", "--json"]),
         None,
     ));
     let per_run: Vec<f64> = json["per_run"]
@@ -319,18 +283,7 @@ fn library_api_scores_runs_from_a_zip() {
 fn malformed_runs_are_errors_naming_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let model = checkpoint(dir.path(), "protonet", "conv4", 5);
-    let run_eval = |runs: &Path| {
-        run_err_in(
-            &[
-                "eval-runs",
-                "--model",
-                model.to_str().unwrap(),
-                "--runs",
-                runs.to_str().unwrap(),
-            ],
-            None,
-        )
-    };
+    let run_eval = |runs: &Path| run_err_in(&eval_runs_args(&model, runs, &[]), None);
 
     // Missing class_labels.txt.
     let missing_labels = dir.path().join("missing_labels");
