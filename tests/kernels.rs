@@ -11,6 +11,7 @@ use rand::Rng;
 
 use common::{autodiff_gradient, check_gradient, hessian_vector_product, values, Point};
 use metalearn::kernels::conv::{im2col_rows, Col2Im, ConvGeometry};
+use metalearn::kernels::fused::ConvRows;
 use metalearn::kernels::norm::channel_moments;
 use metalearn::kernels::pool::{max_pool_rows, PoolGeometry};
 use metalearn::kernels::with_kernels;
@@ -393,6 +394,105 @@ fn fused_first_order_gradients_match_finite_differences() -> Result<()> {
     Ok(())
 }
 
+/// The objective on fixed images that get no gradient (the input of the point is ignored), so
+/// that the fused path runs the first block as one kernel on them.
+fn objective_on_images<'a>(
+    path: Path,
+    net: &'a Network,
+    target: &'a Tensor,
+    running: Option<&'a ParamSet>,
+    images: &'a Tensor,
+) -> impl Fn(&ParamSet, &Tensor) -> metalearn::Result<Tensor> + 'a {
+    move |params, _| {
+        let out = forward_on(path, net, params, images, running, None)?;
+        Loss::Mse.compute(&out, target)
+    }
+}
+
+/// The first block (convolution, batch-norm, ReLU, max-pool) on images without gradient runs
+/// as one kernel on the fused path: values, batch statistics and parameter gradients against
+/// the reference, with batch and running statistics, plain and task-batched; its gradients
+/// against finite differences.
+#[test]
+fn first_block_kernel_matches_the_reference() -> Result<()> {
+    metalearn::runtime::init();
+    for (i, s) in SHAPES.iter().enumerate() {
+        let seed = 450 + i as u64;
+        let net = network(s);
+        for tasks in [None, Some(2)] {
+            let (params, lead) = match tasks {
+                None => (common::generic_params(&net, seed), vec![s.batch]),
+                Some(t) => (
+                    task_params(&common::generic_params(&net, seed), t, seed + 5),
+                    vec![t, s.batch],
+                ),
+            };
+            // Images away from zero mean, as pixel data is.
+            let x = input(s, &lead, seed).affine(0.5, 2.0)?;
+            let mut target_shape = lead.clone();
+            target_shape.push(3);
+            let target = common::normal(&mut common::rng(seed + 1), &target_shape);
+            let running = running_stats(&net, seed + 2);
+            let runnings = if tasks.is_some() {
+                vec![None]
+            } else {
+                vec![None, Some(&running)]
+            };
+            for running in runnings {
+                let label = format!("{s:?} tasks={tasks:?} running={}", running.is_some());
+                let (mut ref_stats, mut stats) = (Vec::new(), Vec::new());
+                let reference = values(&forward_on(
+                    Path::Reference,
+                    &net,
+                    &params,
+                    &x,
+                    running,
+                    Some(&mut ref_stats),
+                )?);
+                let out = values(&forward_on(
+                    Path::Fused,
+                    &net,
+                    &params,
+                    &x,
+                    running,
+                    Some(&mut stats),
+                )?);
+                let diff = max_difference(&out, &reference);
+                ensure!(
+                    diff < 1e-10 * scale_of(&reference),
+                    "{label}: outputs differ by {diff:e}"
+                );
+                ensure!(stats.len() == ref_stats.len(), "{label}: statistics count");
+                for ((name, a), (_, b)) in stats.iter().zip(&ref_stats) {
+                    let (a, b) = (values(a), values(b));
+                    let diff = max_difference(&a, &b);
+                    ensure!(
+                        diff < 1e-10 * scale_of(&b),
+                        "{label}: {name} differs by {diff:e}"
+                    );
+                }
+                let point = Point::new(&params, &x);
+                let reference_grad = autodiff_gradient(
+                    &objective_on_images(Path::Reference, &net, &target, running, &x),
+                    &point,
+                );
+                let fused = objective_on_images(Path::Fused, &net, &target, running, &x);
+                let grad = autodiff_gradient(&fused, &point);
+                let diff = max_difference(&grad, &reference_grad);
+                ensure!(
+                    diff < 1e-9 * scale_of(&reference_grad),
+                    "{label}: gradients differ by {diff:e} (largest {:e})",
+                    scale_of(&reference_grad)
+                );
+                if i < 3 && tasks.is_none() {
+                    check_gradient(&label, &fused, &point)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn col2im_is_the_adjoint_of_im2col() -> Result<()> {
     for (i, s) in SHAPES.iter().enumerate() {
@@ -416,6 +516,70 @@ fn col2im_is_the_adjoint_of_im2col() -> Result<()> {
             (lhs - rhs).abs() < 1e-10 * lhs.abs().max(1.0),
             "{s:?}: ⟨im2col x, c⟩ = {lhs} but ⟨x, col2im c⟩ = {rhs}"
         );
+    }
+    Ok(())
+}
+
+/// The fused convolution on the shapes that take Winograd's F(2×2, 3×3) (3×3 kernel, stride 1,
+/// four or more channels; odd and non-square images, all paddings it takes, several tasks) and
+/// on thinner ones beside them: values and gradients of input and weight against patch rows
+/// times the weight, in f64 (to rounding) and in f32.
+#[test]
+fn fused_convolution_matches_patch_products_on_winograd_shapes() -> Result<()> {
+    // (images per task, height, width, channels, filters, padding, tasks)
+    let cases = [
+        (2, 7, 9, 4, 5, 1, 1),
+        (3, 5, 4, 6, 4, 0, 2),
+        (1, 3, 3, 5, 7, 2, 3),
+        (2, 8, 6, 9, 4, 1, 2),
+        (2, 1, 2, 4, 4, 2, 1),
+        (2, 6, 5, 3, 6, 1, 1),
+    ];
+    for (i, &(per_task, height, width, channels, filters, padding, tasks)) in
+        cases.iter().enumerate()
+    {
+        let g = ConvGeometry {
+            images: per_task * tasks,
+            height,
+            width,
+            channels,
+            kernel: 3,
+            stride: 1,
+            padding,
+        };
+        let pixels = g.out_height() * g.out_width();
+        let mut rng = common::rng(900 + i as u64);
+        let x = common::normal(&mut rng, &[tasks, per_task * height * width, channels]);
+        let w = common::normal(&mut rng, &[tasks, g.patch_len(), filters]);
+        let probe = common::normal(&mut rng, &[tasks, per_task * pixels, filters]);
+        for dtype in [DType::F64, DType::F32] {
+            let tolerance = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+            let run = |fused: bool| -> Result<Vec<Vec<f64>>> {
+                let xv = candle_core::Var::from_tensor(&x.to_dtype(dtype)?)?;
+                let wv = candle_core::Var::from_tensor(&w.to_dtype(dtype)?)?;
+                let y = if fused {
+                    xv.as_tensor().apply_op2(wv.as_tensor(), ConvRows(g))?
+                } else {
+                    im2col_rows(xv.as_tensor(), g)?.matmul(wv.as_tensor())?
+                };
+                let loss = y.mul(&probe.to_dtype(dtype)?)?.sum_all()?;
+                let grads = loss.backward()?;
+                let dx = grads.get(xv.as_tensor()).expect("input gradient");
+                let dw = grads.get(wv.as_tensor()).expect("weight gradient");
+                Ok(vec![values(&y), values(dx), values(dw)])
+            };
+            let (fused, reference) = (run(true)?, run(false)?);
+            for (what, (a, b)) in ["output", "input gradient", "weight gradient"]
+                .iter()
+                .zip(fused.iter().zip(&reference))
+            {
+                let diff = max_difference(a, b);
+                ensure!(
+                    diff <= tolerance * scale_of(b),
+                    "case {i} {g:?} {dtype:?}: {what} differs by {diff:e}"
+                );
+            }
+        }
     }
     Ok(())
 }

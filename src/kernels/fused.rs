@@ -15,21 +15,26 @@ use rayon::prelude::*;
 
 use crate::kernels::conv::{col2im_add, im2col_into, ConvGeometry};
 use crate::kernels::pool::PoolGeometry;
+use crate::kernels::winograd;
 use crate::kernels::{contiguous_slice, with_float};
 
 /// Output rows a convolution chunk aims for: enough for an efficient GEMM, few enough that
 /// the chunk's patch matrix stays in cache.
 const CHUNK_ROWS: usize = 256;
 
+/// Output tiles a Winograd chunk aims for (its transformed inputs and products, 16 values per
+/// tile and channel, stay in the core's cache).
+const WINOGRAD_CHUNK_TILES: usize = 64;
+
 /// Parallel sums are split into this many fixed groups, each summed in order and then added in
 /// group order, so results do not depend on the thread count or on scheduling (rayon's
 /// fold/reduce split adaptively, and their float sums changed from run to run).
-const REDUCTION_GROUPS: usize = 16;
+pub(crate) const REDUCTION_GROUPS: usize = 16;
 
 /// `dst[m×n] (+)= a[m×k] · b[k×n]`, single-threaded (callers parallelise over chunks). Each
 /// matrix is given by its pointer, row stride and column stride.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_into<T: WithDType>(
+pub(crate) unsafe fn gemm_into<T: WithDType>(
     (m, n, k): (usize, usize, usize),
     dst: *mut T,
     dst_rs: usize,
@@ -61,7 +66,10 @@ unsafe fn gemm_into<T: WithDType>(
 }
 
 /// Runs `f` on the contiguous CPU data of `t` as `&[T]`.
-fn with_data<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> candle_core::Result<R> {
+pub(crate) fn with_data<T: WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> R,
+) -> candle_core::Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
@@ -72,10 +80,16 @@ fn with_data<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> candle_c
     }
 }
 
-/// Contiguous image ranges `(task, first image, count)` that never cross a task boundary.
-fn chunks(images: usize, tasks: usize, rows_per_image: usize) -> Vec<(usize, usize, usize)> {
+/// Contiguous image ranges `(task, first image, count)` that never cross a task boundary, each
+/// of about `target_rows` rows.
+fn chunks(
+    images: usize,
+    tasks: usize,
+    rows_per_image: usize,
+    target_rows: usize,
+) -> Vec<(usize, usize, usize)> {
     let per_task = images / tasks;
-    let per_chunk = (CHUNK_ROWS / rows_per_image.max(1)).clamp(1, per_task.max(1));
+    let per_chunk = (target_rows / rows_per_image.max(1)).clamp(1, per_task.max(1));
     let mut out = Vec::new();
     for task in 0..tasks {
         let mut first = task * per_task;
@@ -126,9 +140,12 @@ impl ConvRows {
 
     fn forward<T: WithDType>(&self, x: &[T], w: &[T], tasks: usize, filters: usize) -> Vec<T> {
         let g = &self.0;
+        if winograd::applies(g) {
+            return winograd_convolution(g, x, w, tasks, filters);
+        }
         let (pixels, kc) = (g.out_height() * g.out_width(), g.patch_len());
         let mut out = vec![T::zero(); g.images * pixels * filters];
-        let parts = chunks(g.images, tasks, pixels);
+        let parts = chunks(g.images, tasks, pixels, CHUNK_ROWS);
         let slices = split_lengths(&mut out, parts.iter().map(|c| c.2 * pixels * filters));
         parts
             .into_par_iter()
@@ -165,8 +182,12 @@ impl ConvRows {
         let g = &self.0;
         let (pixels, kc) = (g.out_height() * g.out_width(), g.patch_len());
         let image_len = g.height * g.width * g.channels;
-        let parts = chunks(g.images, tasks, pixels);
+        let parts = chunks(g.images, tasks, pixels, CHUNK_ROWS);
         let dx = want_x.then(|| {
+            if let Some(wino) = winograd::input_gradient_geometry(g, filters) {
+                let flipped = winograd::flipped_weights(w, tasks, g.channels, filters);
+                return winograd_convolution(&wino, grad, &flipped, tasks, g.channels);
+            }
             let mut dx = vec![T::zero(); g.images * image_len];
             let slices = split_lengths(&mut dx, parts.iter().map(|c| c.2 * image_len));
             parts
@@ -227,6 +248,35 @@ impl ConvRows {
             .unwrap_or_else(|| vec![T::zero(); dw_len]);
         (dx, dw)
     }
+}
+
+/// A 3×3 stride-1 convolution of image rows `x` with the weight `w` (`[tasks][9·c][filters]`)
+/// by Winograd's F(2×2, 3×3), in parallel over chunks of images.
+fn winograd_convolution<T: WithDType>(
+    g: &ConvGeometry,
+    x: &[T],
+    w: &[T],
+    tasks: usize,
+    filters: usize,
+) -> Vec<T> {
+    let u = winograd::transform_weights(w, tasks, g.channels, filters);
+    let pixels = g.out_height() * g.out_width();
+    let mut out = vec![T::zero(); g.images * pixels * filters];
+    let parts = chunks(
+        g.images,
+        tasks,
+        winograd::tiles_per_image(g),
+        WINOGRAD_CHUNK_TILES,
+    );
+    let slices = split_lengths(&mut out, parts.iter().map(|c| c.2 * pixels * filters));
+    parts
+        .into_par_iter()
+        .zip(slices)
+        .for_each(|((task, first, count), dst)| {
+            let u_task = &u[task * 16 * g.channels * filters..];
+            winograd::convolve_images(g, x, u_task, filters, (first, count), dst);
+        });
+    out
 }
 
 impl CustomOp2 for ConvRows {
@@ -300,17 +350,17 @@ pub struct BnPoolRelu {
 }
 
 /// Per-channel constants of one task: `z = y · a + b` is the normalised, scaled, shifted value.
-struct TaskAffine<T> {
-    a: Vec<T>,
+pub(crate) struct TaskAffine<T> {
+    pub(crate) a: Vec<T>,
     b: Vec<T>,
 }
 
 impl BnPoolRelu {
-    fn tasks(&self) -> usize {
+    pub(crate) fn tasks(&self) -> usize {
         self.mean.len() / self.pool.channels.max(1)
     }
 
-    fn affine<T: WithDType>(&self, gamma: &[f64], beta: &[f64]) -> Vec<TaskAffine<T>> {
+    pub(crate) fn affine<T: WithDType>(&self, gamma: &[f64], beta: &[f64]) -> Vec<TaskAffine<T>> {
         let c = self.pool.channels;
         let per_task_params = gamma.len() > c;
         (0..self.tasks())
@@ -331,7 +381,7 @@ impl BnPoolRelu {
     /// in the image, into `at`) and its normalised value (into `best`); both are laid out as the
     /// image's pooled output. Ties go to the first input in window order. The channel loop is
     /// branch-free (a compare and two selects on 32-bit lanes), so it vectorises.
-    fn winners<T: WithDType>(
+    pub(crate) fn winners<T: WithDType>(
         &self,
         y: &[T],
         image: usize,
@@ -385,7 +435,7 @@ impl BnPoolRelu {
     /// The forward pass of one image: each window's largest normalised value, through ReLU.
     /// Unlike [`Self::winners`] it tracks no positions, so the channel loop is a plain
     /// vectorisable maximum.
-    fn pooled_values<T: WithDType>(
+    pub(crate) fn pooled_values<T: WithDType>(
         &self,
         y: &[T],
         image: usize,
@@ -490,16 +540,11 @@ impl BnPoolRelu {
         // Pass 2: d y = a·(dz − mean(dz) − ŷ·mean(dz·ŷ)) with batch statistics, a = γ/σ (the
         // centring terms are absent with running statistics). The centring part is linear in
         // y: y·k1 + k0 per channel.
-        let rows_per_task = (per_task * g.height * g.width) as f64;
         let centring: Vec<(Vec<T>, Vec<T>)> = (0..tasks)
             .map(|t| {
                 (0..c)
                     .map(|ch| {
-                        let k = t * c + ch;
-                        let a = affine[t].a[ch].to_f64();
-                        let (m1, m2) = (sum_dz[k] / rows_per_task, sum_dz_yhat[k] / rows_per_task);
-                        let k1 = -a * m2 * self.inv_std[k];
-                        let k0 = -a * (m1 - m2 * self.mean[k] * self.inv_std[k]);
+                        let (k1, k0) = self.centring(t, ch, gamma, &sum_dz, &sum_dz_yhat);
                         (T::from_f64(k1), T::from_f64(k0))
                     })
                     .unzip()
@@ -536,17 +581,63 @@ impl BnPoolRelu {
                     }
                 }
             });
-        let params = gamma.len();
+        let (d_gamma, d_beta) = self.parameter_gradients(gamma.len(), &sum_dz, &sum_dz_yhat);
+        (dy, d_gamma, d_beta)
+    }
+
+    /// The centring part of the gradient of task `t`'s channel `ch` with batch statistics:
+    /// `d y = k1·y + k0` over all its rows, from Σ dz and Σ dz·ŷ over the winners.
+    pub(crate) fn centring(
+        &self,
+        t: usize,
+        ch: usize,
+        gamma: &[f64],
+        sum_dz: &[f64],
+        sum_dz_yhat: &[f64],
+    ) -> (f64, f64) {
+        let g = &self.pool;
+        let c = g.channels;
+        let k = t * c + ch;
+        let a = gamma[if gamma.len() > c { k } else { ch }] * self.inv_std[k];
+        let rows_per_task = (g.images / self.tasks() * g.height * g.width) as f64;
+        let (m1, m2) = (sum_dz[k] / rows_per_task, sum_dz_yhat[k] / rows_per_task);
+        let k1 = -a * m2 * self.inv_std[k];
+        let k0 = -a * (m1 - m2 * self.mean[k] * self.inv_std[k]);
+        (k1, k0)
+    }
+
+    /// Gradients of `gamma` and `beta` (`params` values: `[c]` or `[tasks·c]`) from Σ dz·ŷ and
+    /// Σ dz per task and channel.
+    pub(crate) fn parameter_gradients(
+        &self,
+        params: usize,
+        sum_dz: &[f64],
+        sum_dz_yhat: &[f64],
+    ) -> (Vec<f64>, Vec<f64>) {
+        let c = self.pool.channels;
         let (mut d_gamma, mut d_beta) = (vec![0f64; params], vec![0f64; params]);
         let per_task_params = params > c;
-        for t in 0..tasks {
+        for t in 0..self.tasks() {
             for ch in 0..c {
                 let p = if per_task_params { t * c + ch } else { ch };
                 d_gamma[p] += sum_dz_yhat[t * c + ch];
                 d_beta[p] += sum_dz[t * c + ch];
             }
         }
-        (dy, d_gamma, d_beta)
+        (d_gamma, d_beta)
+    }
+
+    /// Checks that `gamma` and `beta` are `[c]` or `[tasks, c]`.
+    pub(crate) fn check_params(&self, gamma: &[usize], beta: &[usize]) -> candle_core::Result<()> {
+        let (c, tasks) = (self.pool.channels, self.tasks());
+        let params_ok = |d: &[usize]| d == [c] || d == [tasks, c];
+        if params_ok(gamma) && params_ok(beta) {
+            Ok(())
+        } else {
+            Err(candle_core::Error::Msg(format!(
+                "batch-norm parameters gamma {gamma:?} and beta {beta:?} must be [{c}] or [{tasks}, {c}]"
+            )))
+        }
     }
 
     fn check(&self, y: &[usize], gamma: &[usize], beta: &[usize]) -> candle_core::Result<Shape> {
@@ -578,7 +669,7 @@ impl BnPoolRelu {
     }
 }
 
-fn to_f64s<T: WithDType>(v: &[T]) -> Vec<f64> {
+pub(crate) fn to_f64s<T: WithDType>(v: &[T]) -> Vec<f64> {
     v.iter().map(|x| x.to_f64()).collect()
 }
 

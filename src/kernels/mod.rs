@@ -50,10 +50,12 @@ pub fn with_kernels<R>(on: bool, f: impl FnOnce() -> R) -> R {
 }
 
 pub mod conv;
+pub mod first_block;
 pub mod fused;
 pub mod mlp_maml;
 pub mod norm;
 pub mod pool;
+pub(crate) mod winograd;
 
 use candle_core::{CpuStorage, DType, Layout, WithDType};
 

@@ -9,12 +9,13 @@
 //! touches a quarter of the data. Values and gradients equal the reference path in
 //! [`crate::nn::network`] up to rounding; tests compare the two.
 
-use candle_core::{DType, Tensor};
+use candle_core::{CpuStorage, DType, Storage, Tensor};
 
 use crate::error::Result;
 use crate::kernels::conv::{im2col_rows, ConvGeometry};
+use crate::kernels::first_block::{ConvBnPoolRelu, PatchMoments, MAX_PATCH};
 use crate::kernels::fused::{BnPoolRelu, ConvRows};
-use crate::kernels::norm::channel_moments;
+use crate::kernels::norm::{channel_moments, moments};
 use crate::kernels::pool::{max_pool_rows, PoolGeometry};
 use crate::nn::architecture::{Activation, Layer, NamedLayer};
 use crate::nn::network::{self, ForwardCtx, Mode};
@@ -119,6 +120,30 @@ fn per_channel(v: &Tensor, batched: bool) -> Result<Tensor> {
     })
 }
 
+/// The convolution weight `[filters, c, k, k]` (or `[tasks, ..]`) as a `[k·k·c, filters]` matrix
+/// (or `[tasks, ..]`) in patch order (kernel row, column, channel).
+fn weight_matrix(w: &Tensor, patch: usize, batched: bool) -> Result<Tensor> {
+    let filters = w.dim(w.rank() - 4)?;
+    Ok(if batched {
+        w.permute((0, 3, 4, 2, 1))?
+            .reshape((w.dim(0)?, patch, filters))?
+    } else {
+        w.permute((2, 3, 1, 0))?.reshape((patch, filters))?
+    })
+}
+
+fn conv_geometry(rows: &Rows, w: &Tensor, stride: usize, padding: usize) -> Result<ConvGeometry> {
+    Ok(ConvGeometry {
+        images: rows.images(),
+        height: rows.h,
+        width: rows.w,
+        channels: rows.c,
+        kernel: w.dim(w.rank() - 1)?,
+        stride,
+        padding,
+    })
+}
+
 fn conv(
     rows: Rows,
     w: &Tensor,
@@ -127,25 +152,9 @@ fn conv(
     batched: bool,
     fused: bool,
 ) -> Result<Rows> {
-    let k = w.dim(w.rank() - 1)?;
     let filters = w.dim(w.rank() - 4)?;
-    let geometry = ConvGeometry {
-        images: rows.images(),
-        height: rows.h,
-        width: rows.w,
-        channels: rows.c,
-        kernel: k,
-        stride,
-        padding,
-    };
-    let patch = geometry.patch_len();
-    // The weight as a [k·k·c, filters] matrix in patch order (kernel row, column, channel).
-    let wm = if batched {
-        w.permute((0, 3, 4, 2, 1))?
-            .reshape((w.dim(0)?, patch, filters))?
-    } else {
-        w.permute((2, 3, 1, 0))?.reshape((patch, filters))?
-    };
+    let geometry = conv_geometry(&rows, w, stride, padding)?;
+    let wm = weight_matrix(w, geometry.patch_len(), batched)?;
     let t = if fused {
         rows.t
             .contiguous()?
@@ -223,11 +232,114 @@ fn batch_norm(
     })
 }
 
+/// What a fused batch-norm, max-pooling and ReLU block reads.
+enum BlockInput {
+    /// The convolution's output rows.
+    Convolved(Rows),
+    /// Images that get no gradient, with the convolution to run on them inside the kernel
+    /// ([`ConvBnPoolRelu`]): `weight` is the `[k·k·c, filters]` (or `[tasks, ..]`) matrix.
+    Images {
+        rows: Rows,
+        weight: Tensor,
+        geometry: ConvGeometry,
+    },
+}
+
+impl BlockInput {
+    fn rows(&self) -> &Rows {
+        match self {
+            BlockInput::Convolved(rows) | BlockInput::Images { rows, .. } => rows,
+        }
+    }
+
+    /// Channels, height and width of the convolution's output.
+    fn output_shape(&self) -> Result<(usize, usize, usize)> {
+        Ok(match self {
+            BlockInput::Convolved(r) => (r.c, r.h, r.w),
+            BlockInput::Images {
+                weight, geometry, ..
+            } => (
+                weight.dim(weight.rank() - 1)?,
+                geometry.out_height(),
+                geometry.out_width(),
+            ),
+        })
+    }
+
+    /// Per task and channel, the mean and biased variance of the convolution's output.
+    fn moments(
+        &self,
+        tasks: usize,
+        c: usize,
+    ) -> Result<(Vec<f64>, Vec<f64>, Option<PatchMoments>)> {
+        let rows = self.rows();
+        let data = rows.t.contiguous()?;
+        let (storage, layout) = data.storage_and_layout();
+        let (a, b) = layout.contiguous_offsets().expect("contiguous");
+        let per_task = data.elem_count() / rows.c / tasks;
+        Ok(match self {
+            BlockInput::Convolved(_) => {
+                let (mean, var) = match &*storage {
+                    Storage::Cpu(CpuStorage::F32(v)) => moments(&v[a..b], tasks, per_task, c),
+                    Storage::Cpu(CpuStorage::F64(v)) => moments(&v[a..b], tasks, per_task, c),
+                    _ => unreachable!("the fast path runs on the CPU in f32 and f64 only"),
+                };
+                (mean, var, None)
+            }
+            BlockInput::Images {
+                weight, geometry, ..
+            } => {
+                let patches = match &*storage {
+                    Storage::Cpu(CpuStorage::F32(v)) => PatchMoments::of(geometry, &v[a..b], tasks),
+                    Storage::Cpu(CpuStorage::F64(v)) => PatchMoments::of(geometry, &v[a..b], tasks),
+                    _ => unreachable!("the fast path runs on the CPU in f32 and f64 only"),
+                };
+                let w = weight
+                    .to_dtype(DType::F64)?
+                    .flatten_all()?
+                    .to_vec1::<f64>()?;
+                let (mean, var) = patches.output_moments(&w, c);
+                (mean, var, Some(patches))
+            }
+        })
+    }
+
+    /// Applies the block's kernel with batch-norm, pooling and ReLU given by `op`, parameters
+    /// (or scale and shift) `a` and `b`.
+    fn apply(
+        self,
+        op: BnPoolRelu,
+        a: &Tensor,
+        b: &Tensor,
+        patches: Option<PatchMoments>,
+    ) -> Result<Rows> {
+        let (c, h, w) = (op.pool.channels, op.pool.out_height(), op.pool.out_width());
+        let (a, b) = (a.contiguous()?, b.contiguous()?);
+        let (t, lead) = match self {
+            BlockInput::Convolved(rows) => (rows.t.contiguous()?.apply_op3(&a, &b, op)?, rows.lead),
+            BlockInput::Images {
+                rows,
+                weight,
+                geometry,
+            } => {
+                let kernel = ConvBnPoolRelu {
+                    conv: geometry,
+                    bn: op,
+                    input: rows.t.contiguous()?,
+                    patches,
+                };
+                (weight.contiguous()?.apply_op3(&a, &b, kernel)?, rows.lead)
+            }
+        };
+        Ok(Rows { t, lead, h, w, c })
+    }
+}
+
 /// Batch-norm (with the convolution's bias folded in), max-pooling and ReLU as one fused kernel
 /// (first-order gradients only).
 #[allow(clippy::too_many_arguments)]
 fn bn_pool_relu(
-    rows: Rows,
+    input: BlockInput,
     name: &str,
     gamma: &Tensor,
     beta: &Tensor,
@@ -237,22 +349,19 @@ fn bn_pool_relu(
     batched: bool,
     ctx: &mut ForwardCtx,
 ) -> Result<Rows> {
-    let c = rows.c;
-    let tasks = if batched { rows.lead[0] } else { 1 };
-    let bias_v = bias.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    let bias_of = |t: usize, ch: usize| bias_v[if bias_v.len() > c { t * c + ch } else { ch }];
-    let use_running = ctx.mode == Mode::Eval && ctx.running_stats.is_some();
+    let (c, height, width) = input.output_shape()?;
+    let lead = &input.rows().lead;
+    let tasks = if batched { lead[0] } else { 1 };
     let geometry = PoolGeometry {
-        images: rows.images(),
-        height: rows.h,
-        width: rows.w,
+        images: lead.iter().product(),
+        height,
+        width,
         channels: c,
         size,
     };
-    if use_running {
+    if let (Mode::Eval, Some(stats)) = (ctx.mode, ctx.running_stats) {
         // Constant statistics: the kernel applies z = y·a + b with a = γ/σ and
         // b = β + (bias − running mean)·a, built here so that every parameter gets its gradient.
-        let stats = ctx.running_stats.expect("checked");
         let mean = stats.get(&format!("{name}.running_mean"))?;
         let var = stats.get(&format!("{name}.running_var"))?;
         let a = gamma.broadcast_mul(&var.affine(1.0, eps)?.sqrt()?.recip()?)?;
@@ -263,73 +372,38 @@ fn bn_pool_relu(
             inv_std: vec![1.0; tasks * c],
             batch_statistics: false,
         };
-        return Ok(Rows {
-            t: rows
-                .t
-                .contiguous()?
-                .apply_op3(&a.contiguous()?, &b.contiguous()?, op)?,
-            h: geometry.out_height(),
-            w: geometry.out_width(),
-            ..rows
-        });
+        return input.apply(op, &a, &b, None);
     }
-    let (mean, var) = {
-        let y = rows.t.contiguous()?;
-        let (storage, layout) = y.storage_and_layout();
-        let rows_per_task = y.elem_count() / c / tasks;
-        let stats = match &*storage {
-            candle_core::Storage::Cpu(cpu) => match cpu {
-                candle_core::CpuStorage::F32(v) => {
-                    let (a, b) = layout.contiguous_offsets().expect("contiguous");
-                    crate::kernels::norm::moments(&v[a..b], tasks, rows_per_task, c)
-                }
-                candle_core::CpuStorage::F64(v) => {
-                    let (a, b) = layout.contiguous_offsets().expect("contiguous");
-                    crate::kernels::norm::moments(&v[a..b], tasks, rows_per_task, c)
-                }
-                _ => unreachable!("fast path runs on f32 and f64 only"),
-            },
-            _ => unreachable!("fast path runs on the CPU only"),
-        };
-        drop(storage);
-        if ctx.mode == Mode::Train && !batched {
-            if let Some(out) = ctx.batch_stats.as_deref_mut() {
-                let unbiased = if rows_per_task > 1 {
-                    rows_per_task as f64 / (rows_per_task - 1) as f64
-                } else {
-                    1.0
-                };
-                let dtype = rows.t.dtype();
-                let device = rows.t.device();
-                let pre_mean: Vec<f64> = (0..c).map(|ch| stats.0[ch] + bias_of(0, ch)).collect();
-                let var: Vec<f64> = stats.1.iter().map(|v| v * unbiased).collect();
-                out.push((
-                    format!("{name}.running_mean"),
-                    Tensor::from_vec(pre_mean, c, device)?.to_dtype(dtype)?,
-                ));
-                out.push((
-                    format!("{name}.running_var"),
-                    Tensor::from_vec(var, c, device)?.to_dtype(dtype)?,
-                ));
-            }
+    let (mean, var, patches) = input.moments(tasks, c)?;
+    if ctx.mode == Mode::Train && !batched {
+        if let Some(out) = ctx.batch_stats.as_deref_mut() {
+            let rows_per_task = geometry.images / tasks * height * width;
+            let unbiased = if rows_per_task > 1 {
+                rows_per_task as f64 / (rows_per_task - 1) as f64
+            } else {
+                1.0
+            };
+            let (dtype, device) = (gamma.dtype(), gamma.device());
+            let bias_v = bias.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            let pre_mean: Vec<f64> = (0..c).map(|ch| mean[ch] + bias_v[ch]).collect();
+            let var: Vec<f64> = var.iter().map(|v| v * unbiased).collect();
+            out.push((
+                format!("{name}.running_mean"),
+                Tensor::from_vec(pre_mean, c, device)?.to_dtype(dtype)?,
+            ));
+            out.push((
+                format!("{name}.running_var"),
+                Tensor::from_vec(var, c, device)?.to_dtype(dtype)?,
+            ));
         }
-        stats
-    };
+    }
     let op = BnPoolRelu {
         pool: geometry,
         inv_std: var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect(),
         mean,
         batch_statistics: true,
     };
-    Ok(Rows {
-        t: rows
-            .t
-            .contiguous()?
-            .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?,
-        h: geometry.out_height(),
-        w: geometry.out_width(),
-        ..rows
-    })
+    input.apply(op, gamma, beta, patches)
 }
 
 fn max_pool(rows: Rows, size: usize) -> Result<Rows> {
@@ -375,19 +449,13 @@ pub(crate) fn forward(
                 true,
             ) => {
                 let fused = !ctx.differentiable_backward;
-                let y = conv(
-                    act.rows(lead_rank)?,
-                    p("weight")?,
-                    *stride,
-                    *padding,
-                    batched,
-                    fused,
-                )?;
                 let bias = p("bias")?;
+                let weight = p("weight")?;
                 let after_bn = (
                     layers.get(i + 2).map(|l| &l.layer),
                     layers.get(i + 3).map(|l| &l.layer),
                 );
+                let rows = act.rows(lead_rank)?;
                 if let (
                     true,
                     Some(Layer::BatchNorm { eps, .. }),
@@ -402,8 +470,18 @@ pub(crate) fn forward(
                     let bn = &layers[i + 1];
                     let q = |n: &str| params.get(&format!("{}.{n}", bn.name));
                     i += 3;
+                    let geometry = conv_geometry(&rows, weight, *stride, *padding)?;
+                    let input = if !rows.t.track_op() && geometry.patch_len() <= MAX_PATCH {
+                        BlockInput::Images {
+                            weight: weight_matrix(weight, geometry.patch_len(), batched)?,
+                            rows,
+                            geometry,
+                        }
+                    } else {
+                        BlockInput::Convolved(conv(rows, weight, *stride, *padding, batched, true)?)
+                    };
                     Act::Rows(bn_pool_relu(
-                        y,
+                        input,
                         &bn.name,
                         q("gamma")?,
                         q("beta")?,
@@ -413,23 +491,26 @@ pub(crate) fn forward(
                         batched,
                         ctx,
                     )?)
-                } else if let Some(Layer::BatchNorm { eps, .. }) = next {
-                    let bn = &layers[i + 1];
-                    let q = |n: &str| params.get(&format!("{}.{n}", bn.name));
-                    i += 1;
-                    Act::Rows(batch_norm(
-                        y,
-                        &bn.name,
-                        q("gamma")?,
-                        q("beta")?,
-                        Some(bias),
-                        *eps,
-                        batched,
-                        ctx,
-                    )?)
                 } else {
-                    let t = y.t.broadcast_add(&per_channel(bias, batched)?)?;
-                    Act::Rows(Rows { t, ..y })
+                    let y = conv(rows, weight, *stride, *padding, batched, fused)?;
+                    if let Some(Layer::BatchNorm { eps, .. }) = next {
+                        let bn = &layers[i + 1];
+                        let q = |n: &str| params.get(&format!("{}.{n}", bn.name));
+                        i += 1;
+                        Act::Rows(batch_norm(
+                            y,
+                            &bn.name,
+                            q("gamma")?,
+                            q("beta")?,
+                            Some(bias),
+                            *eps,
+                            batched,
+                            ctx,
+                        )?)
+                    } else {
+                        let t = y.t.broadcast_add(&per_channel(bias, batched)?)?;
+                        Act::Rows(Rows { t, ..y })
+                    }
                 }
             }
             (Layer::BatchNorm { eps, .. }, true) => Act::Rows(batch_norm(

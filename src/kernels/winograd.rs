@@ -1,0 +1,243 @@
+//! Winograd's minimal filtering F(2×2, 3×3) for 3×3 stride-1 convolutions on channels-last
+//! image rows: 16 multiplications per 2×2 output tile and channel pair instead of 36.
+//!
+//! The weight `g` of each (channel, filter) pair becomes `U = G g Gᵀ` (4×4), each 4×4 input
+//! tile `d` of each channel becomes `V = Bᵀ d B`, the 16 positions `(i, j)` of the tiles are 16
+//! independent matrix products `M_ij = V_ij · U_ij` over channels, and `Aᵀ M A` turns each 4×4
+//! product tile back into a 2×2 output tile. The transforms hold only
+//! 0, ±1 and ½, so in f64 the result equals direct convolution to rounding; in f32 it differs
+//! by a few units in the last place of the largest products.
+//!
+//! Used by the fused first-order convolution ([`crate::kernels::fused::ConvRows`]) for its
+//! forward pass and for the input gradient (a 3×3 convolution of the output gradient with the
+//! flipped, transposed weight). The weight gradient stays an im2col product.
+
+use candle_core::WithDType;
+
+use crate::kernels::conv::ConvGeometry;
+use crate::kernels::fused::gemm_into;
+
+/// Fewer input channels than this leave the products too thin to pay for the transforms
+/// (a first layer on grey images has one).
+const MIN_CHANNELS: usize = 4;
+
+/// Whether a convolution of this shape is one Winograd's F(2×2, 3×3) computes.
+fn fits(g: &ConvGeometry) -> bool {
+    g.kernel == 3
+        && g.stride == 1
+        && g.padding <= 2
+        && g.height + 2 * g.padding >= 3
+        && g.width + 2 * g.padding >= 3
+}
+
+/// Whether a convolution of this shape takes the Winograd path.
+pub(crate) fn applies(g: &ConvGeometry) -> bool {
+    fits(g) && g.channels >= MIN_CHANNELS
+}
+
+/// Output tiles per image (2×2 each; a last odd row or column fills half a tile).
+pub(crate) fn tiles_per_image(g: &ConvGeometry) -> usize {
+    g.out_height().div_ceil(2) * g.out_width().div_ceil(2)
+}
+
+/// The geometry of the input gradient of convolution `g` as a Winograd convolution, if it is
+/// one: the output gradient (`oh × ow × filters`) convolved with the flipped, transposed
+/// weight, padded by `2 − padding` so that the result has the input's size.
+pub(crate) fn input_gradient_geometry(g: &ConvGeometry, filters: usize) -> Option<ConvGeometry> {
+    if !fits(g) {
+        return None;
+    }
+    let geometry = ConvGeometry {
+        images: g.images,
+        height: g.out_height(),
+        width: g.out_width(),
+        channels: filters,
+        kernel: 3,
+        stride: 1,
+        padding: 2 - g.padding,
+    };
+    applies(&geometry).then_some(geometry)
+}
+
+/// The weight `[tasks][3·3·c][f]` (rows in patch order: kernel row, kernel column, channel)
+/// flipped in both kernel directions with channels and filters swapped: `[tasks][3·3·f][c]`,
+/// the weight of the input-gradient convolution.
+pub(crate) fn flipped_weights<T: WithDType>(w: &[T], tasks: usize, c: usize, f: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); tasks * 9 * c * f];
+    for t in 0..tasks {
+        let (src, dst) = (&w[t * 9 * c * f..], &mut out[t * 9 * c * f..]);
+        for ky in 0..3 {
+            for kx in 0..3 {
+                let (from, to) = ((ky * 3 + kx) * c, ((2 - ky) * 3 + 2 - kx) * f);
+                for ch in 0..c {
+                    for fo in 0..f {
+                        dst[(to + fo) * c + ch] = src[(from + ch) * f + fo];
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `Uₜ = G g Gᵀ` for every task, channel and filter: `[tasks][3·3·c][f]` → `[tasks][16][c][f]`.
+pub(crate) fn transform_weights<T: WithDType>(w: &[T], tasks: usize, c: usize, f: usize) -> Vec<T> {
+    let half = T::from_f64(0.5);
+    // G applied to the three values (a, b, c) of one kernel column or row.
+    let g_times = |a: T, b: T, c: T| [a, (a + b + c) * half, (a - b + c) * half, c];
+    let mut out = vec![T::zero(); tasks * 16 * c * f];
+    for t in 0..tasks {
+        let (src, dst) = (&w[t * 9 * c * f..], &mut out[t * 16 * c * f..]);
+        for ch in 0..c {
+            for fo in 0..f {
+                let at = |ky: usize, kx: usize| src[((ky * 3 + kx) * c + ch) * f + fo];
+                let columns: [[T; 4]; 3] =
+                    std::array::from_fn(|kx| g_times(at(0, kx), at(1, kx), at(2, kx)));
+                for i in 0..4 {
+                    let row = g_times(columns[0][i], columns[1][i], columns[2][i]);
+                    for (j, value) in row.into_iter().enumerate() {
+                        dst[((i * 4 + j) * c + ch) * f + fo] = value;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Convolves images `first..first + count` of `x` (`[images·h·w·c]`, channels last) with one
+/// task's transformed weight `u` (`[16][c][f]`, from [`transform_weights`]) into `out`
+/// (`[count·oh·ow·f]`).
+pub(crate) fn convolve_images<T: WithDType>(
+    g: &ConvGeometry,
+    x: &[T],
+    u: &[T],
+    filters: usize,
+    (first, count): (usize, usize),
+    out: &mut [T],
+) {
+    let (c, f) = (g.channels, filters);
+    let tiles = count * tiles_per_image(g);
+    // Per tile: its 16 transformed positions of c channels, then their 16 products of f filters.
+    let mut v = vec![T::zero(); tiles * 16 * c];
+    let mut m = vec![T::zero(); tiles * 16 * f];
+    let mut patch = vec![T::zero(); 16 * c];
+    for (tile, v_tile) in v.chunks_exact_mut(16 * c).enumerate() {
+        gather_patch(g, x, first, tile, &mut patch);
+        transform_input(&patch, v_tile, c);
+    }
+    for (k, u_k) in u.chunks_exact(c * f).take(16).enumerate() {
+        // Safety: row `tile` of product k is m[tile·16f + k·f ..][..f], of input k
+        // v[tile·16c + k·c ..][..c]; all lie inside the buffers.
+        unsafe {
+            gemm_into(
+                (tiles, f, c),
+                m.as_mut_ptr().add(k * f),
+                16 * f,
+                false,
+                (v.as_ptr().add(k * c), 16 * c, 1),
+                (u_k.as_ptr(), f, 1),
+            )
+        }
+    }
+    let mut y = vec![T::zero(); 4 * f];
+    for (tile, m_tile) in m.chunks_exact(16 * f).enumerate() {
+        transform_output(m_tile, &mut y, f);
+        scatter_tile(g, f, tile, &y, out);
+    }
+}
+
+/// Tile `tile` (counted from image `first`) of `x`: its 4×4 input window, `[16][c]`, zeros
+/// outside the image.
+fn gather_patch<T: WithDType>(
+    g: &ConvGeometry,
+    x: &[T],
+    first: usize,
+    tile: usize,
+    patch: &mut [T],
+) {
+    let c = g.channels;
+    let tiles_across = g.out_width().div_ceil(2);
+    let per_image = tiles_per_image(g);
+    let (image, within) = (first + tile / per_image, tile % per_image);
+    let (ty, tx) = (within / tiles_across, within % tiles_across);
+    for a in 0..4 {
+        let iy = (2 * ty + a) as isize - g.padding as isize;
+        for b in 0..4 {
+            let ix = (2 * tx + b) as isize - g.padding as isize;
+            let dst = &mut patch[(a * 4 + b) * c..][..c];
+            if iy >= 0 && iy < g.height as isize && ix >= 0 && ix < g.width as isize {
+                let src = ((image * g.height + iy as usize) * g.width + ix as usize) * c;
+                dst.copy_from_slice(&x[src..src + c]);
+            } else {
+                dst.fill(T::zero());
+            }
+        }
+    }
+}
+
+/// `V = Bᵀ d B` for each channel of a `[16][c]` patch, into `v` (`[16][c]`).
+fn transform_input<T: WithDType>(d: &[T], v: &mut [T], c: usize) {
+    let (d, v) = (&d[..16 * c], &mut v[..16 * c]);
+    for ch in 0..c {
+        let at = |a: usize, b: usize| d[(a * 4 + b) * c + ch];
+        // Bᵀ along the rows: (d0 − d2, d1 + d2, d2 − d1, d1 − d3).
+        let mut t = [[T::zero(); 4]; 4];
+        for (b, column) in t.iter_mut().enumerate() {
+            let (d0, d1, d2, d3) = (at(0, b), at(1, b), at(2, b), at(3, b));
+            *column = [d0 - d2, d1 + d2, d2 - d1, d1 - d3];
+        }
+        // Then along the columns; t is indexed [column][row].
+        for i in 0..4 {
+            let (t0, t1, t2, t3) = (t[0][i], t[1][i], t[2][i], t[3][i]);
+            let row = [t0 - t2, t1 + t2, t2 - t1, t1 - t3];
+            for (j, value) in row.into_iter().enumerate() {
+                v[(i * 4 + j) * c + ch] = value;
+            }
+        }
+    }
+}
+
+/// `Y = Aᵀ M A` for each filter of a `[16][f]` product tile, into `y` (`[2·2][f]`).
+fn transform_output<T: WithDType>(m: &[T], y: &mut [T], f: usize) {
+    let (m, y) = (&m[..16 * f], &mut y[..4 * f]);
+    for fo in 0..f {
+        let at = |i: usize, j: usize| m[(i * 4 + j) * f + fo];
+        // Aᵀ along the rows: (m0 + m1 + m2, m1 − m2 − m3).
+        let (mut s0, mut s1) = ([T::zero(); 4], [T::zero(); 4]);
+        for (j, (s0, s1)) in s0.iter_mut().zip(&mut s1).enumerate() {
+            let (m0, m1, m2, m3) = (at(0, j), at(1, j), at(2, j), at(3, j));
+            *s0 = m0 + m1 + m2;
+            *s1 = m1 - m2 - m3;
+        }
+        let s = [s0, s1];
+        for (i, row) in s.iter().enumerate() {
+            y[(i * 2) * f + fo] = row[0] + row[1] + row[2];
+            y[(i * 2 + 1) * f + fo] = row[1] - row[2] - row[3];
+        }
+    }
+}
+
+/// Writes the 2×2 output tile `y` (`[4][f]`) of tile `tile` into `out`, dropping the half
+/// that falls outside an odd-sized output.
+fn scatter_tile<T: WithDType>(g: &ConvGeometry, f: usize, tile: usize, y: &[T], out: &mut [T]) {
+    let (oh, ow) = (g.out_height(), g.out_width());
+    let tiles_across = ow.div_ceil(2);
+    let per_image = tiles_per_image(g);
+    let (image, within) = (tile / per_image, tile % per_image);
+    let (ty, tx) = (within / tiles_across, within % tiles_across);
+    for i in 0..2 {
+        let oy = 2 * ty + i;
+        if oy >= oh {
+            break;
+        }
+        for j in 0..2 {
+            let ox = 2 * tx + j;
+            if ox >= ow {
+                break;
+            }
+            let at = ((image * oh + oy) * ow + ox) * f;
+            out[at..at + f].copy_from_slice(&y[(i * 2 + j) * f..][..f]);
+        }
+    }
+}
