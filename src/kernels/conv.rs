@@ -101,9 +101,18 @@ pub(crate) fn im2col_into<T: WithDType>(
         let (image, oy) = (first + row / oh, row % oh);
         for ox in 0..ow {
             let patch = &mut dst[ox * kc..(ox + 1) * kc];
+            let ix0 = (ox * g.stride) as isize - g.padding as isize;
+            let columns_inside = ix0 >= 0 && ix0 as usize + g.kernel <= g.width;
             for ky in 0..g.kernel {
                 let iy = (oy * g.stride + ky) as isize - g.padding as isize;
                 let row_inside = iy >= 0 && iy < g.height as isize;
+                if row_inside && columns_inside {
+                    // The window's row is k·c contiguous values of the image.
+                    let src = ((image * g.height + iy as usize) * g.width + ix0 as usize) * c;
+                    let at = ky * g.kernel * c;
+                    patch[at..at + g.kernel * c].copy_from_slice(&x[src..src + g.kernel * c]);
+                    continue;
+                }
                 for kx in 0..g.kernel {
                     let ix = (ox * g.stride + kx) as isize - g.padding as isize;
                     let at = (ky * g.kernel + kx) * c;

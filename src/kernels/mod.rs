@@ -57,7 +57,41 @@ pub mod norm;
 pub mod pool;
 pub(crate) mod winograd;
 
+use std::cell::RefCell;
+
 use candle_core::{CpuStorage, DType, Layout, WithDType};
+
+thread_local! {
+    /// Per-thread scratch buffers reused across kernel calls, so that hot loops neither allocate
+    /// nor zero memory; kept as `u64` words so that a slice of any kernel dtype fits aligned.
+    static SCRATCH: [RefCell<Vec<u64>>; 2] = const { [RefCell::new(Vec::new()), RefCell::new(Vec::new())] };
+}
+
+/// Runs `f` on two scratch slices of `a` and `b` values from this thread's reusable buffers.
+/// Their contents are whatever an earlier call left: `f` must write every value before reading
+/// it. (A nested call on the same thread gets fresh zeroed vectors instead.)
+pub(crate) fn with_scratch<T: WithDType, R>(
+    a: usize,
+    b: usize,
+    f: impl FnOnce(&mut [T], &mut [T]) -> R,
+) -> R {
+    fn view<T>(buffer: &mut Vec<u64>, len: usize) -> &mut [T] {
+        let words = (len * std::mem::size_of::<T>()).div_ceil(8);
+        if buffer.len() < words {
+            buffer.resize(words, 0);
+        }
+        // Safety: the buffer holds at least `len` values of T, is 8-byte aligned (enough for
+        // every kernel dtype), and every bit pattern is a valid value of those plain number
+        // types.
+        unsafe { std::slice::from_raw_parts_mut(buffer.as_mut_ptr().cast::<T>(), len) }
+    }
+    SCRATCH.with(
+        |buffers| match (buffers[0].try_borrow_mut(), buffers[1].try_borrow_mut()) {
+            (Ok(mut x), Ok(mut y)) => f(view(&mut x, a), view(&mut y, b)),
+            _ => f(&mut vec![T::zero(); a], &mut vec![T::zero(); b]),
+        },
+    )
+}
 
 /// The contiguous data of a CPU tensor's storage as a slice of `T`.
 pub(crate) fn contiguous_slice<'a, T: WithDType>(

@@ -16,6 +16,7 @@ use candle_core::WithDType;
 
 use crate::kernels::conv::ConvGeometry;
 use crate::kernels::fused::gemm_into;
+use crate::kernels::with_scratch;
 
 /// Fewer input channels than this leave the products too thin to pay for the transforms
 /// (a first layer on grey images has one).
@@ -119,8 +120,25 @@ pub(crate) fn convolve_images<T: WithDType>(
     let (c, f) = (g.channels, filters);
     let tiles = count * tiles_per_image(g);
     // Per tile: its 16 transformed positions of c channels, then their 16 products of f filters.
-    let mut v = vec![T::zero(); tiles * 16 * c];
-    let mut m = vec![T::zero(); tiles * 16 * f];
+    with_scratch::<T, _>(tiles * 16 * c, tiles * 16 * f, |v, m| {
+        convolve_tiles(g, x, u, f, first, v, m, out)
+    })
+}
+
+/// [`convolve_images`] with scratch space for the transformed inputs `v` and the products `m`.
+#[allow(clippy::too_many_arguments)]
+fn convolve_tiles<T: WithDType>(
+    g: &ConvGeometry,
+    x: &[T],
+    u: &[T],
+    f: usize,
+    first: usize,
+    v: &mut [T],
+    m: &mut [T],
+    out: &mut [T],
+) {
+    let c = g.channels;
+    let tiles = v.len() / (16 * c);
     let mut patch = vec![T::zero(); 16 * c];
     for (tile, v_tile) in v.chunks_exact_mut(16 * c).enumerate() {
         gather_patch(g, x, first, tile, &mut patch);
