@@ -212,6 +212,9 @@ impl ConvRows {
                 });
             dx
         });
+        if winograd::applies(g) {
+            return (dx, winograd_weight_gradient(g, x, grad, tasks, filters));
+        }
         // d w (per task) = Σ over chunks of colsᵀ · d y, summed per worker, then across workers.
         let dw_len = tasks * kc * filters;
         let group_len = parts.len().div_ceil(REDUCTION_GROUPS).max(1);
@@ -277,6 +280,52 @@ fn winograd_convolution<T: WithDType>(
             winograd::convolve_images(g, x, u_task, filters, (first, count), dst);
         });
     out
+}
+
+/// The weight gradient of a Winograd convolution: the transformed weight's gradient summed
+/// over chunks of images in fixed groups (deterministic), then transformed back.
+fn winograd_weight_gradient<T: WithDType>(
+    g: &ConvGeometry,
+    x: &[T],
+    grad: &[T],
+    tasks: usize,
+    filters: usize,
+) -> Vec<T> {
+    let per_task = 16 * g.channels * filters;
+    let parts = chunks(
+        g.images,
+        tasks,
+        winograd::tiles_per_image(g),
+        WINOGRAD_CHUNK_TILES,
+    );
+    let group_len = parts.len().div_ceil(REDUCTION_GROUPS).max(1);
+    let du = parts
+        .par_chunks(group_len)
+        .map(|group| {
+            let mut acc = vec![T::zero(); tasks * per_task];
+            for &(task, first, count) in group {
+                let du = &mut acc[task * per_task..(task + 1) * per_task];
+                winograd::accumulate_transformed_weight_gradient(
+                    g,
+                    x,
+                    grad,
+                    filters,
+                    (first, count),
+                    du,
+                );
+            }
+            acc
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .reduce(|mut a, b| {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x += y;
+            }
+            a
+        })
+        .unwrap_or_else(|| vec![T::zero(); tasks * per_task]);
+    winograd::weight_gradient(&du, tasks, g.channels, filters)
 }
 
 impl CustomOp2 for ConvRows {

@@ -165,6 +165,132 @@ fn convolve_tiles<T: WithDType>(
     }
 }
 
+/// Adds to `du` (`[16][c][f]`) the gradient of the transformed weight `U` for images
+/// `first..first + count` of `x` and their output gradient `grad` (`[images·oh·ow·f]`):
+/// Σ over tiles of `V_ij[tile]ᵀ · (A dY Aᵀ)_ij[tile]` for each of the 16 positions `(i, j)`.
+pub(crate) fn accumulate_transformed_weight_gradient<T: WithDType>(
+    g: &ConvGeometry,
+    x: &[T],
+    grad: &[T],
+    f: usize,
+    (first, count): (usize, usize),
+    du: &mut [T],
+) {
+    let c = g.channels;
+    let tiles = count * tiles_per_image(g);
+    with_scratch::<T, _>(tiles * 16 * c, tiles * 16 * f, |v, dm| {
+        let mut patch = vec![T::zero(); 16 * c];
+        for (tile, v_tile) in v.chunks_exact_mut(16 * c).enumerate() {
+            gather_patch(g, x, first, tile, &mut patch);
+            transform_input(&patch, v_tile, c);
+        }
+        let mut dy = vec![T::zero(); 4 * f];
+        for (tile, dm_tile) in dm.chunks_exact_mut(16 * f).enumerate() {
+            gather_output_gradient(g, f, first, tile, grad, &mut dy);
+            transform_output_gradient(&dy, dm_tile, f);
+        }
+        for k in 0..16 {
+            // Safety: column `tile` of input k is v[tile·16c + k·c ..][..c], row `tile` of
+            // gradient k dm[tile·16f + k·f ..][..f]; du holds 16 blocks of c×f.
+            unsafe {
+                gemm_into(
+                    (c, f, tiles),
+                    du.as_mut_ptr().add(k * c * f),
+                    f,
+                    true,
+                    (v.as_ptr().add(k * c), 1, 16 * c),
+                    (dm.as_ptr().add(k * f), 16 * f, 1),
+                )
+            }
+        }
+    })
+}
+
+/// The weight gradient `[tasks][3·3·c][f]` from the gradient of the transformed weight
+/// `[tasks][16][c][f]`: `d g = Gᵀ dU G` for each channel and filter.
+pub(crate) fn weight_gradient<T: WithDType>(du: &[T], tasks: usize, c: usize, f: usize) -> Vec<T> {
+    let half = T::from_f64(0.5);
+    // Gᵀ applied to the four values of one row or column of dU.
+    let gt_times = |a: [T; 4]| {
+        [
+            a[0] + (a[1] + a[2]) * half,
+            (a[1] - a[2]) * half,
+            (a[1] + a[2]) * half + a[3],
+        ]
+    };
+    let mut out = vec![T::zero(); tasks * 9 * c * f];
+    for t in 0..tasks {
+        let (src, dst) = (&du[t * 16 * c * f..], &mut out[t * 9 * c * f..]);
+        for ch in 0..c {
+            for fo in 0..f {
+                let at = |i: usize, j: usize| src[((i * 4 + j) * c + ch) * f + fo];
+                // Over i first (kernel rows), then over j (kernel columns).
+                let rows: [[T; 3]; 4] =
+                    std::array::from_fn(|j| gt_times([at(0, j), at(1, j), at(2, j), at(3, j)]));
+                for ky in 0..3 {
+                    let row = gt_times([rows[0][ky], rows[1][ky], rows[2][ky], rows[3][ky]]);
+                    for (kx, value) in row.into_iter().enumerate() {
+                        dst[((ky * 3 + kx) * c + ch) * f + fo] = value;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The output gradient of tile `tile` (counted from image `first`), `[2·2][f]`, zeros where
+/// the tile overhangs an odd-sized output.
+fn gather_output_gradient<T: WithDType>(
+    g: &ConvGeometry,
+    f: usize,
+    first: usize,
+    tile: usize,
+    grad: &[T],
+    dy: &mut [T],
+) {
+    let (oh, ow) = (g.out_height(), g.out_width());
+    let tiles_across = ow.div_ceil(2);
+    let per_image = tiles_per_image(g);
+    let (image, within) = (first + tile / per_image, tile % per_image);
+    let (ty, tx) = (within / tiles_across, within % tiles_across);
+    for i in 0..2 {
+        for j in 0..2 {
+            let (oy, ox) = (2 * ty + i, 2 * tx + j);
+            let dst = &mut dy[(i * 2 + j) * f..][..f];
+            if oy < oh && ox < ow {
+                let at = ((image * oh + oy) * ow + ox) * f;
+                dst.copy_from_slice(&grad[at..at + f]);
+            } else {
+                dst.fill(T::zero());
+            }
+        }
+    }
+}
+
+/// `dM = A dY Aᵀ` for each filter of a `[2·2][f]` output-gradient tile, into `dm` (`[16][f]`):
+/// the adjoint of [`transform_output`].
+fn transform_output_gradient<T: WithDType>(dy: &[T], dm: &mut [T], f: usize) {
+    let (dy, dm) = (&dy[..4 * f], &mut dm[..16 * f]);
+    for fo in 0..f {
+        let at = |a: usize, b: usize| dy[(a * 2 + b) * f + fo];
+        // A along the rows, (d0, d0 + d1, d0 − d1, −d1) for each column b; then along the
+        // columns the same way.
+        let column = |b: usize| {
+            let (d0, d1) = (at(0, b), at(1, b));
+            [d0, d0 + d1, d0 - d1, T::zero() - d1]
+        };
+        let (c0, c1) = (column(0), column(1));
+        for i in 0..4 {
+            let (r0, r1) = (c0[i], c1[i]);
+            let row = [r0, r0 + r1, r0 - r1, T::zero() - r1];
+            for (j, value) in row.into_iter().enumerate() {
+                dm[(i * 4 + j) * f + fo] = value;
+            }
+        }
+    }
+}
+
 /// Tile `tile` (counted from image `first`) of `x`: its 4×4 input window, `[16][c]`, zeros
 /// outside the image.
 fn gather_patch<T: WithDType>(
