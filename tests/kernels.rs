@@ -200,6 +200,34 @@ fn running_stats(net: &Network, seed: u64) -> ParamSet {
         .expect("same shapes")
 }
 
+/// Checks that a path's batch statistics (running-statistic updates) have the reference's
+/// names and values.
+fn same_statistics(
+    label: &str,
+    stats: &[(String, Tensor)],
+    reference: &[(String, Tensor)],
+) -> Result<()> {
+    ensure!(
+        stats.len() == reference.len(),
+        "{label}: {} batch statistics, reference {}",
+        stats.len(),
+        reference.len()
+    );
+    for ((name, a), (ref_name, b)) in stats.iter().zip(reference) {
+        ensure!(
+            name == ref_name,
+            "{label}: statistic {name} where the reference has {ref_name}"
+        );
+        let (a, b) = (values(a), values(b));
+        let diff = max_difference(&a, &b);
+        ensure!(
+            diff < 1e-10 * scale_of(&b),
+            "{label}: {name} differs by {diff:e}"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn fast_paths_match_the_reference_in_values_statistics_and_gradients() -> Result<()> {
     metalearn::runtime::init();
@@ -239,24 +267,7 @@ fn fast_paths_match_the_reference_in_values_statistics_and_gradients() -> Result
                     diff < 1e-10 * scale_of(&reference),
                     "{label}: outputs differ by {diff:e}"
                 );
-                ensure!(
-                    stats.len() == reference_stats.len(),
-                    "{label}: {} batch statistics, reference {}",
-                    stats.len(),
-                    reference_stats.len()
-                );
-                for ((name, a), (ref_name, b)) in stats.iter().zip(&reference_stats) {
-                    ensure!(
-                        name == ref_name,
-                        "{label}: statistic {name} where the reference has {ref_name}"
-                    );
-                    let (a, b) = (values(a), values(b));
-                    let diff = max_difference(&a, &b);
-                    ensure!(
-                        diff < 1e-10 * scale_of(&b),
-                        "{label}: {name} differs by {diff:e}"
-                    );
-                }
+                same_statistics(&label, &stats, &reference_stats)?;
                 let grad = autodiff_gradient(&objective(path, &net, &target, running), &point);
                 let diff = max_difference(&grad, &reference_grad);
                 ensure!(
@@ -462,15 +473,7 @@ fn first_block_kernel_matches_the_reference() -> Result<()> {
                     diff < 1e-10 * scale_of(&reference),
                     "{label}: outputs differ by {diff:e}"
                 );
-                ensure!(stats.len() == ref_stats.len(), "{label}: statistics count");
-                for ((name, a), (_, b)) in stats.iter().zip(&ref_stats) {
-                    let (a, b) = (values(a), values(b));
-                    let diff = max_difference(&a, &b);
-                    ensure!(
-                        diff < 1e-10 * scale_of(&b),
-                        "{label}: {name} differs by {diff:e}"
-                    );
-                }
+                same_statistics(&label, &stats, &ref_stats)?;
                 let point = Point::new(&params, &x);
                 let reference_grad = autodiff_gradient(
                     &objective_on_images(Path::Reference, &net, &target, running, &x),

@@ -21,7 +21,9 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::kernels::conv::{im2col_into, ConvGeometry};
-use crate::kernels::fused::{gemm_into, to_f64s, with_data, BnPoolRelu, REDUCTION_GROUPS};
+use crate::kernels::fused::{
+    gemm_into, parameter_gradient, to_f64s, with_data, BnPoolRelu, REDUCTION_GROUPS,
+};
 use crate::kernels::{contiguous_slice, with_float};
 
 /// The longest patch (`k·k·c`) the first-block kernel takes: beyond it, recomputing the
@@ -462,13 +464,10 @@ impl CustomOp3 for ConvBnPoolRelu {
                     with_data::<T, _>(grad, |gs| self.backward(x, ws, &gamma_v, &beta_v, gs))
                 })
             })???;
-            let as_param = |v: Vec<f64>, like: &Tensor| -> candle_core::Result<Tensor> {
-                Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype())
-            };
             Ok((
                 Some(Tensor::from_vec(dw, w.shape(), w.device())?),
-                Some(as_param(dg, gamma)?),
-                Some(as_param(db, beta)?),
+                Some(parameter_gradient(dg, gamma)?),
+                Some(parameter_gradient(db, beta)?),
             ))
         })
     }

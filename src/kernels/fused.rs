@@ -722,6 +722,11 @@ pub(crate) fn to_f64s<T: WithDType>(v: &[T]) -> Vec<f64> {
     v.iter().map(|x| x.to_f64()).collect()
 }
 
+/// A parameter's gradient, computed in f64, as a tensor of the parameter's shape and dtype.
+pub(crate) fn parameter_gradient(v: Vec<f64>, like: &Tensor) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype())
+}
+
 impl CustomOp3 for BnPoolRelu {
     fn name(&self) -> &'static str {
         "bn_pool_relu"
@@ -759,13 +764,10 @@ impl CustomOp3 for BnPoolRelu {
             let (dy, dg, db) = with_data::<T, _>(y, |ys| {
                 with_data::<T, _>(grad, |gs| self.backward(ys, &gamma_v, &beta_v, gs))
             })??;
-            let as_param = |v: Vec<f64>, like: &Tensor| -> candle_core::Result<Tensor> {
-                Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype())
-            };
             Ok((
                 Some(Tensor::from_vec(dy, y.shape(), y.device())?),
-                Some(as_param(dg, gamma)?),
-                Some(as_param(db, beta)?),
+                Some(parameter_gradient(dg, gamma)?),
+                Some(parameter_gradient(db, beta)?),
             ))
         })
     }

@@ -41,6 +41,18 @@ pub(crate) fn tiles_per_image(g: &ConvGeometry) -> usize {
     g.out_height().div_ceil(2) * g.out_width().div_ceil(2)
 }
 
+/// Tile `tile` counted from image `first`: its image and its tile row and column.
+fn tile_position(g: &ConvGeometry, first: usize, tile: usize) -> (usize, usize, usize) {
+    let tiles_across = g.out_width().div_ceil(2);
+    let per_image = tiles_per_image(g);
+    let within = tile % per_image;
+    (
+        first + tile / per_image,
+        within / tiles_across,
+        within % tiles_across,
+    )
+}
+
 /// The geometry of the input gradient of convolution `g` as a Winograd convolution, if it is
 /// one: the output gradient (`oh × ow × filters`) convolved with the flipped, transposed
 /// weight, padded by `2 − padding` so that the result has the input's size.
@@ -250,10 +262,7 @@ fn gather_output_gradient<T: WithDType>(
     dy: &mut [T],
 ) {
     let (oh, ow) = (g.out_height(), g.out_width());
-    let tiles_across = ow.div_ceil(2);
-    let per_image = tiles_per_image(g);
-    let (image, within) = (first + tile / per_image, tile % per_image);
-    let (ty, tx) = (within / tiles_across, within % tiles_across);
+    let (image, ty, tx) = tile_position(g, first, tile);
     for i in 0..2 {
         for j in 0..2 {
             let (oy, ox) = (2 * ty + i, 2 * tx + j);
@@ -301,10 +310,7 @@ fn gather_patch<T: WithDType>(
     patch: &mut [T],
 ) {
     let c = g.channels;
-    let tiles_across = g.out_width().div_ceil(2);
-    let per_image = tiles_per_image(g);
-    let (image, within) = (first + tile / per_image, tile % per_image);
-    let (ty, tx) = (within / tiles_across, within % tiles_across);
+    let (image, ty, tx) = tile_position(g, first, tile);
     for a in 0..4 {
         let iy = (2 * ty + a) as isize - g.padding as isize;
         for b in 0..4 {
@@ -366,10 +372,7 @@ fn transform_output<T: WithDType>(m: &[T], y: &mut [T], f: usize) {
 /// that falls outside an odd-sized output.
 fn scatter_tile<T: WithDType>(g: &ConvGeometry, f: usize, tile: usize, y: &[T], out: &mut [T]) {
     let (oh, ow) = (g.out_height(), g.out_width());
-    let tiles_across = ow.div_ceil(2);
-    let per_image = tiles_per_image(g);
-    let (image, within) = (tile / per_image, tile % per_image);
-    let (ty, tx) = (within / tiles_across, within % tiles_across);
+    let (image, ty, tx) = tile_position(g, 0, tile);
     for i in 0..2 {
         let oy = 2 * ty + i;
         if oy >= oh {

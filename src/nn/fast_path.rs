@@ -6,7 +6,9 @@
 //! statistics are one pass over memory. Two rewrites keep the work down, both exact:
 //! a convolution's bias is folded into the following batch-norm's shift, and ReLU followed by
 //! max-pooling runs as pooling then ReLU (max commutes with a monotone function), so ReLU
-//! touches a quarter of the data. Values and gradients equal the reference path in
+//! touches a quarter of the data. On the first-order path, a first block whose input needs no
+//! gradient (the images) runs as one kernel that never stores its full-resolution output
+//! ([`crate::kernels::first_block`]). Values and gradients equal the reference path in
 //! [`crate::nn::network`] up to rounding; tests compare the two.
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
