@@ -200,6 +200,16 @@ fn running_stats(net: &Network, seed: u64) -> ParamSet {
         .expect("same shapes")
 }
 
+/// Checks that a path's outputs equal the reference's to rounding (f64).
+fn same_outputs(label: &str, out: &[f64], reference: &[f64]) -> Result<()> {
+    let diff = max_difference(out, reference);
+    ensure!(
+        diff < 1e-10 * scale_of(reference),
+        "{label}: outputs differ by {diff:e}"
+    );
+    Ok(())
+}
+
 /// Checks that a path's batch statistics (running-statistic updates) have the reference's
 /// names and values.
 fn same_statistics(
@@ -262,11 +272,7 @@ fn fast_paths_match_the_reference_in_values_statistics_and_gradients() -> Result
                     running,
                     Some(&mut stats),
                 )?);
-                let diff = max_difference(&out, &reference);
-                ensure!(
-                    diff < 1e-10 * scale_of(&reference),
-                    "{label}: outputs differ by {diff:e}"
-                );
+                same_outputs(&label, &out, &reference)?;
                 same_statistics(&label, &stats, &reference_stats)?;
                 let grad = autodiff_gradient(&objective(path, &net, &target, running), &point);
                 let diff = max_difference(&grad, &reference_grad);
@@ -468,11 +474,7 @@ fn first_block_kernel_matches_the_reference() -> Result<()> {
                     running,
                     Some(&mut stats),
                 )?);
-                let diff = max_difference(&out, &reference);
-                ensure!(
-                    diff < 1e-10 * scale_of(&reference),
-                    "{label}: outputs differ by {diff:e}"
-                );
+                same_outputs(&label, &out, &reference)?;
                 same_statistics(&label, &stats, &ref_stats)?;
                 let point = Point::new(&params, &x);
                 let reference_grad = autodiff_gradient(

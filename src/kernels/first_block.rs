@@ -398,6 +398,7 @@ impl ConvBnPoolRelu {
     }
 
     fn check(&self, w: &[usize], gamma: &[usize], beta: &[usize]) -> candle_core::Result<Shape> {
+        self.bn.check_statistics_and_params(gamma, beta)?;
         let (g, pool) = (&self.conv, &self.bn.pool);
         let tasks = self.bn.tasks();
         let f = pool.channels;
@@ -419,7 +420,6 @@ impl ConvBnPoolRelu {
         let r = out.len();
         out[r - 2] = out[r - 2] / (g.height * g.width) * (pool.out_height() * pool.out_width());
         out[r - 1] = f;
-        self.bn.check_params(gamma, beta)?;
         Ok(Shape::from(out))
     }
 }

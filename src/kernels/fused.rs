@@ -676,10 +676,31 @@ impl BnPoolRelu {
         (d_gamma, d_beta)
     }
 
-    /// Checks that `gamma` and `beta` are `[c]` or `[tasks, c]`.
-    pub(crate) fn check_params(&self, gamma: &[usize], beta: &[usize]) -> candle_core::Result<()> {
-        let (c, tasks) = (self.pool.channels, self.tasks());
+    /// Checks the statistics against the pooling geometry, and that `gamma` and `beta` are `[c]`
+    /// or `[tasks, c]`.
+    pub(crate) fn check_statistics_and_params(
+        &self,
+        gamma: &[usize],
+        beta: &[usize],
+    ) -> candle_core::Result<()> {
+        let g = &self.pool;
+        let (c, tasks) = (g.channels, self.tasks());
         let params_ok = |d: &[usize]| d == [c] || d == [tasks, c];
+        if c == 0
+            || tasks == 0
+            || self.inv_std.len() != self.mean.len()
+            || !g.images.is_multiple_of(tasks)
+            // The backward pass keeps winners as 32-bit offsets inside an image.
+            || g.height * g.width * c > u32::MAX as usize
+        {
+            return Err(candle_core::Error::Msg(format!(
+                "bn_pool_relu: {} statistics of {c} channels do not fit {} images of {}x{}x{c}",
+                self.mean.len(),
+                g.images,
+                g.height,
+                g.width
+            )));
+        }
         if params_ok(gamma) && params_ok(beta) {
             Ok(())
         } else {
@@ -693,19 +714,9 @@ impl BnPoolRelu {
         let g = &self.pool;
         let c = g.channels;
         let tasks = self.tasks();
-        let params_ok = |d: &[usize]| d == [c] || d == [tasks, c];
+        self.check_statistics_and_params(gamma, beta)?;
         let total: usize = y.iter().product();
-        if c == 0
-            || tasks == 0
-            || self.inv_std.len() != self.mean.len()
-            || !g.images.is_multiple_of(tasks)
-            || total != g.images * g.height * g.width * c
-            // The backward pass keeps winners as 32-bit offsets inside an image.
-            || g.height * g.width * c > u32::MAX as usize
-            || y.last() != Some(&c)
-            || !params_ok(gamma)
-            || !params_ok(beta)
-        {
+        if total != g.images * g.height * g.width * c || y.last() != Some(&c) {
             return Err(candle_core::Error::Msg(format!(
                 "bn_pool_relu: shapes y {y:?}, gamma {gamma:?}, beta {beta:?} do not fit {} images of {}x{}x{c} in {tasks} tasks",
                 g.images, g.height, g.width

@@ -261,20 +261,10 @@ fn gather_output_gradient<T: WithDType>(
     grad: &[T],
     dy: &mut [T],
 ) {
-    let (oh, ow) = (g.out_height(), g.out_width());
     let (image, ty, tx) = tile_position(g, first, tile);
-    for i in 0..2 {
-        for j in 0..2 {
-            let (oy, ox) = (2 * ty + i, 2 * tx + j);
-            let dst = &mut dy[(i * 2 + j) * f..][..f];
-            if oy < oh && ox < ow {
-                let at = ((image * oh + oy) * ow + ox) * f;
-                dst.copy_from_slice(&grad[at..at + f]);
-            } else {
-                dst.fill(T::zero());
-            }
-        }
-    }
+    let (oh, ow) = (g.out_height(), g.out_width());
+    let origin = ((2 * ty) as isize, (2 * tx) as isize);
+    gather_window(grad, (image, oh, ow, f), origin, 2, dy);
 }
 
 /// `dM = A dY Aᵀ` for each filter of a `[2·2][f]` output-gradient tile, into `dm` (`[16][f]`):
@@ -309,18 +299,32 @@ fn gather_patch<T: WithDType>(
     tile: usize,
     patch: &mut [T],
 ) {
-    let c = g.channels;
     let (image, ty, tx) = tile_position(g, first, tile);
-    for a in 0..4 {
-        let iy = (2 * ty + a) as isize - g.padding as isize;
-        for b in 0..4 {
-            let ix = (2 * tx + b) as isize - g.padding as isize;
-            let dst = &mut patch[(a * 4 + b) * c..][..c];
-            if iy >= 0 && iy < g.height as isize && ix >= 0 && ix < g.width as isize {
-                let src = ((image * g.height + iy as usize) * g.width + ix as usize) * c;
-                dst.copy_from_slice(&x[src..src + c]);
+    let p = g.padding as isize;
+    let origin = ((2 * ty) as isize - p, (2 * tx) as isize - p);
+    gather_window(x, (image, g.height, g.width, g.channels), origin, 4, patch);
+}
+
+/// The `size × size` window at `origin` (row, column; may lie partly outside) of image `image`
+/// of `data` (images of `height × width × channels`, channels last) into `dst`
+/// (`[size·size][channels]`), zeros outside the image.
+fn gather_window<T: WithDType>(
+    data: &[T],
+    (image, height, width, channels): (usize, usize, usize, usize),
+    (y0, x0): (isize, isize),
+    size: usize,
+    dst: &mut [T],
+) {
+    for a in 0..size {
+        let iy = y0 + a as isize;
+        for b in 0..size {
+            let ix = x0 + b as isize;
+            let out = &mut dst[(a * size + b) * channels..][..channels];
+            if iy >= 0 && iy < height as isize && ix >= 0 && ix < width as isize {
+                let at = ((image * height + iy as usize) * width + ix as usize) * channels;
+                out.copy_from_slice(&data[at..at + channels]);
             } else {
-                dst.fill(T::zero());
+                out.fill(T::zero());
             }
         }
     }
