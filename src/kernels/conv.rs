@@ -12,7 +12,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::kernels::{contiguous_slice, with_float};
+use crate::kernels::{contiguous_slice, vectorized, with_float};
 
 /// Shape of a batch of channels-last images and of a square convolution window over them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +89,7 @@ pub struct Col2Im(pub ConvGeometry);
 
 /// Writes the patch rows of images `first..first + count` into `out`
 /// (`count·oh·ow·k·k·c` values).
+#[inline(always)]
 pub(crate) fn im2col_into<T: WithDType>(
     g: &ConvGeometry,
     x: &[T],
@@ -130,6 +131,7 @@ pub(crate) fn im2col_into<T: WithDType>(
 
 /// Adds the patch rows `cols` of `count` images into their image rows `out`
 /// (`count·h·w·c` values).
+#[inline(always)]
 pub(crate) fn col2im_add<T: WithDType>(g: &ConvGeometry, cols: &[T], count: usize, out: &mut [T]) {
     let (oh, ow, kc, c) = (g.out_height(), g.out_width(), g.patch_len(), g.channels);
     let image_len = g.height * g.width * c;
@@ -165,7 +167,7 @@ fn im2col<T: WithDType>(g: &ConvGeometry, x: &[T]) -> Vec<T> {
     let mut out = vec![T::zero(); g.images * per_image];
     out.par_chunks_mut(per_image)
         .enumerate()
-        .for_each(|(image, dst)| im2col_into(g, x, image, 1, dst));
+        .for_each(|(image, dst)| vectorized!(im2col_into(g, x, image, 1, dst)));
     out
 }
 
@@ -176,7 +178,12 @@ fn col2im<T: WithDType>(g: &ConvGeometry, cols: &[T]) -> Vec<T> {
     out.par_chunks_mut(image_len)
         .enumerate()
         .for_each(|(image, dst)| {
-            col2im_add(g, &cols[image * per_image..(image + 1) * per_image], 1, dst)
+            vectorized!(col2im_add(
+                g,
+                &cols[image * per_image..(image + 1) * per_image],
+                1,
+                dst
+            ))
         });
     out
 }

@@ -24,7 +24,7 @@ use crate::kernels::conv::{im2col_into, ConvGeometry};
 use crate::kernels::fused::{
     gemm_into, parameter_gradient, to_f64s, with_data, BnPoolRelu, REDUCTION_GROUPS,
 };
-use crate::kernels::{contiguous_slice, with_float};
+use crate::kernels::{contiguous_slice, vectorized, with_float};
 
 /// The longest patch (`k·k·c`) the first-block kernel takes: beyond it, recomputing the
 /// convolution costs more than keeping its output.
@@ -83,7 +83,7 @@ impl PatchMoments {
                     let mut cols = vec![T::zero(); pixels * kc];
                     let mut image_gram = vec![T::zero(); kc * kc];
                     for &image in group {
-                        im2col_into(g, x, image, 1, &mut cols);
+                        vectorized!(im2col_into(g, x, image, 1, &mut cols));
                         let mut image_sums = vec![T::zero(); kc];
                         for row in cols.chunks_exact_mut(kc) {
                             for ((v, &sh), sum) in row.iter_mut().zip(&shift_t).zip(&mut image_sums)
@@ -215,6 +215,7 @@ impl ConvBnPoolRelu {
     }
 
     /// Convolves image `image` into `s.y`.
+    #[inline(always)]
     fn convolve<T: WithDType>(&self, x: &[T], w: &[T], image: usize, s: &mut Scratch<T>) {
         let (kc, f) = (self.conv.patch_len(), self.filters());
         let pixels = self.conv.out_height() * self.conv.out_width();
@@ -251,9 +252,11 @@ impl ConvBnPoolRelu {
                 let mut s = self.scratch::<T>();
                 for (i, dst) in dst.chunks_exact_mut(per_image).enumerate() {
                     let image = group * group_len + i;
-                    self.convolve(x, w, image, &mut s);
-                    self.bn
-                        .pooled_values(&s.y, 0, &affine[image / per_task], dst);
+                    vectorized!({
+                        self.convolve(x, w, image, &mut s);
+                        self.bn
+                            .pooled_values(&s.y, 0, &affine[image / per_task], dst);
+                    });
                 }
             });
         out
@@ -296,8 +299,10 @@ impl ConvBnPoolRelu {
                 let (mut at, mut z) = (vec![0u32; pooled_len], vec![T::zero(); pooled_len]);
                 for &image in group {
                     let t = image / per_task;
-                    self.convolve(x, w, image, &mut s);
-                    self.bn.winners(&s.y, 0, &affine[t], &mut at, &mut z);
+                    vectorized!({
+                        self.convolve(x, w, image, &mut s);
+                        self.bn.winners(&s.y, 0, &affine[t], &mut at, &mut z);
+                    });
                     let (mean, inv_std) = (&self.bn.mean[t * f..], &self.bn.inv_std[t * f..]);
                     let (sum1, sum2) = (&mut s1[t * f..(t + 1) * f], &mut s2[t * f..(t + 1) * f]);
                     dy.fill(T::zero());

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use crate::kernels::conv::{col2im_add, im2col_into, ConvGeometry};
 use crate::kernels::pool::PoolGeometry;
 use crate::kernels::winograd;
-use crate::kernels::{contiguous_slice, with_float};
+use crate::kernels::{contiguous_slice, vectorized, with_float};
 
 /// Output rows a convolution chunk aims for: enough for an efficient GEMM, few enough that
 /// the chunk's patch matrix stays in cache.
@@ -103,6 +103,39 @@ fn chunks(
     out
 }
 
+/// Per-task sums of `per_task` values over `parts` (ordered by task, as [`chunks`] makes them):
+/// `accumulate` adds one part's contribution to its task's slice. Parts are summed in fixed
+/// groups, each holding only the tasks it covers, and the groups are added in order, so the
+/// result does not depend on the thread count or on scheduling.
+fn sum_over_parts<T: WithDType>(
+    parts: &[(usize, usize, usize)],
+    tasks: usize,
+    per_task: usize,
+    accumulate: impl Fn(&mut [T], (usize, usize, usize)) + Sync,
+) -> Vec<T> {
+    let group_len = parts.len().div_ceil(REDUCTION_GROUPS).max(1);
+    let groups: Vec<(usize, Vec<T>)> = parts
+        .par_chunks(group_len)
+        .map(|group| {
+            let first_task = group[0].0;
+            let covered = group[group.len() - 1].0 + 1 - first_task;
+            let mut acc = vec![T::zero(); covered * per_task];
+            for &part in group {
+                let at = (part.0 - first_task) * per_task;
+                accumulate(&mut acc[at..at + per_task], part);
+            }
+            (first_task, acc)
+        })
+        .collect();
+    let mut sum = vec![T::zero(); tasks * per_task];
+    for (first_task, acc) in groups {
+        for (total, value) in sum[first_task * per_task..].iter_mut().zip(acc) {
+            *total += value;
+        }
+    }
+    sum
+}
+
 /// Splits `data` into consecutive pieces of the given lengths.
 fn split_lengths<T>(mut data: &mut [T], lengths: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
     let mut out = Vec::new();
@@ -152,7 +185,7 @@ impl ConvRows {
             .zip(slices)
             .for_each(|((task, first, count), dst)| {
                 let mut cols = vec![T::zero(); count * pixels * kc];
-                im2col_into(g, x, first, count, &mut cols);
+                vectorized!(im2col_into(g, x, first, count, &mut cols));
                 let w_task = &w[task * kc * filters..];
                 // Safety: the slices hold exactly the m×k, k×n and m×n values addressed.
                 unsafe {
@@ -208,47 +241,31 @@ impl ConvRows {
                             (w_task.as_ptr(), 1, filters),
                         )
                     }
-                    col2im_add(g, &cols, count, dst);
+                    vectorized!(col2im_add(g, &cols, count, dst));
                 });
             dx
         });
         if winograd::applies(g) {
             return (dx, winograd_weight_gradient(g, x, grad, tasks, filters));
         }
-        // d w (per task) = Σ over chunks of colsᵀ · d y, summed per worker, then across workers.
-        let dw_len = tasks * kc * filters;
-        let group_len = parts.len().div_ceil(REDUCTION_GROUPS).max(1);
-        let dw = parts
-            .par_chunks(group_len)
-            .map(|group| {
-                group
-                    .iter()
-                    .fold(vec![T::zero(); dw_len], |mut acc, &(task, first, count)| {
-                        let mut cols = vec![T::zero(); count * pixels * kc];
-                        im2col_into(g, x, first, count, &mut cols);
-                        let g_chunk = &grad[first * pixels * filters..];
-                        unsafe {
-                            gemm_into(
-                                (kc, filters, count * pixels),
-                                acc[task * kc * filters..].as_mut_ptr(),
-                                filters,
-                                true,
-                                (cols.as_ptr(), 1, kc),
-                                (g_chunk.as_ptr(), filters, 1),
-                            )
-                        }
-                        acc
-                    })
-            })
-            .collect::<Vec<_>>()
-            .into_iter()
-            .reduce(|mut a, b| {
-                for (x, y) in a.iter_mut().zip(b) {
-                    *x += y;
-                }
-                a
-            })
-            .unwrap_or_else(|| vec![T::zero(); dw_len]);
+        // d w (per task) = Σ over chunks of colsᵀ · d y.
+        let dw = sum_over_parts(&parts, tasks, kc * filters, |acc, (_, first, count)| {
+            let mut cols = vec![T::zero(); count * pixels * kc];
+            vectorized!(im2col_into(g, x, first, count, &mut cols));
+            let g_chunk = &grad[first * pixels * filters..];
+            // Safety: cols is (count·pixels)×kc, the gradient rows (count·pixels)×filters and
+            // acc kc×filters.
+            unsafe {
+                gemm_into(
+                    (kc, filters, count * pixels),
+                    acc.as_mut_ptr(),
+                    filters,
+                    true,
+                    (cols.as_ptr(), 1, kc),
+                    (g_chunk.as_ptr(), filters, 1),
+                )
+            }
+        });
         (dx, dw)
     }
 }
@@ -298,33 +315,9 @@ fn winograd_weight_gradient<T: WithDType>(
         winograd::tiles_per_image(g),
         WINOGRAD_CHUNK_TILES,
     );
-    let group_len = parts.len().div_ceil(REDUCTION_GROUPS).max(1);
-    let du = parts
-        .par_chunks(group_len)
-        .map(|group| {
-            let mut acc = vec![T::zero(); tasks * per_task];
-            for &(task, first, count) in group {
-                let du = &mut acc[task * per_task..(task + 1) * per_task];
-                winograd::accumulate_transformed_weight_gradient(
-                    g,
-                    x,
-                    grad,
-                    filters,
-                    (first, count),
-                    du,
-                );
-            }
-            acc
-        })
-        .collect::<Vec<_>>()
-        .into_iter()
-        .reduce(|mut a, b| {
-            for (x, y) in a.iter_mut().zip(b) {
-                *x += y;
-            }
-            a
-        })
-        .unwrap_or_else(|| vec![T::zero(); tasks * per_task]);
+    let du = sum_over_parts(&parts, tasks, per_task, |du, (_, first, count)| {
+        winograd::accumulate_transformed_weight_gradient(g, x, grad, filters, (first, count), du);
+    });
     winograd::weight_gradient(&du, tasks, g.channels, filters)
 }
 
@@ -430,6 +423,7 @@ impl BnPoolRelu {
     /// in the image, into `at`) and its normalised value (into `best`); both are laid out as the
     /// image's pooled output. Ties go to the first input in window order. The channel loop is
     /// branch-free (a compare and two selects on 32-bit lanes), so it vectorises.
+    #[inline(always)]
     pub(crate) fn winners<T: WithDType>(
         &self,
         y: &[T],
@@ -476,7 +470,7 @@ impl BnPoolRelu {
         out.par_chunks_mut(per_image)
             .enumerate()
             .for_each(|(image, dst)| {
-                self.pooled_values(y, image, &affine[image / per_task], dst);
+                vectorized!(self.pooled_values(y, image, &affine[image / per_task], dst));
             });
         out
     }
@@ -484,6 +478,7 @@ impl BnPoolRelu {
     /// The forward pass of one image: each window's largest normalised value, through ReLU.
     /// Unlike [`Self::winners`] it tracks no positions, so the channel loop is a plain
     /// vectorisable maximum.
+    #[inline(always)]
     pub(crate) fn pooled_values<T: WithDType>(
         &self,
         y: &[T],
@@ -544,7 +539,9 @@ impl BnPoolRelu {
             .par_chunks_mut(pooled_len)
             .zip(winner_z.par_chunks_mut(pooled_len))
             .enumerate()
-            .for_each(|(image, (at, z))| self.winners(y, image, &affine[image / per_task], at, z));
+            .for_each(|(image, (at, z))| {
+                vectorized!(self.winners(y, image, &affine[image / per_task], at, z))
+            });
         // Pass 1: per task and channel, Σ dz and Σ dz·ŷ over the winners (dz = incoming
         // gradient where ReLU passes it). Fixed groups summed in order: deterministic.
         let zero = || (vec![0f64; tasks * c], vec![0f64; tasks * c]);

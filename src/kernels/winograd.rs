@@ -16,7 +16,7 @@ use candle_core::WithDType;
 
 use crate::kernels::conv::ConvGeometry;
 use crate::kernels::fused::gemm_into;
-use crate::kernels::with_scratch;
+use crate::kernels::{vectorized, with_scratch};
 
 /// Fewer input channels than this leave the products too thin to pay for the transforms
 /// (a first layer on grey images has one).
@@ -42,6 +42,7 @@ pub(crate) fn tiles_per_image(g: &ConvGeometry) -> usize {
 }
 
 /// Tile `tile` counted from image `first`: its image and its tile row and column.
+#[inline(always)]
 fn tile_position(g: &ConvGeometry, first: usize, tile: usize) -> (usize, usize, usize) {
     let tiles_across = g.out_width().div_ceil(2);
     let per_image = tiles_per_image(g);
@@ -133,12 +134,13 @@ pub(crate) fn convolve_images<T: WithDType>(
     let tiles = count * tiles_per_image(g);
     // Per tile: its 16 transformed positions of c channels, then their 16 products of f filters.
     with_scratch::<T, _>(tiles * 16 * c, tiles * 16 * f, |v, m| {
-        convolve_tiles(g, x, u, f, first, v, m, out)
+        vectorized!(convolve_tiles(g, x, u, f, first, v, m, out))
     })
 }
 
 /// [`convolve_images`] with scratch space for the transformed inputs `v` and the products `m`.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn convolve_tiles<T: WithDType>(
     g: &ConvGeometry,
     x: &[T],
@@ -191,30 +193,32 @@ pub(crate) fn accumulate_transformed_weight_gradient<T: WithDType>(
     let c = g.channels;
     let tiles = count * tiles_per_image(g);
     with_scratch::<T, _>(tiles * 16 * c, tiles * 16 * f, |v, dm| {
-        let mut patch = vec![T::zero(); 16 * c];
-        for (tile, v_tile) in v.chunks_exact_mut(16 * c).enumerate() {
-            gather_patch(g, x, first, tile, &mut patch);
-            transform_input(&patch, v_tile, c);
-        }
-        let mut dy = vec![T::zero(); 4 * f];
-        for (tile, dm_tile) in dm.chunks_exact_mut(16 * f).enumerate() {
-            gather_output_gradient(g, f, first, tile, grad, &mut dy);
-            transform_output_gradient(&dy, dm_tile, f);
-        }
-        for k in 0..16 {
-            // Safety: column `tile` of input k is v[tile·16c + k·c ..][..c], row `tile` of
-            // gradient k dm[tile·16f + k·f ..][..f]; du holds 16 blocks of c×f.
-            unsafe {
-                gemm_into(
-                    (c, f, tiles),
-                    du.as_mut_ptr().add(k * c * f),
-                    f,
-                    true,
-                    (v.as_ptr().add(k * c), 1, 16 * c),
-                    (dm.as_ptr().add(k * f), 16 * f, 1),
-                )
+        vectorized!({
+            let mut patch = vec![T::zero(); 16 * c];
+            for (tile, v_tile) in v.chunks_exact_mut(16 * c).enumerate() {
+                gather_patch(g, x, first, tile, &mut patch);
+                transform_input(&patch, v_tile, c);
             }
-        }
+            let mut dy = vec![T::zero(); 4 * f];
+            for (tile, dm_tile) in dm.chunks_exact_mut(16 * f).enumerate() {
+                gather_output_gradient(g, f, first, tile, grad, &mut dy);
+                transform_output_gradient(&dy, dm_tile, f);
+            }
+            for k in 0..16 {
+                // Safety: column `tile` of input k is v[tile·16c + k·c ..][..c], row `tile` of
+                // gradient k dm[tile·16f + k·f ..][..f]; du holds 16 blocks of c×f.
+                unsafe {
+                    gemm_into(
+                        (c, f, tiles),
+                        du.as_mut_ptr().add(k * c * f),
+                        f,
+                        true,
+                        (v.as_ptr().add(k * c), 1, 16 * c),
+                        (dm.as_ptr().add(k * f), 16 * f, 1),
+                    )
+                }
+            }
+        })
     })
 }
 
@@ -253,6 +257,7 @@ pub(crate) fn weight_gradient<T: WithDType>(du: &[T], tasks: usize, c: usize, f:
 
 /// The output gradient of tile `tile` (counted from image `first`), `[2·2][f]`, zeros where
 /// the tile overhangs an odd-sized output.
+#[inline(always)]
 fn gather_output_gradient<T: WithDType>(
     g: &ConvGeometry,
     f: usize,
@@ -269,6 +274,7 @@ fn gather_output_gradient<T: WithDType>(
 
 /// `dM = A dY Aᵀ` for each filter of a `[2·2][f]` output-gradient tile, into `dm` (`[16][f]`):
 /// the adjoint of [`transform_output`].
+#[inline(always)]
 fn transform_output_gradient<T: WithDType>(dy: &[T], dm: &mut [T], f: usize) {
     let (dy, dm) = (&dy[..4 * f], &mut dm[..16 * f]);
     for fo in 0..f {
@@ -292,6 +298,7 @@ fn transform_output_gradient<T: WithDType>(dy: &[T], dm: &mut [T], f: usize) {
 
 /// Tile `tile` (counted from image `first`) of `x`: its 4×4 input window, `[16][c]`, zeros
 /// outside the image.
+#[inline(always)]
 fn gather_patch<T: WithDType>(
     g: &ConvGeometry,
     x: &[T],
@@ -308,6 +315,7 @@ fn gather_patch<T: WithDType>(
 /// The `size × size` window at `origin` (row, column; may lie partly outside) of image `image`
 /// of `data` (images of `height × width × channels`, channels last) into `dst`
 /// (`[size·size][channels]`), zeros outside the image.
+#[inline(always)]
 fn gather_window<T: WithDType>(
     data: &[T],
     (image, height, width, channels): (usize, usize, usize, usize),
@@ -331,6 +339,7 @@ fn gather_window<T: WithDType>(
 }
 
 /// `V = Bᵀ d B` for each channel of a `[16][c]` patch, into `v` (`[16][c]`).
+#[inline(always)]
 fn transform_input<T: WithDType>(d: &[T], v: &mut [T], c: usize) {
     let (d, v) = (&d[..16 * c], &mut v[..16 * c]);
     for ch in 0..c {
@@ -353,6 +362,7 @@ fn transform_input<T: WithDType>(d: &[T], v: &mut [T], c: usize) {
 }
 
 /// `Y = Aᵀ M A` for each filter of a `[16][f]` product tile, into `y` (`[2·2][f]`).
+#[inline(always)]
 fn transform_output<T: WithDType>(m: &[T], y: &mut [T], f: usize) {
     let (m, y) = (&m[..16 * f], &mut y[..4 * f]);
     for fo in 0..f {
@@ -374,6 +384,7 @@ fn transform_output<T: WithDType>(m: &[T], y: &mut [T], f: usize) {
 
 /// Writes the 2×2 output tile `y` (`[4][f]`) of tile `tile` into `out`, dropping the half
 /// that falls outside an odd-sized output.
+#[inline(always)]
 fn scatter_tile<T: WithDType>(g: &ConvGeometry, f: usize, tile: usize, y: &[T], out: &mut [T]) {
     let (oh, ow) = (g.out_height(), g.out_width());
     let (image, ty, tx) = tile_position(g, 0, tile);
