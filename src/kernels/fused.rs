@@ -440,6 +440,26 @@ impl BnPoolRelu {
         let pixels = at.chunks_exact_mut(c).zip(best.chunks_exact_mut(c));
         for (pixel, (at, best)) in pixels.enumerate() {
             let (oy, ox) = (pixel / ow, pixel % ow);
+            if s == 2 {
+                // The usual 2×2 window, its four rows compared in registers and each output
+                // stored once (the general loop's conditional stores become slow masked
+                // stores).
+                let top = (2 * oy * g.width + 2 * ox) * c;
+                let offsets = [top, top + c, top + g.width * c, top + g.width * c + c];
+                let [r0, r1, r2, r3] = offsets.map(|o| &y[o..o + c]);
+                for ch in 0..c {
+                    let (mut m, mut from) = (r0[ch] * a[ch] + b[ch], offsets[0]);
+                    for (row, offset) in [(r1, offsets[1]), (r2, offsets[2]), (r3, offsets[3])] {
+                        let z = row[ch] * a[ch] + b[ch];
+                        let better = z > m;
+                        m = if better { z } else { m };
+                        from = if better { offset } else { from };
+                    }
+                    best[ch] = m;
+                    at[ch] = (from + ch) as u32;
+                }
+                continue;
+            }
             for dy in 0..s {
                 for dx in 0..s {
                     let offset = ((oy * s + dy) * g.width + ox * s + dx) * c;
@@ -492,6 +512,21 @@ impl BnPoolRelu {
         let base = image * g.height * g.width * c;
         for (pixel, best) in dst.chunks_exact_mut(c).take(oh * ow).enumerate() {
             let (oy, ox) = (pixel / ow, pixel % ow);
+            if s == 2 {
+                // As in `winners`: the 2×2 window in registers, one plain store per output.
+                let top = base + (2 * oy * g.width + 2 * ox) * c;
+                let offsets = [top, top + c, top + g.width * c, top + g.width * c + c];
+                let [r0, r1, r2, r3] = offsets.map(|o| &y[o..o + c]);
+                for ch in 0..c {
+                    let mut m = r0[ch] * a[ch] + b[ch];
+                    for row in [r1, r2, r3] {
+                        let z = row[ch] * a[ch] + b[ch];
+                        m = if z > m { z } else { m };
+                    }
+                    best[ch] = if m < T::zero() { T::zero() } else { m };
+                }
+                continue;
+            }
             for dy in 0..s {
                 for dx in 0..s {
                     let at = base + ((oy * s + dy) * g.width + ox * s + dx) * c;
@@ -776,6 +811,102 @@ impl CustomOp3 for BnPoolRelu {
                 Some(Tensor::from_vec(dy, y.shape(), y.device())?),
                 Some(parameter_gradient(dg, gamma)?),
                 Some(parameter_gradient(db, beta)?),
+            ))
+        })
+    }
+}
+
+/// A whole block after the first — convolution, batch-norm, max-pooling and ReLU — as one
+/// graph node: `(x [.., images·h·w, c], weight, [gamma, beta] stacked)` → pooled rows.
+///
+/// `convolved` is the convolution's output, computed beforehand (outside the graph) to take
+/// its batch statistics; forward pools it and backward reuses it. Keeping it out of the graph
+/// means the backward pass never allocates, zeroes and accumulates a gradient tensor of its
+/// full, unpooled size, as it does for every graph node.
+#[derive(Clone, Debug)]
+pub struct ConvBlock {
+    /// The convolution.
+    pub conv: ConvRows,
+    /// Batch-norm, pooling and ReLU, with their statistics.
+    pub bn: BnPoolRelu,
+    /// The convolution's output for `x` and the weight, as [`ConvRows`] gives it.
+    pub convolved: Tensor,
+}
+
+impl ConvBlock {
+    /// The stacked parameters' halves (`gamma`, `beta`) in f64.
+    fn halves<T: WithDType>(params: &[T]) -> (Vec<f64>, Vec<f64>) {
+        let (gamma, beta) = params.split_at(params.len() / 2);
+        (to_f64s(gamma), to_f64s(beta))
+    }
+
+    fn check(&self, x: &[usize], w: &[usize], params: &[usize]) -> candle_core::Result<Shape> {
+        let g = &self.conv.0;
+        let (_, filters) = self.conv.tasks_and_filters(w)?;
+        let inputs: usize = x.iter().product();
+        if inputs != g.images * g.height * g.width * g.channels || filters != self.bn.pool.channels
+        {
+            return Err(candle_core::Error::Msg(format!(
+                "conv_block: input {x:?} and weight {w:?} do not fit {} images of {}x{}x{} into {} filters",
+                g.images, g.height, g.width, g.channels, self.bn.pool.channels
+            )));
+        }
+        match params.split_first() {
+            Some((2, half)) => self.bn.check(self.convolved.dims(), half, half),
+            _ => Err(candle_core::Error::Msg(format!(
+                "conv_block: parameters {params:?} are not gamma and beta stacked on a first axis of 2"
+            ))),
+        }
+    }
+}
+
+impl CustomOp3 for ConvBlock {
+    fn name(&self) -> &'static str {
+        "conv_block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        l1: &Layout,
+        _w: &CpuStorage,
+        l2: &Layout,
+        params: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = self.check(l1.dims(), l2.dims(), l3.dims())?;
+        with_float!("conv_block", params.dtype(), T => {
+            let (gamma, beta) = Self::halves(contiguous_slice::<T>(params, l3, "conv_block")?);
+            let out = with_data::<T, _>(&self.convolved, |y| self.bn.forward(y, &gamma, &beta))?;
+            Ok((T::to_cpu_storage_owned(out), shape))
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (tasks, filters) = self.conv.tasks_and_filters(w.dims())?;
+        with_float!("conv_block", x.dtype(), T => {
+            let (gamma, beta) = with_data::<T, _>(params, Self::halves)?;
+            let (dy, mut d_params, d_beta) = with_data::<T, _>(&self.convolved, |ys| {
+                with_data::<T, _>(grad, |gs| self.bn.backward(ys, &gamma, &beta, gs))
+            })??;
+            d_params.extend(d_beta);
+            let (dx, dw) = with_data::<T, _>(x, |xs| {
+                with_data::<T, _>(w, |ws| {
+                    self.conv.backward(xs, ws, &dy, tasks, filters, x.track_op())
+                })
+            })??;
+            let dx = dx.map(|d| Tensor::from_vec(d, x.shape(), x.device())).transpose()?;
+            Ok((
+                dx,
+                Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+                Some(parameter_gradient(d_params, params)?),
             ))
         })
     }

@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, DType, Storage, Tensor};
 use crate::error::Result;
 use crate::kernels::conv::{im2col_rows, ConvGeometry};
 use crate::kernels::first_block::{ConvBnPoolRelu, PatchMoments, MAX_PATCH};
-use crate::kernels::fused::{BnPoolRelu, ConvRows};
+use crate::kernels::fused::{BnPoolRelu, ConvBlock, ConvRows};
 use crate::kernels::norm::{channel_moments, moments};
 use crate::kernels::pool::{max_pool_rows, PoolGeometry};
 use crate::nn::architecture::{Activation, Layer, NamedLayer};
@@ -236,8 +236,15 @@ fn batch_norm(
 
 /// What a fused batch-norm, max-pooling and ReLU block reads.
 enum BlockInput {
-    /// The convolution's output rows.
-    Convolved(Rows),
+    /// Rows that may get a gradient, with the convolution to run on them: `convolved` is its
+    /// output, computed outside the graph for the statistics, and the whole block becomes one
+    /// node ([`ConvBlock`]). `weight` is the `[k·k·c, filters]` (or `[tasks, ..]`) matrix.
+    Layer {
+        rows: Rows,
+        weight: Tensor,
+        geometry: ConvGeometry,
+        convolved: Rows,
+    },
     /// Images that get no gradient, with the convolution to run on them inside the kernel
     /// ([`ConvBnPoolRelu`]): `weight` is the `[k·k·c, filters]` (or `[tasks, ..]`) matrix.
     Images {
@@ -248,16 +255,19 @@ enum BlockInput {
 }
 
 impl BlockInput {
+    /// The rows the statistics are taken from: the convolution's output, or for
+    /// [`BlockInput::Images`] the images (their patch moments give the output's).
     fn rows(&self) -> &Rows {
         match self {
-            BlockInput::Convolved(rows) | BlockInput::Images { rows, .. } => rows,
+            BlockInput::Layer { convolved, .. } => convolved,
+            BlockInput::Images { rows, .. } => rows,
         }
     }
 
     /// Channels, height and width of the convolution's output.
     fn output_shape(&self) -> Result<(usize, usize, usize)> {
         Ok(match self {
-            BlockInput::Convolved(r) => (r.c, r.h, r.w),
+            BlockInput::Layer { convolved: r, .. } => (r.c, r.h, r.w),
             BlockInput::Images {
                 weight, geometry, ..
             } => (
@@ -280,7 +290,7 @@ impl BlockInput {
         let (a, b) = layout.contiguous_offsets().expect("contiguous");
         let per_task = data.elem_count() / rows.c / tasks;
         Ok(match self {
-            BlockInput::Convolved(_) => {
+            BlockInput::Layer { .. } => {
                 let (mean, var) = match &*storage {
                     Storage::Cpu(CpuStorage::F32(v)) => moments(&v[a..b], tasks, per_task, c),
                     Storage::Cpu(CpuStorage::F64(v)) => moments(&v[a..b], tasks, per_task, c),
@@ -318,7 +328,24 @@ impl BlockInput {
         let (c, h, w) = (op.pool.channels, op.pool.out_height(), op.pool.out_width());
         let (a, b) = (a.contiguous()?, b.contiguous()?);
         let (t, lead) = match self {
-            BlockInput::Convolved(rows) => (rows.t.contiguous()?.apply_op3(&a, &b, op)?, rows.lead),
+            BlockInput::Layer {
+                rows,
+                weight,
+                geometry,
+                convolved,
+            } => {
+                let kernel = ConvBlock {
+                    conv: ConvRows(geometry),
+                    bn: op,
+                    convolved: convolved.t,
+                };
+                let params = Tensor::stack(&[&a, &b], 0)?;
+                let x = rows.t.contiguous()?;
+                (
+                    x.apply_op3(&weight.contiguous()?, &params, kernel)?,
+                    rows.lead,
+                )
+            }
             BlockInput::Images {
                 rows,
                 weight,
@@ -473,14 +500,32 @@ pub(crate) fn forward(
                     let q = |n: &str| params.get(&format!("{}.{n}", bn.name));
                     i += 3;
                     let geometry = conv_geometry(&rows, weight, *stride, *padding)?;
+                    let matrix = weight_matrix(weight, geometry.patch_len(), batched)?;
                     let input = if !rows.t.track_op() && geometry.patch_len() <= MAX_PATCH {
                         BlockInput::Images {
-                            weight: weight_matrix(weight, geometry.patch_len(), batched)?,
+                            weight: matrix,
                             rows,
                             geometry,
                         }
                     } else {
-                        BlockInput::Convolved(conv(rows, weight, *stride, *padding, batched, true)?)
+                        let y = rows
+                            .t
+                            .detach()
+                            .contiguous()?
+                            .apply_op2(&matrix.detach().contiguous()?, ConvRows(geometry))?;
+                        let convolved = Rows {
+                            t: y,
+                            lead: rows.lead.clone(),
+                            h: geometry.out_height(),
+                            w: geometry.out_width(),
+                            c: matrix.dim(matrix.rank() - 1)?,
+                        };
+                        BlockInput::Layer {
+                            rows,
+                            weight: matrix,
+                            geometry,
+                            convolved,
+                        }
                     };
                     Act::Rows(bn_pool_relu(
                         input,
