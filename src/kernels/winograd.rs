@@ -98,19 +98,32 @@ pub(crate) fn flipped_weights<T: WithDType>(w: &[T], tasks: usize, c: usize, f: 
 pub(crate) fn transform_weights<T: WithDType>(w: &[T], tasks: usize, c: usize, f: usize) -> Vec<T> {
     let half = T::from_f64(0.5);
     // G applied to the three values (a, b, c) of one kernel column or row.
-    let g_times = |a: T, b: T, c: T| [a, (a + b + c) * half, (a - b + c) * half, c];
-    let mut out = vec![T::zero(); tasks * 16 * c * f];
+    let g_times = |[a, b, c]: [T; 3]| [a, (a + b + c) * half, (a - b + c) * half, c];
+    separable_transform(w, tasks, c, f, g_times)
+}
+
+/// `M X Mᵀ` for every task, channel and filter of `src` (`[tasks][N·N][c][f]`) into
+/// `[tasks][K·K][c][f]`, where `m` applies M to one column of N values. M goes along the
+/// first index for each column, then along the second for each resulting row.
+fn separable_transform<T: WithDType, const N: usize, const K: usize>(
+    src: &[T],
+    tasks: usize,
+    c: usize,
+    f: usize,
+    m: impl Fn([T; N]) -> [T; K],
+) -> Vec<T> {
+    let mut out = vec![T::zero(); tasks * K * K * c * f];
     for t in 0..tasks {
-        let (src, dst) = (&w[t * 9 * c * f..], &mut out[t * 16 * c * f..]);
+        let (src, dst) = (&src[t * N * N * c * f..], &mut out[t * K * K * c * f..]);
         for ch in 0..c {
             for fo in 0..f {
-                let at = |ky: usize, kx: usize| src[((ky * 3 + kx) * c + ch) * f + fo];
-                let columns: [[T; 4]; 3] =
-                    std::array::from_fn(|kx| g_times(at(0, kx), at(1, kx), at(2, kx)));
-                for i in 0..4 {
-                    let row = g_times(columns[0][i], columns[1][i], columns[2][i]);
+                let at = |i: usize, j: usize| src[((i * N + j) * c + ch) * f + fo];
+                let columns: [[T; K]; N] =
+                    std::array::from_fn(|j| m(std::array::from_fn(|i| at(i, j))));
+                for i in 0..K {
+                    let row = m(std::array::from_fn(|j| columns[j][i]));
                     for (j, value) in row.into_iter().enumerate() {
-                        dst[((i * 4 + j) * c + ch) * f + fo] = value;
+                        dst[((i * K + j) * c + ch) * f + fo] = value;
                     }
                 }
             }
@@ -234,25 +247,7 @@ pub(crate) fn weight_gradient<T: WithDType>(du: &[T], tasks: usize, c: usize, f:
             (a[1] + a[2]) * half + a[3],
         ]
     };
-    let mut out = vec![T::zero(); tasks * 9 * c * f];
-    for t in 0..tasks {
-        let (src, dst) = (&du[t * 16 * c * f..], &mut out[t * 9 * c * f..]);
-        for ch in 0..c {
-            for fo in 0..f {
-                let at = |i: usize, j: usize| src[((i * 4 + j) * c + ch) * f + fo];
-                // Over i first (kernel rows), then over j (kernel columns).
-                let rows: [[T; 3]; 4] =
-                    std::array::from_fn(|j| gt_times([at(0, j), at(1, j), at(2, j), at(3, j)]));
-                for ky in 0..3 {
-                    let row = gt_times([rows[0][ky], rows[1][ky], rows[2][ky], rows[3][ky]]);
-                    for (kx, value) in row.into_iter().enumerate() {
-                        dst[((ky * 3 + kx) * c + ch) * f + fo] = value;
-                    }
-                }
-            }
-        }
-    }
-    out
+    separable_transform(du, tasks, c, f, gt_times)
 }
 
 /// The output gradient of tile `tile` (counted from image `first`), `[2·2][f]`, zeros where
