@@ -95,7 +95,7 @@ pub fn train_transfer_baseline(
                 "transfer baseline loss became {value} at step {step}; lower its learning rate"
             )));
         }
-        let grads = loss.backward()?;
+        let grads = crate::runtime::backward(&loss)?;
         let grads: Vec<Option<Tensor>> = vars
             .iter()
             .map(|v| grads.get(v.as_tensor()).map(|g| g.detach()))

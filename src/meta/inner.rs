@@ -133,7 +133,11 @@ pub fn run_inner_loop(
             batched,
         )?;
         let loss = cfg.loss.compute(&pred, y)?.affine(scale, 0.0)?;
-        let grads = loss.backward()?;
+        let grads = if cfg.second_order {
+            loss.backward()?
+        } else {
+            crate::runtime::backward(&loss)?
+        };
         let mut i = 0;
         fast = fast.map(|name, t| {
             let probe = probes[i].as_ref();
@@ -318,7 +322,7 @@ pub fn gradients_of(loss: &Tensor, meta: &MetaParams) -> Result<MetaStep> {
             batch_stats: Vec::new(),
         });
     }
-    let store = loss.backward()?;
+    let store = crate::runtime::backward(loss)?;
     Ok(MetaStep {
         loss: value,
         grads: meta

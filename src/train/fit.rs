@@ -370,7 +370,7 @@ impl Sequential {
         if !loss_value.is_finite() {
             return Ok((loss_value, pred.detach()));
         }
-        let grads = loss.backward()?;
+        let grads = crate::runtime::backward(&loss)?;
         let grads: Vec<Option<Tensor>> = self
             .names
             .iter()
