@@ -18,7 +18,7 @@ use crate::kernels::conv::{im2col_rows, ConvGeometry};
 use crate::kernels::first_block::{ConvBnPoolRelu, PatchMoments, MAX_PATCH};
 use crate::kernels::fused::{BnPoolRelu, ConvBlock, ConvRows};
 use crate::kernels::norm::{channel_moments, moments};
-use crate::kernels::pool::{max_pool_rows, PoolGeometry};
+use crate::kernels::pool::{max_pool_rows, PoolGather, PoolGeometry};
 use crate::nn::architecture::{Activation, Layer, NamedLayer};
 use crate::nn::network::{self, ForwardCtx, Mode};
 use crate::nn::params::ParamSet;
@@ -185,6 +185,27 @@ fn batch_norm(
     batched: bool,
     ctx: &mut ForwardCtx,
 ) -> Result<Rows> {
+    let (scale, shift) = batch_norm_affine(&rows, name, gamma, beta, bias, eps, batched, ctx)?;
+    Ok(Rows {
+        t: rows.t.broadcast_mul(&scale)?.broadcast_add(&shift)?,
+        ..rows
+    })
+}
+
+/// The per-channel `scale` and `shift` (broadcastable over rows) with which batch-norm maps
+/// `rows` (the convolution's output without its bias, which is folded in here) to
+/// `rows·scale + shift`; records running statistics where `ctx` asks for them.
+#[allow(clippy::too_many_arguments)]
+fn batch_norm_affine(
+    rows: &Rows,
+    name: &str,
+    gamma: &Tensor,
+    beta: &Tensor,
+    bias: Option<&Tensor>,
+    eps: f64,
+    batched: bool,
+    ctx: &mut ForwardCtx,
+) -> Result<(Tensor, Tensor)> {
     let bias = bias.map(|b| per_channel(b, batched)).transpose()?;
     let use_running = ctx.mode == Mode::Eval && ctx.running_stats.is_some();
     // `pre_mean` is the mean of the biased convolution output (what the reference path
@@ -228,9 +249,53 @@ fn batch_norm(
         None => pre_mean.neg()?,
     };
     let shift = per_channel(beta, batched)?.broadcast_add(&offset.broadcast_mul(&scale)?)?;
+    Ok((scale, shift))
+}
+
+/// Convolution, batch-norm, ReLU and max-pooling on the differentiable path, with the pooling
+/// moved before the batch-norm's per-channel affine map: the window winners are taken on the
+/// batch-norm output (outside the graph), the convolution's output is gathered at them, and
+/// the affine map and ReLU run on the pooled quarter. Given the winners, pooling is a linear
+/// selection, so values and derivatives of every order are those of the layers in sequence,
+/// while the graph's full-resolution tensors shrink to the convolution's output, its
+/// statistics and the selection.
+#[allow(clippy::too_many_arguments)]
+fn composed_block(
+    rows: Rows,
+    conv_params: (&Tensor, &Tensor, usize, usize),
+    bn: (&str, &Tensor, &Tensor, f64),
+    size: usize,
+    batched: bool,
+    ctx: &mut ForwardCtx,
+) -> Result<Rows> {
+    let (weight, bias, stride, padding) = conv_params;
+    let (name, gamma, beta, eps) = bn;
+    let y = conv(rows, weight, stride, padding, batched, false)?;
+    let (scale, shift) = batch_norm_affine(&y, name, gamma, beta, Some(bias), eps, batched, ctx)?;
+    let normalised =
+        y.t.detach()
+            .broadcast_mul(&scale.detach())?
+            .broadcast_add(&shift.detach())?
+            .contiguous()?;
+    let geometry = PoolGeometry {
+        images: y.images(),
+        height: y.h,
+        width: y.w,
+        channels: y.c,
+        size,
+    };
+    let pooled =
+        y.t.contiguous()?
+            .apply_op2(&normalised, PoolGather(geometry))?;
     Ok(Rows {
-        t: rows.t.broadcast_mul(&scale)?.broadcast_add(&shift)?,
-        ..rows
+        t: pooled
+            .broadcast_mul(&scale)?
+            .broadcast_add(&shift)?
+            .relu()?,
+        lead: y.lead,
+        h: geometry.out_height(),
+        w: geometry.out_width(),
+        c: y.c,
     })
 }
 
@@ -534,6 +599,28 @@ pub(crate) fn forward(
                         q("beta")?,
                         bias,
                         *eps,
+                        *size,
+                        batched,
+                        ctx,
+                    )?)
+                } else if let (
+                    false,
+                    Some(Layer::BatchNorm { eps, .. }),
+                    (
+                        Some(Layer::Activation {
+                            activation: Activation::Relu,
+                        }),
+                        Some(Layer::MaxPool2d { size }),
+                    ),
+                ) = (fused, next, after_bn)
+                {
+                    let bn = &layers[i + 1];
+                    let q = |n: &str| params.get(&format!("{}.{n}", bn.name));
+                    i += 3;
+                    Act::Rows(composed_block(
+                        rows,
+                        (weight, bias, *stride, *padding),
+                        (&bn.name, q("gamma")?, q("beta")?, *eps),
                         *size,
                         batched,
                         ctx,
