@@ -5,8 +5,9 @@
 //! per-step intermediates) and return constants: the gradients are right, but cannot be
 //! differentiated again. The forward path uses them only when the caller says no second-order
 //! gradient will be taken ([`crate::nn::network::ForwardCtx::differentiable_backward`] off);
-//! otherwise it composes the differentiable kernels of [`crate::kernels::conv`],
-//! [`crate::kernels::pool`] and [`crate::kernels::norm`].
+//! otherwise it composes the differentiable kernels of
+//! [`crate::kernels::differentiable_conv`] (or [`crate::kernels::conv`] for strided
+//! convolutions), [`crate::kernels::pool`] and [`crate::kernels::norm`].
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor, WithDType};
@@ -154,7 +155,10 @@ fn split_lengths<T>(mut data: &mut [T], lengths: impl Iterator<Item = usize>) ->
 pub struct ConvRows(pub ConvGeometry);
 
 impl ConvRows {
-    fn tasks_and_filters(&self, weight_dims: &[usize]) -> candle_core::Result<(usize, usize)> {
+    pub(crate) fn tasks_and_filters(
+        &self,
+        weight_dims: &[usize],
+    ) -> candle_core::Result<(usize, usize)> {
         let g = &self.0;
         let (tasks, k, filters) = match *weight_dims {
             [k, f] => (1, k, f),
@@ -171,7 +175,13 @@ impl ConvRows {
         Ok((tasks, filters))
     }
 
-    fn forward<T: WithDType>(&self, x: &[T], w: &[T], tasks: usize, filters: usize) -> Vec<T> {
+    pub(crate) fn forward<T: WithDType>(
+        &self,
+        x: &[T],
+        w: &[T],
+        tasks: usize,
+        filters: usize,
+    ) -> Vec<T> {
         let g = &self.0;
         if winograd::applies(g) {
             return winograd_convolution(g, x, w, tasks, filters);
@@ -245,11 +255,26 @@ impl ConvRows {
                 });
             dx
         });
+        (dx, self.weight_gradient(x, grad, tasks, filters))
+    }
+
+    /// The weight's gradient `[tasks][k·k·c][filters]` given the input rows `x` and the
+    /// output's gradient `grad`.
+    pub(crate) fn weight_gradient<T: WithDType>(
+        &self,
+        x: &[T],
+        grad: &[T],
+        tasks: usize,
+        filters: usize,
+    ) -> Vec<T> {
+        let g = &self.0;
         if winograd::applies(g) {
-            return (dx, winograd_weight_gradient(g, x, grad, tasks, filters));
+            return winograd_weight_gradient(g, x, grad, tasks, filters);
         }
+        let (pixels, kc) = (g.out_height() * g.out_width(), g.patch_len());
+        let parts = chunks(g.images, tasks, pixels, CHUNK_ROWS);
         // d w (per task) = Σ over chunks of colsᵀ · d y.
-        let dw = sum_over_parts(&parts, tasks, kc * filters, |acc, (_, first, count)| {
+        sum_over_parts(&parts, tasks, kc * filters, |acc, (_, first, count)| {
             let mut cols = vec![T::zero(); count * pixels * kc];
             vectorized!(im2col_into(g, x, first, count, &mut cols));
             let g_chunk = &grad[first * pixels * filters..];
@@ -265,8 +290,7 @@ impl ConvRows {
                     (g_chunk.as_ptr(), filters, 1),
                 )
             }
-        });
-        (dx, dw)
+        })
     }
 }
 

@@ -50,6 +50,7 @@ pub fn with_kernels<R>(on: bool, f: impl FnOnce() -> R) -> R {
 }
 
 pub mod conv;
+pub mod differentiable_conv;
 pub mod first_block;
 pub mod fused;
 pub mod mlp_maml;

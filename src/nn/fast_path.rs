@@ -15,6 +15,7 @@ use candle_core::{CpuStorage, DType, Storage, Tensor};
 
 use crate::error::Result;
 use crate::kernels::conv::{im2col_rows, ConvGeometry};
+use crate::kernels::differentiable_conv;
 use crate::kernels::first_block::{ConvBnPoolRelu, PatchMoments, MAX_PATCH};
 use crate::kernels::fused::{BnPoolRelu, ConvBlock, ConvRows};
 use crate::kernels::norm::{channel_moments, moments};
@@ -161,6 +162,8 @@ fn conv(
         rows.t
             .contiguous()?
             .apply_op2(&wm.contiguous()?, ConvRows(geometry))?
+    } else if differentiable_conv::applies(&geometry) {
+        differentiable_conv::conv(&rows.t, &wm, geometry)?
     } else {
         im2col_rows(&rows.t, geometry)?.matmul(&wm)?
     };
