@@ -553,17 +553,20 @@ pub(crate) fn forward(
                     layers.get(i + 3).map(|l| &l.layer),
                 );
                 let rows = act.rows(lead_rank)?;
-                if let (
-                    true,
-                    Some(Layer::BatchNorm { eps, .. }),
+                // conv → batch-norm → ReLU → max-pool: its batch-norm's eps and pool size.
+                let block = match (next, after_bn) {
                     (
-                        Some(Layer::Activation {
-                            activation: Activation::Relu,
-                        }),
-                        Some(Layer::MaxPool2d { size }),
-                    ),
-                ) = (fused, next, after_bn)
-                {
+                        Some(Layer::BatchNorm { eps, .. }),
+                        (
+                            Some(Layer::Activation {
+                                activation: Activation::Relu,
+                            }),
+                            Some(Layer::MaxPool2d { size }),
+                        ),
+                    ) => Some((eps, size)),
+                    _ => None,
+                };
+                if let (true, Some((eps, size))) = (fused, block) {
                     let bn = &layers[i + 1];
                     let q = |n: &str| params.get(&format!("{}.{n}", bn.name));
                     i += 3;
@@ -606,17 +609,7 @@ pub(crate) fn forward(
                         batched,
                         ctx,
                     )?)
-                } else if let (
-                    false,
-                    Some(Layer::BatchNorm { eps, .. }),
-                    (
-                        Some(Layer::Activation {
-                            activation: Activation::Relu,
-                        }),
-                        Some(Layer::MaxPool2d { size }),
-                    ),
-                ) = (fused, next, after_bn)
-                {
+                } else if let Some((eps, size)) = block {
                     let bn = &layers[i + 1];
                     let q = |n: &str| params.get(&format!("{}.{n}", bn.name));
                     i += 3;
