@@ -63,10 +63,13 @@ fn detaching_pool(threads: usize) -> Option<rayon::ThreadPool> {
 /// alive until it is dropped. Run on the detaching threads, the same pass frees them as it goes:
 /// second-order MAML on Conv-4 (`metalearn bench --workload maml-conv4`) peaked at 6.7 GB
 /// without this. The values are the same either way.
+///
+/// Only CPU passes move to those threads; a GPU pass stays on the calling thread, as before
+/// (CUDA makes its context current per thread, and the move has not been tried on a GPU).
 pub fn backward(loss: &Tensor) -> candle_core::Result<GradStore> {
     init();
     match DETACHING_POOL.get() {
-        Some(Some(pool)) => pool.install(|| loss.backward()),
+        Some(Some(pool)) if loss.device().is_cpu() => pool.install(|| loss.backward()),
         _ => loss.backward(),
     }
 }
