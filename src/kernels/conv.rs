@@ -47,6 +47,22 @@ impl ConvGeometry {
         self.kernel * self.kernel * self.channels
     }
 
+    /// The geometry of this convolution's input gradient as a convolution, where it is one
+    /// (stride 1, padding below the kernel size): the output's rows (`filters` channels)
+    /// convolved with the rotated, channel-swapped weight, padded by `kernel − 1 − padding` so
+    /// that the result has the input's size.
+    pub fn input_gradient(&self, filters: usize) -> Option<ConvGeometry> {
+        (self.stride == 1 && self.padding < self.kernel).then(|| ConvGeometry {
+            images: self.images,
+            height: self.out_height(),
+            width: self.out_width(),
+            channels: filters,
+            kernel: self.kernel,
+            stride: 1,
+            padding: self.kernel - 1 - self.padding,
+        })
+    }
+
     /// The shape `dims` with its rows (second-to-last dimension) rescaled from `from_rows_per_image`
     /// to `to_rows_per_image` and its last dimension set to `last`; checks `dims` against the
     /// geometry.

@@ -33,24 +33,10 @@ pub struct ConvWeightGradient {
     pub tasks: Option<usize>,
 }
 
-/// Whether [`Conv`] can run `geometry` differentiably: stride 1 and padding below the kernel
-/// size, so that the input gradient is again a stride-1 convolution.
+/// Whether [`Conv`] can run `geometry` differentiably: its input gradient must be a
+/// convolution again ([`ConvGeometry::input_gradient`]).
 pub fn applies(geometry: &ConvGeometry) -> bool {
-    geometry.stride == 1 && geometry.padding < geometry.kernel
-}
-
-/// The geometry of the input gradient's convolution: over the output's rows (`filters`
-/// channels), padded so that its output has the input's size.
-fn transposed_geometry(g: &ConvGeometry, filters: usize) -> ConvGeometry {
-    ConvGeometry {
-        images: g.images,
-        height: g.out_height(),
-        width: g.out_width(),
-        channels: filters,
-        kernel: g.kernel,
-        stride: 1,
-        padding: g.kernel - 1 - g.padding,
-    }
+    geometry.input_gradient(1).is_some()
 }
 
 /// The weight of the input gradient's convolution: kernel positions reversed (a 180° rotation)
@@ -87,11 +73,12 @@ pub fn conv(x: &Tensor, w: &Tensor, geometry: ConvGeometry) -> candle_core::Resu
 /// transposed weight.
 fn input_gradient(dy: &Tensor, w: &Tensor, geometry: &ConvGeometry) -> candle_core::Result<Tensor> {
     let filters = w.dim(w.rank() - 1)?;
-    conv(
-        dy,
-        &transposed(w, geometry)?,
-        transposed_geometry(geometry, filters),
-    )
+    let transposed_geometry = geometry.input_gradient(filters).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "conv: the input gradient of {geometry:?} is not a convolution"
+        ))
+    })?;
+    conv(dy, &transposed(w, geometry)?, transposed_geometry)
 }
 
 /// The gradient of `Σ conv(x, w) · dy` with respect to `w`.
@@ -133,17 +120,9 @@ impl CustomOp2 for Conv {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = if x.track_op() {
-            Some(input_gradient(grad, w, &self.0)?)
-        } else {
-            None
-        };
-        let dw = if w.track_op() {
-            Some(weight_gradient(x, grad, w, &self.0)?)
-        } else {
-            None
-        };
-        Ok((dx, dw))
+        let dx = x.track_op().then(|| input_gradient(grad, w, &self.0));
+        let dw = w.track_op().then(|| weight_gradient(x, grad, w, &self.0));
+        Ok((dx.transpose()?, dw.transpose()?))
     }
 }
 
@@ -200,16 +179,10 @@ impl CustomOp2 for ConvWeightGradient {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // dw = Σ x-patches ⊗ dy is bilinear: its derivative along dy is a convolution of x with
         // the incoming gradient, and along x the input gradient of that convolution.
-        let dx = if x.track_op() {
-            Some(input_gradient(dy, grad, &self.geometry)?)
-        } else {
-            None
-        };
-        let ddy = if dy.track_op() {
-            Some(conv(x, grad, self.geometry)?)
-        } else {
-            None
-        };
-        Ok((dx, ddy))
+        let dx = x
+            .track_op()
+            .then(|| input_gradient(dy, grad, &self.geometry));
+        let ddy = dy.track_op().then(|| conv(x, grad, self.geometry));
+        Ok((dx.transpose()?, ddy.transpose()?))
     }
 }

@@ -55,22 +55,10 @@ fn tile_position(g: &ConvGeometry, first: usize, tile: usize) -> (usize, usize, 
 }
 
 /// The geometry of the input gradient of convolution `g` as a Winograd convolution, if it is
-/// one: the output gradient (`oh × ow × filters`) convolved with the flipped, transposed
-/// weight, padded by `2 − padding` so that the result has the input's size.
+/// one (see [`ConvGeometry::input_gradient`]).
 pub(crate) fn input_gradient_geometry(g: &ConvGeometry, filters: usize) -> Option<ConvGeometry> {
-    if !fits(g) {
-        return None;
-    }
-    let geometry = ConvGeometry {
-        images: g.images,
-        height: g.out_height(),
-        width: g.out_width(),
-        channels: filters,
-        kernel: 3,
-        stride: 1,
-        padding: 2 - g.padding,
-    };
-    applies(&geometry).then_some(geometry)
+    g.input_gradient(filters)
+        .filter(|geometry| fits(g) && applies(geometry))
 }
 
 /// The weight `[tasks][3·3·c][f]` (rows in patch order: kernel row, kernel column, channel)
