@@ -525,7 +525,7 @@ fn col2im_is_the_adjoint_of_im2col() -> Result<()> {
     Ok(())
 }
 
-/// The fused convolution on the shapes that take Winograd's F(2×2, 3×3) (3×3 kernel, stride 1,
+/// The fused convolution on the shapes that take Winograd's F(4×4, 3×3) (3×3 kernel, stride 1,
 /// four or more channels; odd and non-square images, all paddings it takes, several tasks) and
 /// on thinner ones beside them: values and gradients of input and weight against patch rows
 /// times the weight, in f64 (to rounding) and in f32.

@@ -16,16 +16,16 @@ use rayon::prelude::*;
 
 use crate::kernels::conv::{col2im_add, im2col_into, ConvGeometry};
 use crate::kernels::pool::PoolGeometry;
-use crate::kernels::winograd;
 use crate::kernels::{contiguous_slice, vectorized, with_float};
+use crate::kernels::{small_gemm, winograd};
 
 /// Output rows a convolution chunk aims for: enough for an efficient GEMM, few enough that
 /// the chunk's patch matrix stays in cache.
 const CHUNK_ROWS: usize = 256;
 
-/// Output tiles a Winograd chunk aims for (its transformed inputs and products, 16 values per
+/// Output tiles a Winograd chunk aims for (its transformed inputs and products, 36 values per
 /// tile and channel, stay in the core's cache).
-const WINOGRAD_CHUNK_TILES: usize = 64;
+const WINOGRAD_CHUNK_TILES: usize = 32;
 
 /// Parallel sums are split into this many fixed groups, each summed in order and then added in
 /// group order, so results do not depend on the thread count or on scheduling (rayon's
@@ -43,6 +43,12 @@ pub(crate) unsafe fn gemm_into<T: WithDType>(
     a: (*const T, usize, usize),
     b: (*const T, usize, usize),
 ) {
+    // Safety: the caller's shapes and strides, passed on unchanged.
+    if b.2 == 1
+        && unsafe { small_gemm::multiply((m, n, k), (dst, dst_rs), accumulate, a, (b.0, b.1)) }
+    {
+        return;
+    }
     gemm::gemm(
         m,
         n,
@@ -102,6 +108,19 @@ fn chunks(
         }
     }
     out
+}
+
+/// [`chunks`] for work whose chunks are independent (nothing is summed across them), also small
+/// enough that every thread gets several: a small batch (a 5-way 5-shot task's 25 images at a
+/// 3×3 layer fit one Winograd chunk) still runs on every core.
+fn independent_chunks(
+    images: usize,
+    tasks: usize,
+    rows_per_image: usize,
+    target_rows: usize,
+) -> Vec<(usize, usize, usize)> {
+    let spread = (images * rows_per_image).div_ceil(4 * rayon::current_num_threads());
+    chunks(images, tasks, rows_per_image, target_rows.min(spread))
 }
 
 /// Per-task sums of `per_task` values over `parts` (ordered by task, as [`chunks`] makes them):
@@ -188,7 +207,7 @@ impl ConvRows {
         }
         let (pixels, kc) = (g.out_height() * g.out_width(), g.patch_len());
         let mut out = vec![T::zero(); g.images * pixels * filters];
-        let parts = chunks(g.images, tasks, pixels, CHUNK_ROWS);
+        let parts = independent_chunks(g.images, tasks, pixels, CHUNK_ROWS);
         let slices = split_lengths(&mut out, parts.iter().map(|c| c.2 * pixels * filters));
         parts
             .into_par_iter()
@@ -295,7 +314,7 @@ impl ConvRows {
 }
 
 /// A 3×3 stride-1 convolution of image rows `x` with the weight `w` (`[tasks][9·c][filters]`)
-/// by Winograd's F(2×2, 3×3), in parallel over chunks of images.
+/// by Winograd's F(4×4, 3×3), in parallel over chunks of images.
 fn winograd_convolution<T: WithDType>(
     g: &ConvGeometry,
     x: &[T],
@@ -306,7 +325,7 @@ fn winograd_convolution<T: WithDType>(
     let u = winograd::transform_weights(w, tasks, g.channels, filters);
     let pixels = g.out_height() * g.out_width();
     let mut out = vec![T::zero(); g.images * pixels * filters];
-    let parts = chunks(
+    let parts = independent_chunks(
         g.images,
         tasks,
         winograd::tiles_per_image(g),
@@ -317,7 +336,7 @@ fn winograd_convolution<T: WithDType>(
         .into_par_iter()
         .zip(slices)
         .for_each(|((task, first, count), dst)| {
-            let u_task = &u[task * 16 * g.channels * filters..];
+            let u_task = &u[task * winograd::POSITIONS * g.channels * filters..];
             winograd::convolve_images(g, x, u_task, filters, (first, count), dst);
         });
     out
@@ -332,7 +351,7 @@ fn winograd_weight_gradient<T: WithDType>(
     tasks: usize,
     filters: usize,
 ) -> Vec<T> {
-    let per_task = 16 * g.channels * filters;
+    let per_task = winograd::POSITIONS * g.channels * filters;
     let parts = chunks(
         g.images,
         tasks,

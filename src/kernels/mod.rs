@@ -56,6 +56,7 @@ pub mod fused;
 pub mod mlp_maml;
 pub mod norm;
 pub mod pool;
+pub(crate) mod small_gemm;
 pub(crate) mod winograd;
 
 use std::cell::RefCell;

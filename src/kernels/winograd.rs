@@ -1,12 +1,16 @@
-//! Winograd's minimal filtering F(2×2, 3×3) for 3×3 stride-1 convolutions on channels-last
-//! image rows: 16 multiplications per 2×2 output tile and channel pair instead of 36.
+//! Winograd's minimal filtering F(4×4, 3×3) for 3×3 stride-1 convolutions on channels-last
+//! image rows: 36 multiplications per 4×4 output tile and channel pair instead of 144.
 //!
-//! The weight `g` of each (channel, filter) pair becomes `U = G g Gᵀ` (4×4), each 4×4 input
-//! tile `d` of each channel becomes `V = Bᵀ d B`, the 16 positions `(i, j)` of the tiles are 16
-//! independent matrix products `M_ij = V_ij · U_ij` over channels, and `Aᵀ M A` turns each 4×4
-//! product tile back into a 2×2 output tile. The transforms hold only
-//! 0, ±1 and ½, so in f64 the result equals direct convolution to rounding; in f32 it differs
-//! by a few units in the last place of the largest products.
+//! The weight `g` of each (channel, filter) pair becomes `U = G g Gᵀ` (6×6), each 6×6 input
+//! window `d` of each channel becomes `V = Bᵀ d B`, the 36 positions `(i, j)` of the windows are
+//! 36 independent matrix products `M_ij = V_ij · U_ij` over channels, and `Aᵀ M A` turns each
+//! 6×6 product tile back into a 4×4 output tile (Lavin and Gray, "Fast Algorithms for
+//! Convolutional Neural Networks", 2016, with interpolation points 0, ±1, ±2). In f64 the result
+//! equals direct convolution to rounding; in f32 the transforms' larger coefficients (up to 8
+//! and 1/24) cost a few more units in the last place than direct convolution.
+//!
+//! On Conv-4's small images the 4×4 tiles overhang the edges (a 14×14 output takes 16 tiles
+//! covering 16×16), and still need 0.73x the products of F(2×2, 3×3) there, 0.56x at 7×7.
 //!
 //! Used by the fused first-order convolution ([`crate::kernels::fused::ConvRows`]) for its
 //! forward pass and for the input gradient (a 3×3 convolution of the output gradient with the
@@ -18,11 +22,20 @@ use crate::kernels::conv::ConvGeometry;
 use crate::kernels::fused::gemm_into;
 use crate::kernels::{vectorized, with_scratch};
 
+/// Side of an output tile.
+const TILE: usize = 4;
+
+/// Side of a tile's input window (`TILE + 3 − 1`).
+const WINDOW: usize = TILE + 2;
+
+/// Transformed positions per tile: each is one independent product over channels.
+pub(crate) const POSITIONS: usize = WINDOW * WINDOW;
+
 /// Fewer input channels than this leave the products too thin to pay for the transforms
 /// (a first layer on grey images has one).
 const MIN_CHANNELS: usize = 4;
 
-/// Whether a convolution of this shape is one Winograd's F(2×2, 3×3) computes.
+/// Whether a convolution of this shape is one Winograd's F(4×4, 3×3) computes.
 fn fits(g: &ConvGeometry) -> bool {
     g.kernel == 3
         && g.stride == 1
@@ -36,15 +49,15 @@ pub(crate) fn applies(g: &ConvGeometry) -> bool {
     fits(g) && g.channels >= MIN_CHANNELS
 }
 
-/// Output tiles per image (2×2 each; a last odd row or column fills half a tile).
+/// Output tiles per image (4×4 each; the last row or column of tiles may overhang the image).
 pub(crate) fn tiles_per_image(g: &ConvGeometry) -> usize {
-    g.out_height().div_ceil(2) * g.out_width().div_ceil(2)
+    g.out_height().div_ceil(TILE) * g.out_width().div_ceil(TILE)
 }
 
 /// Tile `tile` counted from image `first`: its image and its tile row and column.
 #[inline(always)]
 fn tile_position(g: &ConvGeometry, first: usize, tile: usize) -> (usize, usize, usize) {
-    let tiles_across = g.out_width().div_ceil(2);
+    let tiles_across = g.out_width().div_ceil(TILE);
     let per_image = tiles_per_image(g);
     let within = tile % per_image;
     (
@@ -82,17 +95,27 @@ pub(crate) fn flipped_weights<T: WithDType>(w: &[T], tasks: usize, c: usize, f: 
     out
 }
 
-/// `Uₜ = G g Gᵀ` for every task, channel and filter: `[tasks][3·3·c][f]` → `[tasks][16][c][f]`.
+/// `Uₜ = G g Gᵀ` for every task, channel and filter: `[tasks][3·3·c][f]` → `[tasks][36][c][f]`.
 pub(crate) fn transform_weights<T: WithDType>(w: &[T], tasks: usize, c: usize, f: usize) -> Vec<T> {
-    let half = T::from_f64(0.5);
-    // G applied to the three values (a, b, c) of one kernel column or row.
-    let g_times = |[a, b, c]: [T; 3]| [a, (a + b + c) * half, (a - b + c) * half, c];
+    let (quarter, half, sixth) = (T::from_f64(0.25), T::from_f64(0.5), T::from_f64(1.0 / 6.0));
+    // G applied to the three values (a, b, c) of one kernel column or row: the rows of G are
+    // (1/4, 0, 0), −(1, 1, 1)/6, −(1, −1, 1)/6, (1/4, 1/2, 1)/6, (1/4, −1/2, 1)/6, (0, 0, 1).
+    let g_times = |[a, b, c]: [T; 3]| {
+        let (outer, far) = (a + c, a * quarter + c);
+        [
+            a * quarter,
+            T::zero() - (outer + b) * sixth,
+            (b - outer) * sixth,
+            (far + b * half) * sixth,
+            (far - b * half) * sixth,
+            c,
+        ]
+    };
     separable_transform(w, tasks, c, f, g_times)
 }
 
 /// `M X Mᵀ` for every task, channel and filter of `src` (`[tasks][N·N][c][f]`) into
-/// `[tasks][K·K][c][f]`, where `m` applies M to one column of N values. M goes along the
-/// first index for each column, then along the second for each resulting row.
+/// `[tasks][K·K][c][f]`, where `m` applies M to one column of N values.
 fn separable_transform<T: WithDType, const N: usize, const K: usize>(
     src: &[T],
     tasks: usize,
@@ -100,28 +123,90 @@ fn separable_transform<T: WithDType, const N: usize, const K: usize>(
     f: usize,
     m: impl Fn([T; N]) -> [T; K],
 ) -> Vec<T> {
-    let mut out = vec![T::zero(); tasks * K * K * c * f];
-    for t in 0..tasks {
-        let (src, dst) = (&src[t * N * N * c * f..], &mut out[t * K * K * c * f..]);
-        for ch in 0..c {
-            for fo in 0..f {
-                let at = |i: usize, j: usize| src[((i * N + j) * c + ch) * f + fo];
-                let columns: [[T; K]; N] =
-                    std::array::from_fn(|j| m(std::array::from_fn(|i| at(i, j))));
-                for i in 0..K {
-                    let row = m(std::array::from_fn(|j| columns[j][i]));
-                    for (j, value) in row.into_iter().enumerate() {
-                        dst[((i * K + j) * c + ch) * f + fo] = value;
-                    }
-                }
+    let lanes = c * f;
+    let mut out = vec![T::zero(); tasks * K * K * lanes];
+    let mut half_done = vec![T::zero(); N * K * lanes];
+    vectorized!(for (src, dst) in src
+        .chunks_exact(N * N * lanes)
+        .zip(out.chunks_exact_mut(K * K * lanes))
+    {
+        separable(src, dst, &mut half_done, lanes, &m);
+    });
+    out
+}
+
+/// `M X Mᵀ` for each of `lanes` interleaved N×N matrices: `src` is `[N·N][lanes]`, `dst`
+/// `[K·K][lanes]`, `half_done` scratch for `[N·K][lanes]`, and `m` applies M to one column of
+/// N values. Every pass runs over the contiguous lanes (channels or filters), so it vectorises.
+#[inline(always)]
+fn separable<T: WithDType, const N: usize, const K: usize>(
+    src: &[T],
+    dst: &mut [T],
+    half_done: &mut [T],
+    lanes: usize,
+    m: &impl Fn([T; N]) -> [T; K],
+) {
+    // M along the first index, column j of X into half_done[j] (`[K][lanes]`).
+    for j in 0..N {
+        let ins: [&[T]; N] = gathered(|i| &src[(i * N + j) * lanes..][..lanes]);
+        apply_across_lanes(ins, &mut half_done[j * K * lanes..][..K * lanes], m);
+    }
+    // Then along the second index: row k of the result from element k of each column.
+    for k in 0..K {
+        let ins: [&[T]; N] = gathered(|j| &half_done[(j * K + k) * lanes..][..lanes]);
+        apply_across_lanes(ins, &mut dst[k * K * lanes..][..K * lanes], m);
+    }
+}
+
+/// `out[k][l] = m(ins[0][l], …, ins[N − 1][l])[k]` for every lane `l`; `out` is `[K][lanes]`.
+/// Lanes go in blocks held in local arrays, which the compiler turns into vector operations
+/// (over the slices directly it could not rule out aliasing and kept the loop scalar).
+#[inline(always)]
+fn apply_across_lanes<T: WithDType, const N: usize, const K: usize>(
+    ins: [&[T]; N],
+    out: &mut [T],
+    m: &impl Fn([T; N]) -> [T; K],
+) {
+    const BLOCK: usize = 8;
+    let lanes = out.len() / K;
+    let full = lanes - lanes % BLOCK;
+    for start in (0..full).step_by(BLOCK) {
+        let mut block = [[T::zero(); BLOCK]; N];
+        for (block, lane) in block.iter_mut().zip(&ins) {
+            block.copy_from_slice(&lane[start..start + BLOCK]);
+        }
+        let mut result = [[T::zero(); BLOCK]; K];
+        for b in 0..BLOCK {
+            let values = m(gathered(|i| block[i][b]));
+            for (result, value) in result.iter_mut().zip(values) {
+                result[b] = value;
             }
         }
+        for (k, result) in result.iter().enumerate() {
+            out[k * lanes + start..][..BLOCK].copy_from_slice(result);
+        }
+    }
+    for l in full..lanes {
+        let values = m(gathered(|i| ins[i][l]));
+        for (k, value) in values.into_iter().enumerate() {
+            out[k * lanes + l] = value;
+        }
+    }
+}
+
+/// `[value(0), …, value(N − 1)]`, always inlined (`std::array::from_fn` was left out of line in
+/// the transforms, and they ran scalar).
+#[inline(always)]
+fn gathered<T: Copy, const N: usize>(value: impl Fn(usize) -> T) -> [T; N] {
+    let mut out = [value(0); N];
+    for (i, out) in out.iter_mut().enumerate().skip(1) {
+        *out = value(i);
     }
     out
 }
 
 /// Convolves images `first..first + count` of `x` (`[images·h·w·c]`, channels last) with one
-/// task's transformed weight `u` (`[16][c][f]`, from [`transform_weights`]) into `out`
+/// task's transformed weight `u` (`[36][c][f]`, from [`transform_weights`]) into `out`
 /// (`[count·oh·ow·f]`).
 pub(crate) fn convolve_images<T: WithDType>(
     g: &ConvGeometry,
@@ -133,8 +218,8 @@ pub(crate) fn convolve_images<T: WithDType>(
 ) {
     let (c, f) = (g.channels, filters);
     let tiles = count * tiles_per_image(g);
-    // Per tile: its 16 transformed positions of c channels, then their 16 products of f filters.
-    with_scratch::<T, _>(tiles * 16 * c, tiles * 16 * f, |v, m| {
+    // Per tile: its transformed positions of c channels, then their products of f filters.
+    with_scratch::<T, _>(tiles * POSITIONS * c, tiles * POSITIONS * f, |v, m| {
         vectorized!(convolve_tiles(g, x, u, f, first, v, m, out))
     })
 }
@@ -153,36 +238,37 @@ fn convolve_tiles<T: WithDType>(
     out: &mut [T],
 ) {
     let c = g.channels;
-    let tiles = v.len() / (16 * c);
-    let mut patch = vec![T::zero(); 16 * c];
-    for (tile, v_tile) in v.chunks_exact_mut(16 * c).enumerate() {
+    let tiles = v.len() / (POSITIONS * c);
+    let mut patch = vec![T::zero(); POSITIONS * c];
+    let mut half_done = vec![T::zero(); POSITIONS * c.max(f)];
+    for (tile, v_tile) in v.chunks_exact_mut(POSITIONS * c).enumerate() {
         gather_patch(g, x, first, tile, &mut patch);
-        transform_input(&patch, v_tile, c);
+        transform_input(&patch, v_tile, &mut half_done, c);
     }
-    for (k, u_k) in u.chunks_exact(c * f).take(16).enumerate() {
-        // Safety: row `tile` of product k is m[tile·16f + k·f ..][..f], of input k
-        // v[tile·16c + k·c ..][..c]; all lie inside the buffers.
+    for (k, u_k) in u.chunks_exact(c * f).take(POSITIONS).enumerate() {
+        // Safety: row `tile` of product k is m[tile·36f + k·f ..][..f], of input k
+        // v[tile·36c + k·c ..][..c]; all lie inside the buffers.
         unsafe {
             gemm_into(
                 (tiles, f, c),
                 m.as_mut_ptr().add(k * f),
-                16 * f,
+                POSITIONS * f,
                 false,
-                (v.as_ptr().add(k * c), 16 * c, 1),
+                (v.as_ptr().add(k * c), POSITIONS * c, 1),
                 (u_k.as_ptr(), f, 1),
             )
         }
     }
-    let mut y = vec![T::zero(); 4 * f];
-    for (tile, m_tile) in m.chunks_exact(16 * f).enumerate() {
-        transform_output(m_tile, &mut y, f);
+    let mut y = vec![T::zero(); TILE * TILE * f];
+    for (tile, m_tile) in m.chunks_exact(POSITIONS * f).enumerate() {
+        transform_output(m_tile, &mut y, &mut half_done, f);
         scatter_tile(g, f, tile, &y, out);
     }
 }
 
-/// Adds to `du` (`[16][c][f]`) the gradient of the transformed weight `U` for images
+/// Adds to `du` (`[36][c][f]`) the gradient of the transformed weight `U` for images
 /// `first..first + count` of `x` and their output gradient `grad` (`[images·oh·ow·f]`):
-/// Σ over tiles of `V_ij[tile]ᵀ · (A dY Aᵀ)_ij[tile]` for each of the 16 positions `(i, j)`.
+/// Σ over tiles of `V_ij[tile]ᵀ · (A dY Aᵀ)_ij[tile]` for each of the 36 positions `(i, j)`.
 pub(crate) fn accumulate_transformed_weight_gradient<T: WithDType>(
     g: &ConvGeometry,
     x: &[T],
@@ -193,29 +279,30 @@ pub(crate) fn accumulate_transformed_weight_gradient<T: WithDType>(
 ) {
     let c = g.channels;
     let tiles = count * tiles_per_image(g);
-    with_scratch::<T, _>(tiles * 16 * c, tiles * 16 * f, |v, dm| {
+    with_scratch::<T, _>(tiles * POSITIONS * c, tiles * POSITIONS * f, |v, dm| {
         vectorized!({
-            let mut patch = vec![T::zero(); 16 * c];
-            for (tile, v_tile) in v.chunks_exact_mut(16 * c).enumerate() {
+            let mut patch = vec![T::zero(); POSITIONS * c];
+            let mut half_done = vec![T::zero(); POSITIONS * c.max(f)];
+            for (tile, v_tile) in v.chunks_exact_mut(POSITIONS * c).enumerate() {
                 gather_patch(g, x, first, tile, &mut patch);
-                transform_input(&patch, v_tile, c);
+                transform_input(&patch, v_tile, &mut half_done, c);
             }
-            let mut dy = vec![T::zero(); 4 * f];
-            for (tile, dm_tile) in dm.chunks_exact_mut(16 * f).enumerate() {
+            let mut dy = vec![T::zero(); TILE * TILE * f];
+            for (tile, dm_tile) in dm.chunks_exact_mut(POSITIONS * f).enumerate() {
                 gather_output_gradient(g, f, first, tile, grad, &mut dy);
-                transform_output_gradient(&dy, dm_tile, f);
+                transform_output_gradient(&dy, dm_tile, &mut half_done, f);
             }
-            for k in 0..16 {
-                // Safety: column `tile` of input k is v[tile·16c + k·c ..][..c], row `tile` of
-                // gradient k dm[tile·16f + k·f ..][..f]; du holds 16 blocks of c×f.
+            for k in 0..POSITIONS {
+                // Safety: column `tile` of input k is v[tile·36c + k·c ..][..c], row `tile` of
+                // gradient k dm[tile·36f + k·f ..][..f]; du holds 36 blocks of c×f.
                 unsafe {
                     gemm_into(
                         (c, f, tiles),
                         du.as_mut_ptr().add(k * c * f),
                         f,
                         true,
-                        (v.as_ptr().add(k * c), 1, 16 * c),
-                        (dm.as_ptr().add(k * f), 16 * f, 1),
+                        (v.as_ptr().add(k * c), 1, POSITIONS * c),
+                        (dm.as_ptr().add(k * f), POSITIONS * f, 1),
                     )
                 }
             }
@@ -224,22 +311,24 @@ pub(crate) fn accumulate_transformed_weight_gradient<T: WithDType>(
 }
 
 /// The weight gradient `[tasks][3·3·c][f]` from the gradient of the transformed weight
-/// `[tasks][16][c][f]`: `d g = Gᵀ dU G` for each channel and filter.
+/// `[tasks][36][c][f]`: `d g = Gᵀ dU G` for each channel and filter.
 pub(crate) fn weight_gradient<T: WithDType>(du: &[T], tasks: usize, c: usize, f: usize) -> Vec<T> {
-    let half = T::from_f64(0.5);
-    // Gᵀ applied to the four values of one row or column of dU.
-    let gt_times = |a: [T; 4]| {
+    let (quarter, half, sixth) = (T::from_f64(0.25), T::from_f64(0.5), T::from_f64(1.0 / 6.0));
+    // Gᵀ applied to the six values of one row or column of dU (the columns of G, see
+    // `transform_weights`).
+    let gt_times = |a: [T; 6]| {
+        let (near, far) = (a[1] + a[2], a[3] + a[4]);
         [
-            a[0] + (a[1] + a[2]) * half,
-            (a[1] - a[2]) * half,
-            (a[1] + a[2]) * half + a[3],
+            a[0] * quarter + (far * quarter - near) * sixth,
+            (a[2] - a[1] + (a[3] - a[4]) * half) * sixth,
+            (far - near) * sixth + a[5],
         ]
     };
     separable_transform(du, tasks, c, f, gt_times)
 }
 
-/// The output gradient of tile `tile` (counted from image `first`), `[2·2][f]`, zeros where
-/// the tile overhangs an odd-sized output.
+/// The output gradient of tile `tile` (counted from image `first`), `[4·4][f]`, zeros where
+/// the tile overhangs the output.
 #[inline(always)]
 fn gather_output_gradient<T: WithDType>(
     g: &ConvGeometry,
@@ -251,35 +340,28 @@ fn gather_output_gradient<T: WithDType>(
 ) {
     let (image, ty, tx) = tile_position(g, first, tile);
     let (oh, ow) = (g.out_height(), g.out_width());
-    let origin = ((2 * ty) as isize, (2 * tx) as isize);
-    gather_window(grad, (image, oh, ow, f), origin, 2, dy);
+    let origin = ((TILE * ty) as isize, (TILE * tx) as isize);
+    gather_window(grad, (image, oh, ow, f), origin, TILE, dy);
 }
 
-/// `dM = A dY Aᵀ` for each filter of a `[2·2][f]` output-gradient tile, into `dm` (`[16][f]`):
-/// the adjoint of [`transform_output`].
+/// A (6×4) applied to four values: the adjoint of `Aᵀ`, whose rows are (1, 1, 1, 1, 1, 0),
+/// (0, 1, −1, 2, −2, 0), (0, 1, 1, 4, 4, 0) and (0, 1, −1, 8, −8, 1).
 #[inline(always)]
-fn transform_output_gradient<T: WithDType>(dy: &[T], dm: &mut [T], f: usize) {
-    let (dy, dm) = (&dy[..4 * f], &mut dm[..16 * f]);
-    for fo in 0..f {
-        let at = |a: usize, b: usize| dy[(a * 2 + b) * f + fo];
-        // A along the rows, (d0, d0 + d1, d0 − d1, −d1) for each column b; then along the
-        // columns the same way.
-        let column = |b: usize| {
-            let (d0, d1) = (at(0, b), at(1, b));
-            [d0, d0 + d1, d0 - d1, T::zero() - d1]
-        };
-        let (c0, c1) = (column(0), column(1));
-        for i in 0..4 {
-            let (r0, r1) = (c0[i], c1[i]);
-            let row = [r0, r0 + r1, r0 - r1, T::zero() - r1];
-            for (j, value) in row.into_iter().enumerate() {
-                dm[(i * 4 + j) * f + fo] = value;
-            }
-        }
-    }
+fn a_times<T: WithDType>([d0, d1, d2, d3]: [T; 4]) -> [T; 6] {
+    let (two, four, eight) = (T::from_f64(2.0), T::from_f64(4.0), T::from_f64(8.0));
+    let (even, odd) = (d0 + d2, d1 + d3);
+    let (even4, odd2) = (d0 + d2 * four, d1 * two + d3 * eight);
+    [d0, even + odd, even - odd, even4 + odd2, even4 - odd2, d3]
 }
 
-/// Tile `tile` (counted from image `first`) of `x`: its 4×4 input window, `[16][c]`, zeros
+/// `dM = A dY Aᵀ` for each filter of a `[4·4][f]` output-gradient tile, into `dm` (`[36][f]`):
+/// the adjoint of [`transform_output`]. `half_done` is scratch for `[4·6][f]`.
+#[inline(always)]
+fn transform_output_gradient<T: WithDType>(dy: &[T], dm: &mut [T], half_done: &mut [T], f: usize) {
+    separable(dy, dm, half_done, f, &a_times);
+}
+
+/// Tile `tile` (counted from image `first`) of `x`: its 6×6 input window, `[36][c]`, zeros
 /// outside the image.
 #[inline(always)]
 fn gather_patch<T: WithDType>(
@@ -291,8 +373,14 @@ fn gather_patch<T: WithDType>(
 ) {
     let (image, ty, tx) = tile_position(g, first, tile);
     let p = g.padding as isize;
-    let origin = ((2 * ty) as isize - p, (2 * tx) as isize - p);
-    gather_window(x, (image, g.height, g.width, g.channels), origin, 4, patch);
+    let origin = ((TILE * ty) as isize - p, (TILE * tx) as isize - p);
+    gather_window(
+        x,
+        (image, g.height, g.width, g.channels),
+        origin,
+        WINDOW,
+        patch,
+    );
 }
 
 /// The `size × size` window at `origin` (row, column; may lie partly outside) of image `image`
@@ -321,68 +409,69 @@ fn gather_window<T: WithDType>(
     }
 }
 
-/// `V = Bᵀ d B` for each channel of a `[16][c]` patch, into `v` (`[16][c]`).
+/// Bᵀ applied to six values; its rows are (4, 0, −5, 0, 1, 0), (0, −4, −4, 1, 1, 0),
+/// (0, 4, −4, −1, 1, 0), (0, −2, −1, 2, 1, 0), (0, 2, −1, −2, 1, 0) and (0, 4, 0, −5, 0, 1).
 #[inline(always)]
-fn transform_input<T: WithDType>(d: &[T], v: &mut [T], c: usize) {
-    let (d, v) = (&d[..16 * c], &mut v[..16 * c]);
-    for ch in 0..c {
-        let at = |a: usize, b: usize| d[(a * 4 + b) * c + ch];
-        // Bᵀ along the rows: (d0 − d2, d1 + d2, d2 − d1, d1 − d3).
-        let mut t = [[T::zero(); 4]; 4];
-        for (b, column) in t.iter_mut().enumerate() {
-            let (d0, d1, d2, d3) = (at(0, b), at(1, b), at(2, b), at(3, b));
-            *column = [d0 - d2, d1 + d2, d2 - d1, d1 - d3];
-        }
-        // Then along the columns; t is indexed [column][row].
-        for i in 0..4 {
-            let (t0, t1, t2, t3) = (t[0][i], t[1][i], t[2][i], t[3][i]);
-            let row = [t0 - t2, t1 + t2, t2 - t1, t1 - t3];
-            for (j, value) in row.into_iter().enumerate() {
-                v[(i * 4 + j) * c + ch] = value;
-            }
-        }
-    }
+fn bt_times<T: WithDType>([d0, d1, d2, d3, d4, d5]: [T; 6]) -> [T; 6] {
+    let (two, four, five) = (T::from_f64(2.0), T::from_f64(4.0), T::from_f64(5.0));
+    let (sum4, diff4) = ((d1 + d2) * four, (d1 - d2) * four);
+    let (sum34, diff43) = (d3 + d4, d4 - d3);
+    let (even, odd2) = (d4 - d2, (d3 - d1) * two);
+    [
+        d0 * four - d2 * five + d4,
+        sum34 - sum4,
+        diff43 + diff4,
+        even + odd2,
+        even - odd2,
+        d1 * four - d3 * five + d5,
+    ]
 }
 
-/// `Y = Aᵀ M A` for each filter of a `[16][f]` product tile, into `y` (`[2·2][f]`).
+/// `V = Bᵀ d B` for each channel of a `[36][c]` window, into `v` (`[36][c]`). `half_done` is
+/// scratch for `[36][c]`.
 #[inline(always)]
-fn transform_output<T: WithDType>(m: &[T], y: &mut [T], f: usize) {
-    let (m, y) = (&m[..16 * f], &mut y[..4 * f]);
-    for fo in 0..f {
-        let at = |i: usize, j: usize| m[(i * 4 + j) * f + fo];
-        // Aᵀ along the rows: (m0 + m1 + m2, m1 − m2 − m3).
-        let (mut s0, mut s1) = ([T::zero(); 4], [T::zero(); 4]);
-        for (j, (s0, s1)) in s0.iter_mut().zip(&mut s1).enumerate() {
-            let (m0, m1, m2, m3) = (at(0, j), at(1, j), at(2, j), at(3, j));
-            *s0 = m0 + m1 + m2;
-            *s1 = m1 - m2 - m3;
-        }
-        let s = [s0, s1];
-        for (i, row) in s.iter().enumerate() {
-            y[(i * 2) * f + fo] = row[0] + row[1] + row[2];
-            y[(i * 2 + 1) * f + fo] = row[1] - row[2] - row[3];
-        }
-    }
+fn transform_input<T: WithDType>(d: &[T], v: &mut [T], half_done: &mut [T], c: usize) {
+    separable(d, v, half_done, c, &bt_times);
 }
 
-/// Writes the 2×2 output tile `y` (`[4][f]`) of tile `tile` into `out`, dropping the half
-/// that falls outside an odd-sized output.
+/// Aᵀ applied to six values (its rows are given at [`a_times`]).
+#[inline(always)]
+fn at_times<T: WithDType>([m0, m1, m2, m3, m4, m5]: [T; 6]) -> [T; 4] {
+    let (two, four, eight) = (T::from_f64(2.0), T::from_f64(4.0), T::from_f64(8.0));
+    let (sum12, diff12, sum34, diff34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
+    [
+        m0 + sum12 + sum34,
+        diff12 + diff34 * two,
+        sum12 + sum34 * four,
+        diff12 + diff34 * eight + m5,
+    ]
+}
+
+/// `Y = Aᵀ M A` for each filter of a `[36][f]` product tile, into `y` (`[4·4][f]`).
+/// `half_done` is scratch for `[6·4][f]`.
+#[inline(always)]
+fn transform_output<T: WithDType>(m: &[T], y: &mut [T], half_done: &mut [T], f: usize) {
+    separable(m, y, half_done, f, &at_times);
+}
+
+/// Writes the 4×4 output tile `y` (`[16][f]`) of tile `tile` into `out`, dropping what falls
+/// outside the output.
 #[inline(always)]
 fn scatter_tile<T: WithDType>(g: &ConvGeometry, f: usize, tile: usize, y: &[T], out: &mut [T]) {
     let (oh, ow) = (g.out_height(), g.out_width());
     let (image, ty, tx) = tile_position(g, 0, tile);
-    for i in 0..2 {
-        let oy = 2 * ty + i;
+    for i in 0..TILE {
+        let oy = TILE * ty + i;
         if oy >= oh {
             break;
         }
-        for j in 0..2 {
-            let ox = 2 * tx + j;
+        for j in 0..TILE {
+            let ox = TILE * tx + j;
             if ox >= ow {
                 break;
             }
             let at = ((image * oh + oy) * ow + ox) * f;
-            out[at..at + f].copy_from_slice(&y[(i * 2 + j) * f..][..f]);
+            out[at..at + f].copy_from_slice(&y[(i * TILE + j) * f..][..f]);
         }
     }
 }
