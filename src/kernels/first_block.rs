@@ -22,7 +22,8 @@ use rayon::prelude::*;
 
 use crate::kernels::conv::{im2col_into, ConvGeometry};
 use crate::kernels::fused::{
-    gemm_into, parameter_gradient, to_f64s, with_data, BnPoolRelu, REDUCTION_GROUPS,
+    filled_in_parallel, gemm_into, parameter_gradient, to_f64s, with_data, BnPoolRelu,
+    REDUCTION_GROUPS,
 };
 use crate::kernels::{contiguous_slice, vectorized, with_float};
 
@@ -240,26 +241,23 @@ impl ConvBnPoolRelu {
         let per_image = pool.out_height() * pool.out_width() * pool.channels;
         let per_task = self.conv.images / self.bn.tasks();
         let affine = self.bn.affine::<T>(gamma, beta);
-        let mut out = vec![T::zero(); self.conv.images * per_image];
-        let group_len = self
-            .conv
-            .images
-            .div_ceil(4 * rayon::current_num_threads())
-            .max(1);
-        out.par_chunks_mut(per_image * group_len)
-            .enumerate()
-            .for_each(|(group, dst)| {
-                let mut s = self.scratch::<T>();
-                for (i, dst) in dst.chunks_exact_mut(per_image).enumerate() {
-                    let image = group * group_len + i;
-                    vectorized!({
-                        self.convolve(x, w, image, &mut s);
-                        self.bn
-                            .pooled_values(&s.y, 0, &affine[image / per_task], dst);
-                    });
-                }
-            });
-        out
+        let images = self.conv.images;
+        let group_len = images.div_ceil(4 * rayon::current_num_threads()).max(1);
+        let lengths: Vec<usize> = (0..images)
+            .step_by(group_len)
+            .map(|first| (images - first).min(group_len) * per_image)
+            .collect();
+        filled_in_parallel(&lengths, |group, dst| {
+            let mut s = self.scratch::<T>();
+            for (i, dst) in dst.chunks_exact_mut(per_image).enumerate() {
+                let image = group * group_len + i;
+                vectorized!({
+                    self.convolve(x, w, image, &mut s);
+                    self.bn
+                        .pooled_values(&s.y, 0, &affine[image / per_task], dst);
+                });
+            }
+        })
     }
 
     /// Gradients of `w`, `gamma` and `beta`.

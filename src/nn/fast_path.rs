@@ -14,7 +14,7 @@
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 
 use crate::error::Result;
-use crate::kernels::conv::{im2col_rows, ConvGeometry};
+use crate::kernels::conv::{im2col_rows, ConvGeometry, PatchOrderWeight};
 use crate::kernels::differentiable_conv;
 use crate::kernels::first_block::{ConvBnPoolRelu, PatchMoments, MAX_PATCH};
 use crate::kernels::fused::{BnPoolRelu, ConvBlock, ConvRows};
@@ -125,14 +125,8 @@ fn per_channel(v: &Tensor, batched: bool) -> Result<Tensor> {
 
 /// The convolution weight `[filters, c, k, k]` (or `[tasks, ..]`) as a `[k·k·c, filters]` matrix
 /// (or `[tasks, ..]`) in patch order (kernel row, column, channel).
-fn weight_matrix(w: &Tensor, patch: usize, batched: bool) -> Result<Tensor> {
-    let filters = w.dim(w.rank() - 4)?;
-    Ok(if batched {
-        w.permute((0, 3, 4, 2, 1))?
-            .reshape((w.dim(0)?, patch, filters))?
-    } else {
-        w.permute((2, 3, 1, 0))?.reshape((patch, filters))?
-    })
+fn weight_matrix(w: &Tensor) -> Result<Tensor> {
+    Ok(w.contiguous()?.apply_op1(PatchOrderWeight)?)
 }
 
 fn conv_geometry(rows: &Rows, w: &Tensor, stride: usize, padding: usize) -> Result<ConvGeometry> {
@@ -147,17 +141,10 @@ fn conv_geometry(rows: &Rows, w: &Tensor, stride: usize, padding: usize) -> Resu
     })
 }
 
-fn conv(
-    rows: Rows,
-    w: &Tensor,
-    stride: usize,
-    padding: usize,
-    batched: bool,
-    fused: bool,
-) -> Result<Rows> {
+fn conv(rows: Rows, w: &Tensor, stride: usize, padding: usize, fused: bool) -> Result<Rows> {
     let filters = w.dim(w.rank() - 4)?;
     let geometry = conv_geometry(&rows, w, stride, padding)?;
-    let wm = weight_matrix(w, geometry.patch_len(), batched)?;
+    let wm = weight_matrix(w)?;
     let t = if fused {
         rows.t
             .contiguous()?
@@ -273,7 +260,7 @@ fn composed_block(
 ) -> Result<Rows> {
     let (weight, bias, stride, padding) = conv_params;
     let (name, gamma, beta, eps) = bn;
-    let y = conv(rows, weight, stride, padding, batched, false)?;
+    let y = conv(rows, weight, stride, padding, false)?;
     let (scale, shift) = batch_norm_affine(&y, name, gamma, beta, Some(bias), eps, batched, ctx)?;
     let normalised =
         y.t.detach()
@@ -571,7 +558,7 @@ pub(crate) fn forward(
                     let q = |n: &str| params.get(&format!("{}.{n}", bn.name));
                     i += 3;
                     let geometry = conv_geometry(&rows, weight, *stride, *padding)?;
-                    let matrix = weight_matrix(weight, geometry.patch_len(), batched)?;
+                    let matrix = weight_matrix(weight)?;
                     let input = if !rows.t.track_op() && geometry.patch_len() <= MAX_PATCH {
                         BlockInput::Images {
                             weight: matrix,
@@ -622,7 +609,7 @@ pub(crate) fn forward(
                         ctx,
                     )?)
                 } else {
-                    let y = conv(rows, weight, *stride, *padding, batched, fused)?;
+                    let y = conv(rows, weight, *stride, *padding, fused)?;
                     if let Some(Layer::BatchNorm { eps, .. }) = next {
                         let bn = &layers[i + 1];
                         let q = |n: &str| params.get(&format!("{}.{n}", bn.name));
