@@ -130,17 +130,24 @@ fn separable_transform<T: WithDType, const N: usize, const K: usize>(
         .chunks_exact(N * N * lanes)
         .zip(out.chunks_exact_mut(K * K * lanes))
     {
-        separable(src, dst, &mut half_done, lanes, &m);
+        separable(
+            |p| &src[p * lanes..][..lanes],
+            dst,
+            &mut half_done,
+            lanes,
+            &m,
+        );
     });
     out
 }
 
-/// `M X Mᵀ` for each of `lanes` interleaved N×N matrices: `src` is `[N·N][lanes]`, `dst`
-/// `[K·K][lanes]`, `half_done` scratch for `[N·K][lanes]`, and `m` applies M to one column of
-/// N values. Every pass runs over the contiguous lanes (channels or filters), so it vectorises.
+/// `M X Mᵀ` for each of `lanes` interleaved N×N matrices: `row(i·N + j)` is the `lanes` values
+/// of element (i, j), `dst` is `[K·K][lanes]`, `half_done` scratch for `[N·K][lanes]`, and `m`
+/// applies M to one column of N values. Every pass runs over the contiguous lanes (channels or
+/// filters), so it vectorises.
 #[inline(always)]
-fn separable<T: WithDType, const N: usize, const K: usize>(
-    src: &[T],
+fn separable<'a, T: WithDType, const N: usize, const K: usize>(
+    row: impl Fn(usize) -> &'a [T],
     dst: &mut [T],
     half_done: &mut [T],
     lanes: usize,
@@ -148,7 +155,7 @@ fn separable<T: WithDType, const N: usize, const K: usize>(
 ) {
     // M along the first index, column j of X into half_done[j] (`[K][lanes]`).
     for j in 0..N {
-        let ins: [&[T]; N] = gathered(|i| &src[(i * N + j) * lanes..][..lanes]);
+        let ins: [&[T]; N] = gathered(|i| &row(i * N + j)[..lanes]);
         apply_across_lanes(ins, &mut half_done[j * K * lanes..][..K * lanes], m);
     }
     // Then along the second index: row k of the result from element k of each column.
@@ -239,11 +246,11 @@ fn convolve_tiles<T: WithDType>(
 ) {
     let c = g.channels;
     let tiles = v.len() / (POSITIONS * c);
-    let mut patch = vec![T::zero(); POSITIONS * c];
+    let zeros = vec![T::zero(); c];
     let mut half_done = vec![T::zero(); POSITIONS * c.max(f)];
     for (tile, v_tile) in v.chunks_exact_mut(POSITIONS * c).enumerate() {
-        gather_patch(g, x, first, tile, &mut patch);
-        transform_input(&patch, v_tile, &mut half_done, c);
+        let window = input_window(g, x, first, tile, &zeros);
+        separable(window, v_tile, &mut half_done, c, &bt_times);
     }
     for (k, u_k) in u.chunks_exact(c * f).take(POSITIONS).enumerate() {
         // Safety: row `tile` of product k is m[tile·36f + k·f ..][..f], of input k
@@ -281,16 +288,16 @@ pub(crate) fn accumulate_transformed_weight_gradient<T: WithDType>(
     let tiles = count * tiles_per_image(g);
     with_scratch::<T, _>(tiles * POSITIONS * c, tiles * POSITIONS * f, |v, dm| {
         vectorized!({
-            let mut patch = vec![T::zero(); POSITIONS * c];
+            let zeros = vec![T::zero(); c.max(f)];
             let mut half_done = vec![T::zero(); POSITIONS * c.max(f)];
             for (tile, v_tile) in v.chunks_exact_mut(POSITIONS * c).enumerate() {
-                gather_patch(g, x, first, tile, &mut patch);
-                transform_input(&patch, v_tile, &mut half_done, c);
+                let window = input_window(g, x, first, tile, &zeros[..c]);
+                separable(window, v_tile, &mut half_done, c, &bt_times);
             }
-            let mut dy = vec![T::zero(); TILE * TILE * f];
             for (tile, dm_tile) in dm.chunks_exact_mut(POSITIONS * f).enumerate() {
-                gather_output_gradient(g, f, first, tile, grad, &mut dy);
-                transform_output_gradient(&dy, dm_tile, &mut half_done, f);
+                // dM = A dY Aᵀ for each filter: the adjoint of the output transform.
+                let window = output_gradient_window(g, f, first, tile, grad, &zeros[..f]);
+                separable(window, dm_tile, &mut half_done, f, &a_times);
             }
             for k in 0..POSITIONS {
                 // Safety: column `tile` of input k is v[tile·36c + k·c ..][..c], row `tile` of
@@ -327,21 +334,21 @@ pub(crate) fn weight_gradient<T: WithDType>(du: &[T], tasks: usize, c: usize, f:
     separable_transform(du, tasks, c, f, gt_times)
 }
 
-/// The output gradient of tile `tile` (counted from image `first`), `[4·4][f]`, zeros where
-/// the tile overhangs the output.
+/// The output gradient of tile `tile` (counted from image `first`): element `a·4 + b` of its
+/// 4×4 window is the `f` values at that pixel, or `zeros` where the tile overhangs the output.
 #[inline(always)]
-fn gather_output_gradient<T: WithDType>(
+fn output_gradient_window<'a, T: WithDType>(
     g: &ConvGeometry,
     f: usize,
     first: usize,
     tile: usize,
-    grad: &[T],
-    dy: &mut [T],
-) {
+    grad: &'a [T],
+    zeros: &'a [T],
+) -> impl Fn(usize) -> &'a [T] {
     let (image, ty, tx) = tile_position(g, first, tile);
     let (oh, ow) = (g.out_height(), g.out_width());
     let origin = ((TILE * ty) as isize, (TILE * tx) as isize);
-    gather_window(grad, (image, oh, ow, f), origin, TILE, dy);
+    window(grad, (image, oh, ow, f), origin, TILE, zeros)
 }
 
 /// A (6×4) applied to four values: the adjoint of `Aᵀ`, whose rows are (1, 1, 1, 1, 1, 0),
@@ -354,57 +361,50 @@ fn a_times<T: WithDType>([d0, d1, d2, d3]: [T; 4]) -> [T; 6] {
     [d0, even + odd, even - odd, even4 + odd2, even4 - odd2, d3]
 }
 
-/// `dM = A dY Aᵀ` for each filter of a `[4·4][f]` output-gradient tile, into `dm` (`[36][f]`):
-/// the adjoint of [`transform_output`]. `half_done` is scratch for `[4·6][f]`.
+/// Tile `tile` (counted from image `first`) of `x`: element `a·6 + b` of its 6×6 input window
+/// is the channels of that pixel, read in place, or `zeros` outside the image (the padding).
 #[inline(always)]
-fn transform_output_gradient<T: WithDType>(dy: &[T], dm: &mut [T], half_done: &mut [T], f: usize) {
-    separable(dy, dm, half_done, f, &a_times);
-}
-
-/// Tile `tile` (counted from image `first`) of `x`: its 6×6 input window, `[36][c]`, zeros
-/// outside the image.
-#[inline(always)]
-fn gather_patch<T: WithDType>(
+fn input_window<'a, T: WithDType>(
     g: &ConvGeometry,
-    x: &[T],
+    x: &'a [T],
     first: usize,
     tile: usize,
-    patch: &mut [T],
-) {
+    zeros: &'a [T],
+) -> impl Fn(usize) -> &'a [T] {
     let (image, ty, tx) = tile_position(g, first, tile);
     let p = g.padding as isize;
     let origin = ((TILE * ty) as isize - p, (TILE * tx) as isize - p);
-    gather_window(
+    window(
         x,
         (image, g.height, g.width, g.channels),
         origin,
         WINDOW,
-        patch,
-    );
+        zeros,
+    )
 }
 
 /// The `size × size` window at `origin` (row, column; may lie partly outside) of image `image`
-/// of `data` (images of `height × width × channels`, channels last) into `dst`
-/// (`[size·size][channels]`), zeros outside the image.
+/// of `data` (images of `height × width × channels`, channels last): element `a·size + b` is the
+/// channels of that pixel, or `zeros` (`channels` long) outside the image. Read in place: the
+/// transforms take their inputs from here, with no copy of the window.
 #[inline(always)]
-fn gather_window<T: WithDType>(
-    data: &[T],
+fn window<'a, T>(
+    data: &'a [T],
     (image, height, width, channels): (usize, usize, usize, usize),
     (y0, x0): (isize, isize),
     size: usize,
-    dst: &mut [T],
-) {
-    for a in 0..size {
-        let iy = y0 + a as isize;
-        for b in 0..size {
-            let ix = x0 + b as isize;
-            let out = &mut dst[(a * size + b) * channels..][..channels];
-            if iy >= 0 && iy < height as isize && ix >= 0 && ix < width as isize {
-                let at = ((image * height + iy as usize) * width + ix as usize) * channels;
-                out.copy_from_slice(&data[at..at + channels]);
-            } else {
-                out.fill(T::zero());
-            }
+    zeros: &'a [T],
+) -> impl Fn(usize) -> &'a [T] {
+    move |position| {
+        let (iy, ix) = (
+            y0 + (position / size) as isize,
+            x0 + (position % size) as isize,
+        );
+        if iy >= 0 && iy < height as isize && ix >= 0 && ix < width as isize {
+            let at = ((image * height + iy as usize) * width + ix as usize) * channels;
+            &data[at..at + channels]
+        } else {
+            zeros
         }
     }
 }
@@ -427,13 +427,6 @@ fn bt_times<T: WithDType>([d0, d1, d2, d3, d4, d5]: [T; 6]) -> [T; 6] {
     ]
 }
 
-/// `V = Bᵀ d B` for each channel of a `[36][c]` window, into `v` (`[36][c]`). `half_done` is
-/// scratch for `[36][c]`.
-#[inline(always)]
-fn transform_input<T: WithDType>(d: &[T], v: &mut [T], half_done: &mut [T], c: usize) {
-    separable(d, v, half_done, c, &bt_times);
-}
-
 /// Aᵀ applied to six values (its rows are given at [`a_times`]).
 #[inline(always)]
 fn at_times<T: WithDType>([m0, m1, m2, m3, m4, m5]: [T; 6]) -> [T; 4] {
@@ -451,7 +444,7 @@ fn at_times<T: WithDType>([m0, m1, m2, m3, m4, m5]: [T; 6]) -> [T; 4] {
 /// `half_done` is scratch for `[6·4][f]`.
 #[inline(always)]
 fn transform_output<T: WithDType>(m: &[T], y: &mut [T], half_done: &mut [T], f: usize) {
-    separable(m, y, half_done, f, &at_times);
+    separable(|p| &m[p * f..][..f], y, half_done, f, &at_times);
 }
 
 /// Writes the 4×4 output tile `y` (`[16][f]`) of tile `tile` into `out`, dropping what falls
