@@ -275,7 +275,7 @@ pub fn im2col_rows(x: &Tensor, geometry: ConvGeometry) -> candle_core::Result<Te
 /// rows multiply (rows in patch order: kernel row, kernel column, channel). candle's strided copy
 /// of the equivalent permutation computed every element's index and took about 140 µs for a
 /// 64×64×3×3 weight, on the thread that waits for the parallel kernels (measured: 0.85 ms of
-/// each adaptation episode's 3 ms of serial time); this loop takes a fraction of that. Its
+/// each adaptation episode's 3 ms of serial time); here each kernel tap's rows are one parallel job. Its
 /// backward pass is candle's reshape and permutation, differentiable to any order.
 #[derive(Clone, Copy, Debug)]
 pub struct PatchOrderWeight;

@@ -273,29 +273,26 @@ impl ConvRows {
                 let flipped = winograd::flipped_weights(w, tasks, g.channels, filters);
                 return winograd_convolution(&wino, grad, &flipped, tasks, g.channels);
             }
-            let mut dx = vec![T::zero(); g.images * image_len];
-            let slices = split_lengths(&mut dx, parts.iter().map(|c| c.2 * image_len));
-            parts
-                .par_iter()
-                .zip(slices)
-                .for_each(|(&(task, first, count), dst)| {
-                    let mut cols = vec![T::zero(); count * pixels * kc];
-                    let g_chunk = &grad[first * pixels * filters..];
-                    let w_task = &w[task * kc * filters..];
-                    // d cols = d y · wᵀ; wᵀ is w read with swapped strides.
-                    unsafe {
-                        gemm_into(
-                            (count * pixels, kc, filters),
-                            cols.as_mut_ptr(),
-                            kc,
-                            false,
-                            (g_chunk.as_ptr(), filters, 1),
-                            (w_task.as_ptr(), 1, filters),
-                        )
-                    }
-                    vectorized!(col2im_add(g, &cols, count, dst));
-                });
-            dx
+            let lengths: Vec<usize> = parts.iter().map(|c| c.2 * image_len).collect();
+            filled_in_parallel(&lengths, |part, dst| {
+                let (task, first, count) = parts[part];
+                let mut cols = vec![T::zero(); count * pixels * kc];
+                let g_chunk = &grad[first * pixels * filters..];
+                let w_task = &w[task * kc * filters..];
+                // d cols = d y · wᵀ; wᵀ is w read with swapped strides.
+                unsafe {
+                    gemm_into(
+                        (count * pixels, kc, filters),
+                        cols.as_mut_ptr(),
+                        kc,
+                        false,
+                        (g_chunk.as_ptr(), filters, 1),
+                        (w_task.as_ptr(), 1, filters),
+                    )
+                }
+                // Adds into the zeroed piece.
+                vectorized!(col2im_add(g, &cols, count, dst));
+            })
         });
         (dx, self.weight_gradient(x, grad, tasks, filters))
     }
