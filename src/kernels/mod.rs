@@ -50,6 +50,7 @@ pub fn with_kernels<R>(on: bool, f: impl FnOnce() -> R) -> R {
 }
 
 pub mod conv;
+pub(crate) mod conv_pool;
 pub mod differentiable_conv;
 pub mod first_block;
 pub mod fused;
