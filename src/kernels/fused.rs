@@ -342,7 +342,7 @@ fn winograd_convolution<T: WithDType>(
     tasks: usize,
     filters: usize,
 ) -> Vec<T> {
-    let u = winograd::transform_weights(w, tasks, g.channels, filters);
+    let u = winograd::transformed_weights(w, tasks, g.channels, filters);
     let pixels = g.out_height() * g.out_width();
     let parts = independent_chunks(
         g.images,

@@ -16,7 +16,10 @@
 //! forward pass and for the input gradient (a 3×3 convolution of the output gradient with the
 //! flipped, transposed weight). The weight gradient stays an im2col product.
 
-use candle_core::WithDType;
+use std::any::Any;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, WithDType};
 
 use crate::kernels::conv::ConvGeometry;
 use crate::kernels::fused::gemm_into;
@@ -112,6 +115,71 @@ pub(crate) fn transform_weights<T: WithDType>(w: &[T], tasks: usize, c: usize, f
         ]
     };
     separable_transform(w, tasks, c, f, g_times)
+}
+
+/// How many transformed weights [`transformed_weights`] keeps.
+const REMEMBERED_WEIGHTS: usize = 8;
+
+/// A transformed weight and what it was computed from.
+struct Remembered {
+    dtype: DType,
+    channels: usize,
+    filters: usize,
+    /// The weight's bytes.
+    weight: Vec<u8>,
+    /// The `Vec<T>` [`transform_weights`] returned.
+    transformed: Arc<dyn Any + Send + Sync>,
+}
+
+/// The most recently used transformed weights, most recent first.
+static REMEMBERED: Mutex<Vec<Remembered>> = Mutex::new(Vec::new());
+
+/// [`transform_weights`] of a single task's weight, reusing the result of an earlier call with
+/// the same bytes. A deployed model convolves with the same weights call after call (adapting to
+/// a task, then classifying its queries), and on the adaptation workload the transforms, which
+/// run on one thread before the parallel products, took about 1 ms of a 13 ms episode. Looking
+/// up compares whole weights, so a weight changed in place (by an optimiser step) is never
+/// mistaken for the one before; a miss costs a copy of the weight. Weights of several tasks
+/// (meta-training batches) change every step and are transformed directly.
+pub(crate) fn transformed_weights<T: WithDType>(
+    w: &[T],
+    tasks: usize,
+    c: usize,
+    f: usize,
+) -> Arc<Vec<T>> {
+    if tasks != 1 {
+        return Arc::new(transform_weights(w, tasks, c, f));
+    }
+    // Safety: the weight's values are plain numbers without padding; any bytes are readable.
+    let bytes = unsafe { std::slice::from_raw_parts(w.as_ptr().cast::<u8>(), size_of_val(w)) };
+    let same = |r: &Remembered| {
+        r.dtype == T::DTYPE && (r.channels, r.filters) == (c, f) && r.weight == bytes
+    };
+    {
+        let mut remembered = REMEMBERED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = remembered.iter().position(same) {
+            let hit = remembered.remove(at);
+            let transformed = hit.transformed.clone().downcast::<Vec<T>>();
+            remembered.insert(0, hit);
+            if let Ok(transformed) = transformed {
+                return transformed;
+            }
+        }
+    }
+    let transformed = Arc::new(transform_weights(w, 1, c, f));
+    let mut remembered = REMEMBERED.lock().unwrap_or_else(|e| e.into_inner());
+    remembered.insert(
+        0,
+        Remembered {
+            dtype: T::DTYPE,
+            channels: c,
+            filters: f,
+            weight: bytes.to_vec(),
+            transformed: transformed.clone(),
+        },
+    );
+    remembered.truncate(REMEMBERED_WEIGHTS);
+    transformed
 }
 
 /// `M X Mᵀ` for every task, channel and filter of `src` (`[tasks][N·N][c][f]`) into
@@ -466,5 +534,40 @@ fn scatter_tile<T: WithDType>(g: &ConvGeometry, f: usize, tile: usize, y: &[T], 
             let at = ((image * oh + oy) * ow + ox) * f;
             out[at..at + f].copy_from_slice(&y[(i * TILE + j) * f..][..f]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reused transforms are those of the weight's current values: after a change in place, for
+    /// another shape read from the same values, and in the other dtype.
+    #[test]
+    fn remembered_transforms_follow_the_weights() {
+        let (c, f) = (3, 5);
+        let mut w: Vec<f64> = (0..9 * c * f).map(|i| (i as f64 * 0.37).sin()).collect();
+        let first = transformed_weights(&w, 1, c, f);
+        assert_eq!(*first, transform_weights(&w, 1, c, f));
+        let again = transformed_weights(&w, 1, c, f);
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "the same weight is transformed once"
+        );
+        w[7] += 1e-9;
+        let changed = transformed_weights(&w, 1, c, f);
+        assert_eq!(*changed, transform_weights(&w, 1, c, f));
+        assert_ne!(*changed, *first);
+        let other_shape = transformed_weights(&w, 1, f, c);
+        assert_eq!(*other_shape, transform_weights(&w, 1, f, c));
+        let w32: Vec<f32> = (0..2 * 9 * c * f).map(|i| i as f32).collect();
+        assert_eq!(
+            *transformed_weights(&w32, 1, c, 2 * f),
+            transform_weights(&w32, 1, c, 2 * f)
+        );
+        assert_eq!(
+            *transformed_weights(&w32, 2, c, f),
+            transform_weights(&w32, 2, c, f)
+        );
     }
 }
