@@ -11,7 +11,7 @@ use rand::Rng;
 
 use common::{autodiff_gradient, check_gradient, hessian_vector_product, values, Point};
 use metalearn::kernels::conv::{im2col_rows, Col2Im, ConvGeometry};
-use metalearn::kernels::fused::ConvRows;
+use metalearn::kernels::fused::{ConvRows, InferenceBlock};
 use metalearn::kernels::norm::channel_moments;
 use metalearn::kernels::pool::{max_pool_rows, PoolGeometry};
 use metalearn::kernels::with_kernels;
@@ -732,6 +732,133 @@ fn conv4_in_f32_matches_the_reference() -> Result<()> {
             diff < 1e-4 * scale_of(&reference),
             "{path:?}: f32 outputs differ by {diff:e}"
         );
+    }
+    Ok(())
+}
+
+/// The inference kernel (Winograd convolution, affine map, 2×2 max-pooling and ReLU in one
+/// pass) against patch rows times the weight, then the same steps one at a time: odd and
+/// non-square images whose pooling leaves a row or column over, tiles overhanging the output,
+/// scales of both signs; f64 to rounding and f32.
+#[test]
+fn inference_block_matches_convolution_then_pooling() -> Result<()> {
+    // (images, height, width, channels, filters, padding)
+    let cases = [
+        (2, 7, 9, 4, 5, 1),
+        (3, 14, 14, 8, 16, 1),
+        (1, 5, 4, 6, 3, 0),
+        (2, 3, 3, 5, 8, 1),
+        (2, 6, 5, 4, 7, 2),
+    ];
+    for (i, &(images, height, width, channels, filters, padding)) in cases.iter().enumerate() {
+        let g = ConvGeometry {
+            images,
+            height,
+            width,
+            channels,
+            kernel: 3,
+            stride: 1,
+            padding,
+        };
+        let mut rng = common::rng(950 + i as u64);
+        let x = common::normal(&mut rng, &[images * height * width, channels]);
+        let w = common::normal(&mut rng, &[g.patch_len(), filters]);
+        let params = common::normal(&mut rng, &[2, filters]);
+        let (oh, ow) = (g.out_height(), g.out_width());
+        let (ph, pw) = (oh / 2, ow / 2);
+        // The reference: convolution, then z = y·a + b, the window's maximum, ReLU.
+        let y = values(&im2col_rows(&x, g)?.matmul(&w)?);
+        let p = values(&params);
+        let (a, b) = p.split_at(filters);
+        let mut expected = vec![0.0; images * ph * pw * filters];
+        for image in 0..images {
+            for py in 0..ph {
+                for px in 0..pw {
+                    for f in 0..filters {
+                        let z = |dy: usize, dx: usize| {
+                            let at = ((image * oh + 2 * py + dy) * ow + 2 * px + dx) * filters + f;
+                            y[at] * a[f] + b[f]
+                        };
+                        let best = z(0, 0).max(z(0, 1)).max(z(1, 0)).max(z(1, 1));
+                        expected[((image * ph + py) * pw + px) * filters + f] = best.max(0.0);
+                    }
+                }
+            }
+        }
+        for dtype in [DType::F64, DType::F32] {
+            let tolerance = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+            let out = x.to_dtype(dtype)?.apply_op3(
+                &w.to_dtype(dtype)?,
+                &params.to_dtype(dtype)?,
+                InferenceBlock(g),
+            )?;
+            ensure!(
+                out.dims() == [images * ph * pw, filters],
+                "case {i}: shape {:?}",
+                out.dims()
+            );
+            let diff = max_difference(&values(&out), &expected);
+            ensure!(
+                diff <= tolerance * scale_of(&expected),
+                "case {i} {g:?} {dtype:?}: pooled outputs differ by {diff:e}"
+            );
+        }
+    }
+    // Parameters that are not [a; b] for every filter are an error naming the kernel.
+    let g = ConvGeometry {
+        images: 1,
+        height: 4,
+        width: 4,
+        channels: 4,
+        kernel: 3,
+        stride: 1,
+        padding: 1,
+    };
+    let x = Tensor::zeros((16, 4), DType::F64, &Device::Cpu)?;
+    let w = Tensor::zeros((36, 3), DType::F64, &Device::Cpu)?;
+    let params = Tensor::zeros((3, 3), DType::F64, &Device::Cpu)?;
+    let err = x
+        .apply_op3(&w, &params, InferenceBlock(g))
+        .expect_err("three rows of parameters");
+    ensure!(err.to_string().contains("inference_block"), "{err}");
+    Ok(())
+}
+
+/// Conv-4 in inference (running statistics, parameters without gradient) takes the inference
+/// kernel for its Winograd blocks; its embeddings equal the reference path's, in f64 and f32.
+#[test]
+fn conv4_inference_matches_the_reference() -> Result<()> {
+    metalearn::runtime::init();
+    for (size, width) in [(28, 16), (21, 12)] {
+        let arch = Architecture::conv4([1, size, size], width, None)?;
+        let net = Network::build(&arch)?;
+        for dtype in [DType::F64, DType::F32] {
+            let tolerance = if dtype == DType::F64 { 1e-10 } else { 1e-4 };
+            let params = net.init_params(5, &Device::Cpu, dtype)?.detach();
+            let running = running_stats(&net, 6).map(|_, t| Ok(t.to_dtype(dtype)?))?;
+            let x = common::normal(&mut common::rng(8), &[6, 1, size, size]).to_dtype(dtype)?;
+            let reference = values(&forward_on(
+                Path::Reference,
+                &net,
+                &params,
+                &x,
+                Some(&running),
+                None,
+            )?);
+            let out = values(&forward_on(
+                Path::Fused,
+                &net,
+                &params,
+                &x,
+                Some(&running),
+                None,
+            )?);
+            let diff = max_difference(&out, &reference);
+            ensure!(
+                diff < tolerance * scale_of(&reference),
+                "{size}x{size} width {width} {dtype:?}: embeddings differ by {diff:e}"
+            );
+        }
     }
     Ok(())
 }

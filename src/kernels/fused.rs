@@ -966,3 +966,68 @@ impl CustomOp3 for ConvBlock {
         })
     }
 }
+
+/// Convolution (3×3, stride 1, by Winograd's F(4×4, 3×3)), batch-norm with constant statistics
+/// (`z = y·a + b` per filter), 2×2 max-pooling and ReLU, for inference: `(x [images·h·w, c],
+/// weight [9·c, filters], [a; b] stacked as [2, filters])` → pooled rows
+/// `[images·⌊oh/2⌋·⌊ow/2⌋, filters]`. Each output tile is pooled as it is made, so the
+/// convolution's full-resolution output is never stored. Forward only (it has no backward
+/// pass): the fast path uses it where nothing needs a gradient.
+#[derive(Clone, Copy, Debug)]
+pub struct InferenceBlock(pub ConvGeometry);
+
+impl InferenceBlock {
+    /// Whether a block with this convolution and pooling size runs on this kernel.
+    pub fn applies(g: &ConvGeometry, pool_size: usize) -> bool {
+        pool_size == 2 && winograd::applies(g)
+    }
+}
+
+impl CustomOp3 for InferenceBlock {
+    fn name(&self) -> &'static str {
+        "inference_block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        let (tasks, filters) = ConvRows(*g).tasks_and_filters(l2.dims())?;
+        let inputs: usize = l1.dims().iter().product();
+        if tasks != 1
+            || !Self::applies(g, 2)
+            || inputs != g.images * g.height * g.width * g.channels
+            || l3.dims() != [2, filters]
+        {
+            return Err(candle_core::Error::Msg(format!(
+                "inference_block: input {:?}, weight {:?} and parameters {:?} do not fit {} images of {}x{}x{} into {} filters by a 3x3 stride-1 convolution",
+                l1.dims(), l2.dims(), l3.dims(), g.images, g.height, g.width, g.channels, filters
+            )));
+        }
+        let pooled = (g.out_height() / 2) * (g.out_width() / 2);
+        with_float!("inference_block", s1.dtype(), T => {
+            let x = contiguous_slice::<T>(s1, l1, "inference_block")?;
+            let w = contiguous_slice::<T>(s2, l2, "inference_block")?;
+            let (a, b) = contiguous_slice::<T>(s3, l3, "inference_block")?.split_at(filters);
+            let u = winograd::transformed_weights(w, 1, g.channels, filters);
+            let parts = independent_chunks(
+                g.images,
+                1,
+                winograd::tiles_per_image(g),
+                WINOGRAD_CHUNK_TILES,
+            );
+            let lengths: Vec<usize> = parts.iter().map(|c| c.2 * pooled * filters).collect();
+            let out = filled_in_parallel(&lengths, |part, dst| {
+                let (_, first, count) = parts[part];
+                winograd::convolve_and_pool_images(g, x, &u, (a, b), (first, count), dst);
+            });
+            Ok((T::to_cpu_storage_owned(out), Shape::from((g.images * pooled, filters))))
+        })
+    }
+}

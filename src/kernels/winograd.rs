@@ -295,11 +295,35 @@ pub(crate) fn convolve_images<T: WithDType>(
     let tiles = count * tiles_per_image(g);
     // Per tile: its transformed positions of c channels, then their products of f filters.
     with_scratch::<T, _>(tiles * POSITIONS * c, tiles * POSITIONS * f, |v, m| {
-        vectorized!(convolve_tiles(g, x, u, f, first, v, m, out))
+        vectorized!(convolve_tiles(g, x, u, f, first, v, m, |tile, y| {
+            scatter_tile(g, f, tile, y, out)
+        }))
     })
 }
 
-/// [`convolve_images`] with scratch space for the transformed inputs `v` and the products `m`.
+/// [`convolve_images`] followed by `z = y·a + b` per filter, 2×2 max-pooling and ReLU, applied
+/// to each output tile as it is made (the tiles start at even positions, so every pooling
+/// window lies inside one), into `out` (`[count·⌊oh/2⌋·⌊ow/2⌋·f]`). The window's outputs are
+/// compared as [`crate::kernels::fused::BnPoolRelu`] does.
+pub(crate) fn convolve_and_pool_images<T: WithDType>(
+    g: &ConvGeometry,
+    x: &[T],
+    u: &[T],
+    (a, b): (&[T], &[T]),
+    (first, count): (usize, usize),
+    out: &mut [T],
+) {
+    let (c, f) = (g.channels, a.len());
+    let tiles = count * tiles_per_image(g);
+    with_scratch::<T, _>(tiles * POSITIONS * c, tiles * POSITIONS * f, |v, m| {
+        vectorized!(convolve_tiles(g, x, u, f, first, v, m, |tile, y| {
+            pool_tile(g, tile, y, (a, b), out)
+        }))
+    })
+}
+
+/// [`convolve_images`] with scratch space for the transformed inputs `v` and the products `m`;
+/// `emit(tile, y)` takes each output tile (`[4·4][f]`).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn convolve_tiles<T: WithDType>(
@@ -310,7 +334,7 @@ fn convolve_tiles<T: WithDType>(
     first: usize,
     v: &mut [T],
     m: &mut [T],
-    out: &mut [T],
+    mut emit: impl FnMut(usize, &[T]),
 ) {
     let c = g.channels;
     let tiles = v.len() / (POSITIONS * c);
@@ -337,7 +361,7 @@ fn convolve_tiles<T: WithDType>(
     let mut y = vec![T::zero(); TILE * TILE * f];
     for (tile, m_tile) in m.chunks_exact(POSITIONS * f).enumerate() {
         transform_output(m_tile, &mut y, &mut half_done, f);
-        scatter_tile(g, f, tile, &y, out);
+        emit(tile, &y);
     }
 }
 
@@ -513,6 +537,44 @@ fn at_times<T: WithDType>([m0, m1, m2, m3, m4, m5]: [T; 6]) -> [T; 4] {
 #[inline(always)]
 fn transform_output<T: WithDType>(m: &[T], y: &mut [T], half_done: &mut [T], f: usize) {
     separable(|p| &m[p * f..][..f], y, half_done, f, &at_times);
+}
+
+/// The pooled pixels of output tile `tile` (see [`convolve_and_pool_images`]) into `out`.
+#[inline(always)]
+fn pool_tile<T: WithDType>(
+    g: &ConvGeometry,
+    tile: usize,
+    y: &[T],
+    (a, b): (&[T], &[T]),
+    out: &mut [T],
+) {
+    let f = a.len();
+    let (ph, pw) = (g.out_height() / 2, g.out_width() / 2);
+    let (image, ty, tx) = tile_position(g, 0, tile);
+    let b = &b[..f];
+    for i in 0..TILE / 2 {
+        let py = TILE / 2 * ty + i;
+        if py >= ph {
+            break;
+        }
+        for j in 0..TILE / 2 {
+            let px = TILE / 2 * tx + j;
+            if px >= pw {
+                break;
+            }
+            let output = |dy: usize, dx: usize| &y[((2 * i + dy) * TILE + 2 * j + dx) * f..][..f];
+            let [r0, r1, r2, r3] = [output(0, 0), output(0, 1), output(1, 0), output(1, 1)];
+            let best = &mut out[((image * ph + py) * pw + px) * f..][..f];
+            for ch in 0..f {
+                let mut m = r0[ch] * a[ch] + b[ch];
+                for row in [r1, r2, r3] {
+                    let z = row[ch] * a[ch] + b[ch];
+                    m = if z > m { z } else { m };
+                }
+                best[ch] = if m < T::zero() { T::zero() } else { m };
+            }
+        }
+    }
 }
 
 /// Writes the 4×4 output tile `y` (`[16][f]`) of tile `tile` into `out`, dropping what falls

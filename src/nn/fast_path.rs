@@ -8,7 +8,10 @@
 //! max-pooling runs as pooling then ReLU (max commutes with a monotone function), so ReLU
 //! touches a quarter of the data. On the first-order path, a first block whose input needs no
 //! gradient (the images) runs as one kernel that never stores its full-resolution output
-//! ([`crate::kernels::first_block`]). Values and gradients equal the reference path in
+//! ([`crate::kernels::first_block`]). In inference with running statistics, when nothing needs a
+//! gradient, a block with a 3×3 stride-1 convolution and 2×2 pooling runs as one forward-only
+//! kernel that pools each Winograd output tile as it is made
+//! ([`crate::kernels::fused::InferenceBlock`]). Values and gradients equal the reference path in
 //! [`crate::nn::network`] up to rounding; tests compare the two.
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
@@ -17,7 +20,7 @@ use crate::error::Result;
 use crate::kernels::conv::{im2col_rows, ConvGeometry, PatchOrderWeight};
 use crate::kernels::differentiable_conv;
 use crate::kernels::first_block::{ConvBnPoolRelu, PatchMoments, MAX_PATCH};
-use crate::kernels::fused::{BnPoolRelu, ConvBlock, ConvRows};
+use crate::kernels::fused::{BnPoolRelu, ConvBlock, ConvRows, InferenceBlock};
 use crate::kernels::norm::{channel_moments, moments};
 use crate::kernels::pool::{max_pool_rows, PoolGather, PoolGeometry};
 use crate::nn::architecture::{Activation, Layer, NamedLayer};
@@ -419,6 +422,55 @@ impl BlockInput {
     }
 }
 
+/// Batch-norm `(name, gamma, beta, bias, eps)` with the running statistics in `stats` as
+/// `z = y·a + b`: `a = γ/σ` and `b = β + (bias − running mean)·a`, built from tensors so that
+/// every parameter gets its gradient.
+fn constant_affine(
+    (name, gamma, beta, bias, eps): (&str, &Tensor, &Tensor, &Tensor, f64),
+    stats: &ParamSet,
+) -> Result<(Tensor, Tensor)> {
+    let mean = stats.get(&format!("{name}.running_mean"))?;
+    let var = stats.get(&format!("{name}.running_var"))?;
+    let a = gamma.broadcast_mul(&var.affine(1.0, eps)?.sqrt()?.recip()?)?;
+    let b = beta.broadcast_add(&bias.broadcast_sub(mean)?.broadcast_mul(&a)?)?;
+    Ok((a, b))
+}
+
+/// The block on [`InferenceBlock`], where that kernel applies: constant statistics, nothing
+/// that needs a gradient, one task, and 2×2 pooling of a Winograd convolution. `None` leaves
+/// the block to the other kernels.
+fn inference_block(
+    rows: &Rows,
+    matrix: &Tensor,
+    geometry: ConvGeometry,
+    bn: (&str, &Tensor, &Tensor, &Tensor, f64),
+    (size, batched): (usize, bool),
+    ctx: &ForwardCtx,
+) -> Result<Option<Rows>> {
+    let (Mode::Eval, Some(stats)) = (ctx.mode, ctx.running_stats) else {
+        return Ok(None);
+    };
+    if batched || !InferenceBlock::applies(&geometry, size) {
+        return Ok(None);
+    }
+    let (a, b) = constant_affine(bn, stats)?;
+    if [&rows.t, matrix, &a, &b].iter().any(|t| t.track_op()) {
+        return Ok(None);
+    }
+    let params = Tensor::stack(&[&a, &b], 0)?;
+    let t =
+        rows.t
+            .contiguous()?
+            .apply_op3(&matrix.contiguous()?, &params, InferenceBlock(geometry))?;
+    Ok(Some(Rows {
+        t,
+        lead: rows.lead.clone(),
+        h: geometry.out_height() / 2,
+        w: geometry.out_width() / 2,
+        c: matrix.dim(1)?,
+    }))
+}
+
 /// Batch-norm (with the convolution's bias folded in), max-pooling and ReLU as one fused kernel
 /// (first-order gradients only).
 #[allow(clippy::too_many_arguments)]
@@ -444,12 +496,7 @@ fn bn_pool_relu(
         size,
     };
     if let (Mode::Eval, Some(stats)) = (ctx.mode, ctx.running_stats) {
-        // Constant statistics: the kernel applies z = y·a + b with a = γ/σ and
-        // b = β + (bias − running mean)·a, built here so that every parameter gets its gradient.
-        let mean = stats.get(&format!("{name}.running_mean"))?;
-        let var = stats.get(&format!("{name}.running_var"))?;
-        let a = gamma.broadcast_mul(&var.affine(1.0, eps)?.sqrt()?.recip()?)?;
-        let b = beta.broadcast_add(&bias.broadcast_sub(mean)?.broadcast_mul(&a)?)?;
+        let (a, b) = constant_affine((name, gamma, beta, bias, eps), stats)?;
         let op = BnPoolRelu {
             pool: geometry,
             mean: vec![0.0; tasks * c],
@@ -559,6 +606,15 @@ pub(crate) fn forward(
                     i += 3;
                     let geometry = conv_geometry(&rows, weight, *stride, *padding)?;
                     let matrix = weight_matrix(weight)?;
+                    let bn_params = (bn.name.as_str(), q("gamma")?, q("beta")?, bias, *eps);
+                    let pooling = (*size, batched);
+                    if let Some(out) =
+                        inference_block(&rows, &matrix, geometry, bn_params, pooling, ctx)?
+                    {
+                        act = Act::Rows(out);
+                        i += 1;
+                        continue;
+                    }
                     let input = if !rows.t.track_op() && geometry.patch_len() <= MAX_PATCH {
                         BlockInput::Images {
                             weight: matrix,
