@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor, D};
 use rand::Rng;
 
 use common::{autodiff_gradient, check_gradient, hessian_vector_product, values, Point};
-use metalearn::kernels::conv::{im2col_rows, Col2Im, ConvGeometry};
+use metalearn::kernels::conv::{im2col_rows, Col2Im, ConvGeometry, PatchOrderWeight};
 use metalearn::kernels::fused::{ConvRows, InferenceBlock};
 use metalearn::kernels::norm::channel_moments;
 use metalearn::kernels::pool::{max_pool_rows, PoolGeometry};
@@ -762,7 +762,8 @@ fn inference_block_matches_convolution_then_pooling() -> Result<()> {
         };
         let mut rng = common::rng(950 + i as u64);
         let x = common::normal(&mut rng, &[images * height * width, channels]);
-        let w = common::normal(&mut rng, &[g.patch_len(), filters]);
+        let kernels = common::normal(&mut rng, &[filters, channels, 3, 3]);
+        let w = kernels.apply_op1(PatchOrderWeight)?;
         let params = common::normal(&mut rng, &[2, filters]);
         let (oh, ow) = (g.out_height(), g.out_width());
         let (ph, pw) = (oh / 2, ow / 2);
@@ -788,7 +789,7 @@ fn inference_block_matches_convolution_then_pooling() -> Result<()> {
         for dtype in [DType::F64, DType::F32] {
             let tolerance = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
             let out = x.to_dtype(dtype)?.apply_op3(
-                &w.to_dtype(dtype)?,
+                &kernels.to_dtype(dtype)?,
                 &params.to_dtype(dtype)?,
                 InferenceBlock(g),
             )?;
@@ -815,7 +816,7 @@ fn inference_block_matches_convolution_then_pooling() -> Result<()> {
         padding: 1,
     };
     let x = Tensor::zeros((16, 4), DType::F64, &Device::Cpu)?;
-    let w = Tensor::zeros((36, 3), DType::F64, &Device::Cpu)?;
+    let w = Tensor::zeros((3, 4, 3, 3), DType::F64, &Device::Cpu)?;
     let params = Tensor::zeros((3, 3), DType::F64, &Device::Cpu)?;
     let err = x
         .apply_op3(&w, &params, InferenceBlock(g))

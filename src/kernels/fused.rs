@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use crate::kernels::conv::{col2im_add, im2col_into, ConvGeometry};
 use crate::kernels::pool::PoolGeometry;
+use crate::kernels::winograd::WeightLayout::{Filters, PatchOrder};
 use crate::kernels::{contiguous_slice, vectorized, with_float};
 use crate::kernels::{small_gemm, winograd};
 
@@ -342,7 +343,7 @@ fn winograd_convolution<T: WithDType>(
     tasks: usize,
     filters: usize,
 ) -> Vec<T> {
-    let u = winograd::transformed_weights(w, tasks, g.channels, filters);
+    let u = winograd::transformed_weights(w, PatchOrder, tasks, g.channels, filters);
     let pixels = g.out_height() * g.out_width();
     let parts = independent_chunks(
         g.images,
@@ -969,7 +970,8 @@ impl CustomOp3 for ConvBlock {
 
 /// Convolution (3×3, stride 1, by Winograd's F(4×4, 3×3)), batch-norm with constant statistics
 /// (`z = y·a + b` per filter), 2×2 max-pooling and ReLU, for inference: `(x [images·h·w, c],
-/// weight [9·c, filters], [a; b] stacked as [2, filters])` → pooled rows
+/// weight [filters, c, 3, 3] as the layer holds it, [a; b] stacked as [2, filters])` → pooled
+/// rows
 /// `[images·⌊oh/2⌋·⌊ow/2⌋, filters]`. Each output tile is pooled as it is made, so the
 /// convolution's full-resolution output is never stored. Forward only (it has no backward
 /// pass): the fast path uses it where nothing needs a gradient.
@@ -998,9 +1000,9 @@ impl CustomOp3 for InferenceBlock {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = &self.0;
-        let (tasks, filters) = ConvRows(*g).tasks_and_filters(l2.dims())?;
+        let filters = l2.dims().first().copied().unwrap_or(0);
         let inputs: usize = l1.dims().iter().product();
-        if tasks != 1
+        if l2.dims() != [filters, g.channels, 3, 3]
             || !Self::applies(g, 2)
             || inputs != g.images * g.height * g.width * g.channels
             || l3.dims() != [2, filters]
@@ -1015,7 +1017,7 @@ impl CustomOp3 for InferenceBlock {
             let x = contiguous_slice::<T>(s1, l1, "inference_block")?;
             let w = contiguous_slice::<T>(s2, l2, "inference_block")?;
             let (a, b) = contiguous_slice::<T>(s3, l3, "inference_block")?.split_at(filters);
-            let u = winograd::transformed_weights(w, 1, g.channels, filters);
+            let u = winograd::transformed_weights(w, Filters, 1, g.channels, filters);
             let parts = independent_chunks(
                 g.images,
                 1,

@@ -120,9 +120,19 @@ pub(crate) fn transform_weights<T: WithDType>(w: &[T], tasks: usize, c: usize, f
 /// How many transformed weights [`transformed_weights`] keeps.
 const REMEMBERED_WEIGHTS: usize = 8;
 
+/// How a weight handed to [`transformed_weights`] is laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WeightLayout {
+    /// `[tasks][3·3·c][f]`, rows in patch order (kernel row, kernel column, channel).
+    PatchOrder,
+    /// `[f][c][3][3]`, as a convolution layer holds it (one task).
+    Filters,
+}
+
 /// A transformed weight and what it was computed from.
 struct Remembered {
     dtype: DType,
+    layout: WeightLayout,
     channels: usize,
     filters: usize,
     /// The weight's bytes.
@@ -134,26 +144,32 @@ struct Remembered {
 /// The most recently used transformed weights, most recent first.
 static REMEMBERED: Mutex<Vec<Remembered>> = Mutex::new(Vec::new());
 
-/// [`transform_weights`] of a single task's weight, reusing the result of an earlier call with
-/// the same bytes. A deployed model convolves with the same weights call after call (adapting to
-/// a task, then classifying its queries), and on the adaptation workload the transforms, which
-/// run on one thread before the parallel products, took about 1 ms of a 13 ms episode. Looking
-/// up compares whole weights, so a weight changed in place (by an optimiser step) is never
-/// mistaken for the one before; a miss costs a copy of the weight. Weights of several tasks
-/// (meta-training batches) change every step and are transformed directly.
+/// [`transform_weights`] of the weight `w` (laid out as `layout` says), reusing the result of
+/// an earlier call with the same bytes for a single task's weight. A deployed model convolves
+/// with the same weights call after call (adapting to a task, then classifying its queries), and
+/// on the adaptation workload the transforms, which run on one thread before the parallel
+/// products, took about 1 ms of a 13 ms episode. Looking up compares whole weights, so a weight
+/// changed in place (by an optimiser step) is never mistaken for the one before; a miss costs a
+/// copy of the weight. Weights of several tasks (meta-training batches) change every step and
+/// are transformed directly.
 pub(crate) fn transformed_weights<T: WithDType>(
     w: &[T],
+    layout: WeightLayout,
     tasks: usize,
     c: usize,
     f: usize,
 ) -> Arc<Vec<T>> {
+    let transform = || match layout {
+        WeightLayout::PatchOrder => transform_weights(w, tasks, c, f),
+        WeightLayout::Filters => transform_weights(&in_patch_order(w, c, f), 1, c, f),
+    };
     if tasks != 1 {
-        return Arc::new(transform_weights(w, tasks, c, f));
+        return Arc::new(transform());
     }
     // Safety: the weight's values are plain numbers without padding; any bytes are readable.
     let bytes = unsafe { std::slice::from_raw_parts(w.as_ptr().cast::<u8>(), size_of_val(w)) };
     let same = |r: &Remembered| {
-        r.dtype == T::DTYPE && (r.channels, r.filters) == (c, f) && r.weight == bytes
+        (r.dtype, r.layout, r.channels, r.filters) == (T::DTYPE, layout, c, f) && r.weight == bytes
     };
     {
         let mut remembered = REMEMBERED.lock().unwrap_or_else(|e| e.into_inner());
@@ -166,12 +182,13 @@ pub(crate) fn transformed_weights<T: WithDType>(
             }
         }
     }
-    let transformed = Arc::new(transform_weights(w, 1, c, f));
+    let transformed = Arc::new(transform());
     let mut remembered = REMEMBERED.lock().unwrap_or_else(|e| e.into_inner());
     remembered.insert(
         0,
         Remembered {
             dtype: T::DTYPE,
+            layout,
             channels: c,
             filters: f,
             weight: bytes.to_vec(),
@@ -180,6 +197,19 @@ pub(crate) fn transformed_weights<T: WithDType>(
     );
     remembered.truncate(REMEMBERED_WEIGHTS);
     transformed
+}
+
+/// A `[f][c][3][3]` weight as `[3·3·c][f]` in patch order.
+fn in_patch_order<T: WithDType>(w: &[T], c: usize, f: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); 9 * c * f];
+    for (fo, filter) in w.chunks_exact(9 * c).take(f).enumerate() {
+        for (ch, taps) in filter.chunks_exact(9).enumerate() {
+            for (tap, &value) in taps.iter().enumerate() {
+                out[(tap * c + ch) * f + fo] = value;
+            }
+        }
+    }
+    out
 }
 
 /// `M X Mᵀ` for every task, channel and filter of `src` (`[tasks][N·N][c][f]`) into
@@ -609,27 +639,51 @@ mod tests {
     fn remembered_transforms_follow_the_weights() {
         let (c, f) = (3, 5);
         let mut w: Vec<f64> = (0..9 * c * f).map(|i| (i as f64 * 0.37).sin()).collect();
-        let first = transformed_weights(&w, 1, c, f);
+        let first = transformed_weights(&w, WeightLayout::PatchOrder, 1, c, f);
         assert_eq!(*first, transform_weights(&w, 1, c, f));
-        let again = transformed_weights(&w, 1, c, f);
+        let again = transformed_weights(&w, WeightLayout::PatchOrder, 1, c, f);
         assert!(
             Arc::ptr_eq(&first, &again),
             "the same weight is transformed once"
         );
         w[7] += 1e-9;
-        let changed = transformed_weights(&w, 1, c, f);
+        let changed = transformed_weights(&w, WeightLayout::PatchOrder, 1, c, f);
         assert_eq!(*changed, transform_weights(&w, 1, c, f));
         assert_ne!(*changed, *first);
-        let other_shape = transformed_weights(&w, 1, f, c);
+        let other_shape = transformed_weights(&w, WeightLayout::PatchOrder, 1, f, c);
         assert_eq!(*other_shape, transform_weights(&w, 1, f, c));
         let w32: Vec<f32> = (0..2 * 9 * c * f).map(|i| i as f32).collect();
         assert_eq!(
-            *transformed_weights(&w32, 1, c, 2 * f),
+            *transformed_weights(&w32, WeightLayout::PatchOrder, 1, c, 2 * f),
             transform_weights(&w32, 1, c, 2 * f)
         );
         assert_eq!(
-            *transformed_weights(&w32, 2, c, f),
+            *transformed_weights(&w32, WeightLayout::PatchOrder, 2, c, f),
             transform_weights(&w32, 2, c, f)
         );
+        // The same bytes read as `[f][c][3][3]` are another weight.
+        let as_filters = transformed_weights(&w, WeightLayout::Filters, 1, c, f);
+        assert_eq!(
+            *as_filters,
+            transform_weights(&in_patch_order(&w, c, f), 1, c, f)
+        );
+        assert_ne!(*as_filters, *changed);
+    }
+
+    #[test]
+    fn patch_order_puts_kernel_row_then_column_then_channel_first() {
+        let (c, f) = (2, 3);
+        let w: Vec<f64> = (0..9 * c * f).map(|i| i as f64).collect();
+        let p = in_patch_order(&w, c, f);
+        for fo in 0..f {
+            for ch in 0..c {
+                for ky in 0..3 {
+                    for kx in 0..3 {
+                        let raw = ((fo * c + ch) * 3 + ky) * 3 + kx;
+                        assert_eq!(p[((ky * 3 + kx) * c + ch) * f + fo], w[raw]);
+                    }
+                }
+            }
+        }
     }
 }

@@ -441,7 +441,7 @@ fn constant_affine(
 /// the block to the other kernels.
 fn inference_block(
     rows: &Rows,
-    matrix: &Tensor,
+    weight: &Tensor,
     geometry: ConvGeometry,
     bn: (&str, &Tensor, &Tensor, &Tensor, f64),
     (size, batched): (usize, bool),
@@ -454,20 +454,20 @@ fn inference_block(
         return Ok(None);
     }
     let (a, b) = constant_affine(bn, stats)?;
-    if [&rows.t, matrix, &a, &b].iter().any(|t| t.track_op()) {
+    if [&rows.t, weight, &a, &b].iter().any(|t| t.track_op()) {
         return Ok(None);
     }
     let params = Tensor::stack(&[&a, &b], 0)?;
     let t =
         rows.t
             .contiguous()?
-            .apply_op3(&matrix.contiguous()?, &params, InferenceBlock(geometry))?;
+            .apply_op3(&weight.contiguous()?, &params, InferenceBlock(geometry))?;
     Ok(Some(Rows {
         t,
         lead: rows.lead.clone(),
         h: geometry.out_height() / 2,
         w: geometry.out_width() / 2,
-        c: matrix.dim(1)?,
+        c: weight.dim(0)?,
     }))
 }
 
@@ -605,16 +605,16 @@ pub(crate) fn forward(
                     let q = |n: &str| params.get(&format!("{}.{n}", bn.name));
                     i += 3;
                     let geometry = conv_geometry(&rows, weight, *stride, *padding)?;
-                    let matrix = weight_matrix(weight)?;
                     let bn_params = (bn.name.as_str(), q("gamma")?, q("beta")?, bias, *eps);
                     let pooling = (*size, batched);
                     if let Some(out) =
-                        inference_block(&rows, &matrix, geometry, bn_params, pooling, ctx)?
+                        inference_block(&rows, weight, geometry, bn_params, pooling, ctx)?
                     {
                         act = Act::Rows(out);
                         i += 1;
                         continue;
                     }
+                    let matrix = weight_matrix(weight)?;
                     let input = if !rows.t.track_op() && geometry.patch_len() <= MAX_PATCH {
                         BlockInput::Images {
                             weight: matrix,
