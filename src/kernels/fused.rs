@@ -451,6 +451,24 @@ pub struct BnPoolRelu {
     pub batch_statistics: bool,
 }
 
+/// `best[ch] = relu(max over the window's four rows of (row[ch]·a[ch] + b[ch]))` for a 2×2
+/// pooling window's rows of channels, compared in order and the first kept on ties. The channel
+/// loop is branch-free, so it vectorises, and each output is one plain store.
+#[inline(always)]
+pub(crate) fn pooled_window<T: WithDType>(rows: [&[T]; 4], (a, b): (&[T], &[T]), best: &mut [T]) {
+    let [r0, r1, r2, r3] = rows;
+    let c = best.len();
+    let (a, b, r0) = (&a[..c], &b[..c], &r0[..c]);
+    for ch in 0..c {
+        let mut m = r0[ch] * a[ch] + b[ch];
+        for row in [r1, r2, r3] {
+            let z = row[ch] * a[ch] + b[ch];
+            m = if z > m { z } else { m };
+        }
+        best[ch] = if m < T::zero() { T::zero() } else { m };
+    }
+}
+
 /// Per-channel constants of one task: `z = y · a + b` is the normalised, scaled, shifted value.
 pub(crate) struct TaskAffine<T> {
     pub(crate) a: Vec<T>,
@@ -572,15 +590,7 @@ impl BnPoolRelu {
                 // As in `winners`: the 2×2 window in registers, one plain store per output.
                 let top = base + (2 * oy * g.width + 2 * ox) * c;
                 let offsets = [top, top + c, top + g.width * c, top + g.width * c + c];
-                let [r0, r1, r2, r3] = offsets.map(|o| &y[o..o + c]);
-                for ch in 0..c {
-                    let mut m = r0[ch] * a[ch] + b[ch];
-                    for row in [r1, r2, r3] {
-                        let z = row[ch] * a[ch] + b[ch];
-                        m = if z > m { z } else { m };
-                    }
-                    best[ch] = if m < T::zero() { T::zero() } else { m };
-                }
+                pooled_window(offsets.map(|o| &y[o..o + c]), (a, b), best);
                 continue;
             }
             for dy in 0..s {

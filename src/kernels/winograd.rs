@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, WithDType};
 
 use crate::kernels::conv::ConvGeometry;
-use crate::kernels::fused::gemm_into;
+use crate::kernels::fused::{gemm_into, pooled_window};
 use crate::kernels::{vectorized, with_scratch};
 
 /// Side of an output tile.
@@ -581,7 +581,6 @@ fn pool_tile<T: WithDType>(
     let f = a.len();
     let (ph, pw) = (g.out_height() / 2, g.out_width() / 2);
     let (image, ty, tx) = tile_position(g, 0, tile);
-    let b = &b[..f];
     for i in 0..TILE / 2 {
         let py = TILE / 2 * ty + i;
         if py >= ph {
@@ -593,16 +592,9 @@ fn pool_tile<T: WithDType>(
                 break;
             }
             let output = |dy: usize, dx: usize| &y[((2 * i + dy) * TILE + 2 * j + dx) * f..][..f];
-            let [r0, r1, r2, r3] = [output(0, 0), output(0, 1), output(1, 0), output(1, 1)];
+            let rows = [output(0, 0), output(0, 1), output(1, 0), output(1, 1)];
             let best = &mut out[((image * ph + py) * pw + px) * f..][..f];
-            for ch in 0..f {
-                let mut m = r0[ch] * a[ch] + b[ch];
-                for row in [r1, r2, r3] {
-                    let z = row[ch] * a[ch] + b[ch];
-                    m = if z > m { z } else { m };
-                }
-                best[ch] = if m < T::zero() { T::zero() } else { m };
-            }
+            pooled_window(rows, (a, b), best);
         }
     }
 }
