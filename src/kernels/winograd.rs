@@ -13,8 +13,10 @@
 //! covering 16×16), and still need 0.73x the products of F(2×2, 3×3) there, 0.56x at 7×7.
 //!
 //! Used by the fused first-order convolution ([`crate::kernels::fused::ConvRows`]) for its
-//! forward pass and for the input gradient (a 3×3 convolution of the output gradient with the
-//! flipped, transposed weight). The weight gradient stays an im2col product.
+//! forward pass, the input gradient (a 3×3 convolution of the output gradient with the
+//! flipped, transposed weight) and the weight gradient (summed in the transformed domain), by
+//! the differentiable convolution of second-order MAML, and by the forward-only inference block
+//! ([`crate::kernels::fused::InferenceBlock`]), which pools each output tile as it is made.
 
 use std::any::Any;
 use std::sync::{Arc, Mutex};

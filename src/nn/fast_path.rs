@@ -8,9 +8,10 @@
 //! max-pooling runs as pooling then ReLU (max commutes with a monotone function), so ReLU
 //! touches a quarter of the data. On the first-order path, a first block whose input needs no
 //! gradient (the images) runs as one kernel that never stores its full-resolution output
-//! ([`crate::kernels::first_block`]). In inference with running statistics, when nothing needs a
-//! gradient, a block with a 3×3 stride-1 convolution and 2×2 pooling runs as one forward-only
-//! kernel that pools each Winograd output tile as it is made
+//! ([`crate::kernels::first_block`]). On that path in inference with running statistics (as
+//! ProtoNet evaluates), when no input, weight or parameter tracks a gradient and the input is
+//! one task's, a block with a 3×3 stride-1 convolution of four or more channels and 2×2 pooling
+//! runs as one forward-only kernel that pools each Winograd output tile as it is made
 //! ([`crate::kernels::fused::InferenceBlock`]). Values and gradients equal the reference path in
 //! [`crate::nn::network`] up to rounding; tests compare the two.
 
