@@ -454,10 +454,18 @@ fn inference_block(
     if batched || !InferenceBlock::applies(&geometry, size) {
         return Ok(None);
     }
-    let (a, b) = constant_affine(bn, stats)?;
-    if [&rows.t, weight, &a, &b].iter().any(|t| t.track_op()) {
+    // Checked on the inputs of the affine map, so that a declined block (one that needs
+    // gradients) does not build the map twice.
+    let (name, gamma, beta, bias, _) = bn;
+    let mean = stats.get(&format!("{name}.running_mean"))?;
+    let var = stats.get(&format!("{name}.running_var"))?;
+    if [&rows.t, weight, gamma, beta, bias, mean, var]
+        .iter()
+        .any(|t| t.track_op())
+    {
         return Ok(None);
     }
+    let (a, b) = constant_affine(bn, stats)?;
     let params = Tensor::stack(&[&a, &b], 0)?;
     let t =
         rows.t
