@@ -96,6 +96,14 @@ pub(crate) fn with_scratch<T: WithDType, R>(
     )
 }
 
+/// Whether this CPU has AVX-512F (32 registers of 512 bits), for the hand-written kernels that
+/// have a variant for it. Detected once: the answer cannot change while the process runs.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512() -> bool {
+    static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WIDE.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+}
+
 /// Runs `f` compiled for the widest vector instructions this CPU has (AVX2 and FMA on recent
 /// x86-64), picked at run time so that the binary still runs on CPUs without them. Only code
 /// inlined into `f` is recompiled, so callers go through [`vectorized!`], which marks the
