@@ -83,24 +83,30 @@ pub(crate) fn convolve_and_pool<T: WithDType>(
         assert!(padded.len() >= (2 * ph + g.kernel - 1) * g.padded_row);
     }
     #[cfg(target_arch = "x86_64")]
-    // Safety: the features were checked by `serves`, the lengths just above.
-    unsafe {
-        match T::DTYPE {
-            DType::F32 => x86::pooled_f32(
-                g,
-                padded.as_ptr().cast(),
-                w.as_ptr().cast(),
-                (a.as_ptr().cast(), b.as_ptr().cast()),
-                dst.as_mut_ptr().cast(),
-            ),
-            DType::F64 => x86::pooled_f64(
-                g,
-                padded.as_ptr().cast(),
-                w.as_ptr().cast(),
-                (a.as_ptr().cast(), b.as_ptr().cast()),
-                dst.as_mut_ptr().cast(),
-            ),
-            _ => return false,
+    {
+        // AVX-512 where the filters are whole vectors of it.
+        let wide =
+            g.filters.is_multiple_of(64 / std::mem::size_of::<T>()) && crate::kernels::has_avx512();
+        macro_rules! call {
+            ($kernel:path) => {
+                $kernel(
+                    g,
+                    padded.as_ptr().cast(),
+                    w.as_ptr().cast(),
+                    (a.as_ptr().cast(), b.as_ptr().cast()),
+                    dst.as_mut_ptr().cast(),
+                )
+            };
+        }
+        // Safety: the features were checked by `serves` and just above, the lengths before.
+        unsafe {
+            match (T::DTYPE, wide) {
+                (DType::F32, true) => call!(x86::pooled_f32_avx512),
+                (DType::F32, false) => call!(x86::pooled_f32),
+                (DType::F64, true) => call!(x86::pooled_f64_avx512),
+                (DType::F64, false) => call!(x86::pooled_f64),
+                _ => return false,
+            }
         }
     }
     true
@@ -112,12 +118,15 @@ mod x86 {
 
     use super::Window;
 
-    /// The AVX2 operations of one float type, so that one loop serves both.
+    /// The vector operations of one float type and instruction set, so that one loop serves
+    /// all four: up to `$wide` vectors of filters are summed at once for the window's four
+    /// outputs (AVX2's 16 registers take 2, AVX-512's 32 take 4).
     macro_rules! pooled_for {
-        ($name:ident, $t:ty, $vec:ty, $lanes:expr, $zero:ident, $load:ident, $store:ident,
-         $broadcast:ident, $fmadd:ident, $mul:ident, $add:ident, $max:ident) => {
+        ($name:ident, $feature:literal, $wide:literal, $t:ty, $vec:ty, $lanes:expr,
+         $zero:ident, $load:ident, $store:ident, $broadcast:ident, $fmadd:ident, $mul:ident,
+         $add:ident, $max:ident) => {
             /// See [`super::convolve_and_pool`]; the caller has checked lengths and features.
-            #[target_feature(enable = "avx2,fma")]
+            #[target_feature(enable = $feature)]
             pub(super) unsafe fn $name(
                 g: &Window,
                 padded: *const $t,
@@ -127,7 +136,7 @@ mod x86 {
             ) {
                 /// `V` vectors of filters from `first` for the window whose top-left input is at
                 /// `top`.
-                #[target_feature(enable = "avx2,fma")]
+                #[target_feature(enable = $feature)]
                 #[inline]
                 unsafe fn block<const V: usize>(
                     g: &Window,
@@ -153,7 +162,7 @@ mod x86 {
                                     let at = top.add(ky * row + kx * c + ch);
                                     let inputs = [at, at.add(c), at.add(row), at.add(row + c)];
                                     for (sums, input) in sums.iter_mut().zip(inputs) {
-                                        let x = $broadcast(&*input);
+                                        let x = $broadcast(*input);
                                         for v in 0..V {
                                             sums[v] = $fmadd(x, wv[v], sums[v]);
                                         }
@@ -187,6 +196,12 @@ mod x86 {
                             let top = padded.add(2 * py * row + 2 * px * c);
                             let out = dst.add((py * pw + px) * f);
                             let mut first = 0;
+                            if $wide >= 4 {
+                                while first + 4 * $lanes <= f {
+                                    block::<4>(g, top, w, (a, b), first, out);
+                                    first += 4 * $lanes;
+                                }
+                            }
                             while first + 2 * $lanes <= f {
                                 block::<2>(g, top, w, (a, b), first, out);
                                 first += 2 * $lanes;
@@ -203,13 +218,15 @@ mod x86 {
 
     pooled_for!(
         pooled_f32,
+        "avx2,fma",
+        2,
         f32,
         __m256,
         8,
         _mm256_setzero_ps,
         _mm256_loadu_ps,
         _mm256_storeu_ps,
-        _mm256_broadcast_ss,
+        _mm256_set1_ps,
         _mm256_fmadd_ps,
         _mm256_mul_ps,
         _mm256_add_ps,
@@ -217,17 +234,51 @@ mod x86 {
     );
     pooled_for!(
         pooled_f64,
+        "avx2,fma",
+        2,
         f64,
         __m256d,
         4,
         _mm256_setzero_pd,
         _mm256_loadu_pd,
         _mm256_storeu_pd,
-        _mm256_broadcast_sd,
+        _mm256_set1_pd,
         _mm256_fmadd_pd,
         _mm256_mul_pd,
         _mm256_add_pd,
         _mm256_max_pd
+    );
+    pooled_for!(
+        pooled_f32_avx512,
+        "avx512f",
+        4,
+        f32,
+        __m512,
+        16,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        _mm512_mul_ps,
+        _mm512_add_ps,
+        _mm512_max_ps
+    );
+    pooled_for!(
+        pooled_f64_avx512,
+        "avx512f",
+        4,
+        f64,
+        __m512d,
+        8,
+        _mm512_setzero_pd,
+        _mm512_loadu_pd,
+        _mm512_storeu_pd,
+        _mm512_set1_pd,
+        _mm512_fmadd_pd,
+        _mm512_mul_pd,
+        _mm512_add_pd,
+        _mm512_max_pd
     );
 }
 
@@ -331,9 +382,9 @@ mod tests {
 
     #[test]
     fn pooled_outputs_equal_the_definition_to_the_bit() {
-        // One vector, two, and two plus one, in each dtype.
-        check::<f32>(&[8, 16, 24], f32::mul_add);
-        check::<f64>(&[4, 8, 12], f64::mul_add);
+        // One to three AVX2 vectors; with AVX-512, one, 2 + 1 and 4 of its vectors.
+        check::<f32>(&[8, 16, 24, 48, 64], f32::mul_add);
+        check::<f64>(&[4, 8, 12, 24, 32], f64::mul_add);
     }
 
     #[test]
