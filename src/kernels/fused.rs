@@ -663,13 +663,14 @@ impl BnPoolRelu {
                         .zip(winner_z[pooled.clone()].chunks_exact(c))
                         .zip(grad[pooled].chunks_exact(c))
                     {
+                        // Branch-free, as in the first block's backward pass: whether ReLU
+                        // passed a winner is as good as random; a blocked one adds zero.
                         for ch in 0..c {
-                            if z[ch] > T::zero() && dz[ch] != T::zero() {
-                                let dz = dz[ch].to_f64();
-                                let yhat = (y[at[ch] as usize].to_f64() - mean[ch]) * inv_std[ch];
-                                sum1[ch] += dz;
-                                sum2[ch] += dz * yhat;
-                            }
+                            let passed = z[ch] > T::zero();
+                            let dz = dz[ch].to_f64();
+                            let yhat = (y[at[ch] as usize].to_f64() - mean[ch]) * inv_std[ch];
+                            sum1[ch] += if passed { dz } else { 0.0 };
+                            sum2[ch] += if passed { dz * yhat } else { 0.0 };
                         }
                     }
                     (s1, s2)
@@ -722,9 +723,9 @@ impl BnPoolRelu {
                     .zip(grad[pooled].chunks_exact(c))
                 {
                     for ch in 0..c {
-                        if z[ch] > T::zero() && dz[ch] != T::zero() {
-                            dst[at[ch] as usize] += aff.a[ch] * dz[ch];
-                        }
+                        let passed = z[ch] > T::zero();
+                        let dz = if passed { dz[ch] } else { T::zero() };
+                        dst[at[ch] as usize] += aff.a[ch] * dz;
                     }
                 }
             });
