@@ -21,11 +21,23 @@ static DETACHING_POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
 /// When `RAYON_NUM_THREADS` is unset, it is set to the number of available cores: with it
 /// unset, candle 0.11 ran sinusoid MAML 2.7x slower on a 2-core machine (6.8 ms against 2.5 ms
 /// per meta-iteration), and small-MLP training 2-4x slower. A value set by the user is kept.
+///
+/// When `CANDLE_NUM_THREADS` is unset, it is set to 1, so that candle runs its element-wise
+/// operations on the calling thread. Otherwise candle 0.11 runs them on its own pool of spinning
+/// threads, which one caller at a time may use: the meta-batch's task chunks, each on a rayon
+/// thread, then waited on each other, and the spinning took cores from them. Second-order MAML
+/// on Conv-4 (`metalearn bench --workload maml-conv4`, 2 cores) went from 2,063 to 1,703 ms per
+/// meta-batch (medians of 5 alternating runs); the ProtoNet, first-order MAML, adaptation and
+/// sinusoid workloads did not change beyond the machine's noise. A value set by the user is
+/// kept.
 pub fn init() {
     INIT.call_once(|| {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
             std::env::set_var("RAYON_NUM_THREADS", cores.to_string());
+        }
+        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+            std::env::set_var("CANDLE_NUM_THREADS", "1");
         }
         let threads = std::env::var("RAYON_NUM_THREADS")
             .ok()
