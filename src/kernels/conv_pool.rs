@@ -5,7 +5,8 @@
 //! is short (9 values on grey images): there an im2col product is a matrix product with a
 //! shared dimension of 9, which spends as long storing its 64-channel full-resolution output
 //! and reading it back to pool as multiplying. Here the four outputs of a window are summed in
-//! registers for two vectors of filters at a time, each step one broadcast per output and one
+//! registers for two vectors of filters at a time (four on CPUs with AVX-512F, where the filters
+//! are whole 512-bit vectors), each step one broadcast per output and one
 //! fused multiply-add per vector, then scaled, shifted, pooled and rectified in registers.
 //! The sums run over the taps in patch order with fused multiply-adds from zero, as the
 //! register-blocked product of the im2col path does ([`crate::kernels::small_gemm`]), so the
