@@ -57,6 +57,7 @@ pub mod fused;
 pub mod mlp_maml;
 pub mod norm;
 pub mod pool;
+pub mod pooled_norm;
 pub(crate) mod small_gemm;
 pub(crate) mod winograd;
 

@@ -24,6 +24,7 @@ use crate::kernels::first_block::{ConvBnPoolRelu, PatchMoments, MAX_PATCH};
 use crate::kernels::fused::{BnPoolRelu, ConvBlock, ConvRows, InferenceBlock};
 use crate::kernels::norm::{channel_moments, moments};
 use crate::kernels::pool::{max_pool_rows, PoolGather, PoolGeometry};
+use crate::kernels::pooled_norm::PooledNorm;
 use crate::nn::architecture::{Activation, Layer, NamedLayer};
 use crate::nn::network::{self, ForwardCtx, Mode};
 use crate::nn::params::ParamSet;
@@ -252,7 +253,10 @@ fn batch_norm_affine(
 /// the affine map and ReLU run on the pooled quarter. Given the winners, pooling is a linear
 /// selection, so values and derivatives of every order are those of the layers in sequence,
 /// while the graph's full-resolution tensors shrink to the convolution's output, its
-/// statistics and the selection.
+/// statistics and the selection. With batch statistics (training, and adaptation without
+/// running statistics) the block after the convolution runs on [`PooledNorm`]'s ops, which
+/// keep second-order graphs to a few nodes per block; with running statistics it is written
+/// in candle operations.
 #[allow(clippy::too_many_arguments)]
 fn composed_block(
     rows: Rows,
@@ -265,6 +269,9 @@ fn composed_block(
     let (weight, bias, stride, padding) = conv_params;
     let (name, gamma, beta, eps) = bn;
     let y = conv(rows, weight, stride, padding, false)?;
+    if ctx.mode == Mode::Train || ctx.running_stats.is_none() {
+        return pooled_norm_block(y, (name, gamma, beta, bias, eps), size, batched, ctx);
+    }
     let (scale, shift) = batch_norm_affine(&y, name, gamma, beta, Some(bias), eps, batched, ctx)?;
     let normalised =
         y.t.detach()
@@ -286,6 +293,75 @@ fn composed_block(
             .broadcast_mul(&scale)?
             .broadcast_add(&shift)?
             .relu()?,
+        lead: y.lead,
+        h: geometry.out_height(),
+        w: geometry.out_width(),
+        c: y.c,
+    })
+}
+
+/// Records batch-norm `name`'s batch statistics where `ctx` asks for them: the mean of the
+/// biased convolution output (`mean` is taken without the `bias`) and the unbiased variance
+/// over `rows` rows.
+fn record_batch_stats(
+    ctx: &mut ForwardCtx,
+    name: &str,
+    (mean, var): (&[f64], &[f64]),
+    bias: &Tensor,
+    rows: usize,
+) -> Result<()> {
+    let Some(out) = ctx.batch_stats.as_deref_mut() else {
+        return Ok(());
+    };
+    let unbiased = if rows > 1 {
+        rows as f64 / (rows - 1) as f64
+    } else {
+        1.0
+    };
+    let (dtype, device, c) = (bias.dtype(), bias.device(), mean.len());
+    let bias_v = bias.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let pre_mean: Vec<f64> = mean.iter().zip(&bias_v).map(|(m, b)| m + b).collect();
+    let var: Vec<f64> = var.iter().map(|v| v * unbiased).collect();
+    out.push((
+        format!("{name}.running_mean"),
+        Tensor::from_vec(pre_mean, c, device)?.to_dtype(dtype)?,
+    ));
+    out.push((
+        format!("{name}.running_var"),
+        Tensor::from_vec(var, c, device)?.to_dtype(dtype)?,
+    ));
+    Ok(())
+}
+
+/// Batch-norm with batch statistics, max-pooling and ReLU of the convolution output `y` on
+/// the closed ops of [`PooledNorm`]: two graph nodes, and two again in the gradient.
+fn pooled_norm_block(
+    y: Rows,
+    (name, gamma, beta, bias, eps): (&str, &Tensor, &Tensor, &Tensor, f64),
+    size: usize,
+    batched: bool,
+    ctx: &mut ForwardCtx,
+) -> Result<Rows> {
+    let geometry = PoolGeometry {
+        images: y.images(),
+        height: y.h,
+        width: y.w,
+        channels: y.c,
+        size,
+    };
+    let block = PooledNorm::new(
+        geometry,
+        &y.t.detach(),
+        &gamma.detach(),
+        &beta.detach(),
+        eps,
+    )?;
+    if ctx.mode == Mode::Train && !batched {
+        let (mean, var) = block.moments();
+        record_batch_stats(ctx, name, (mean, var), bias, y.t.dim(0)?)?;
+    }
+    Ok(Rows {
+        t: block.forward(&y.t, gamma, beta)?,
         lead: y.lead,
         h: geometry.out_height(),
         w: geometry.out_width(),
@@ -516,26 +592,8 @@ fn bn_pool_relu(
     }
     let (mean, var, patches) = input.moments(tasks, c)?;
     if ctx.mode == Mode::Train && !batched {
-        if let Some(out) = ctx.batch_stats.as_deref_mut() {
-            let rows_per_task = geometry.images / tasks * height * width;
-            let unbiased = if rows_per_task > 1 {
-                rows_per_task as f64 / (rows_per_task - 1) as f64
-            } else {
-                1.0
-            };
-            let (dtype, device) = (gamma.dtype(), gamma.device());
-            let bias_v = bias.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-            let pre_mean: Vec<f64> = (0..c).map(|ch| mean[ch] + bias_v[ch]).collect();
-            let var: Vec<f64> = var.iter().map(|v| v * unbiased).collect();
-            out.push((
-                format!("{name}.running_mean"),
-                Tensor::from_vec(pre_mean, c, device)?.to_dtype(dtype)?,
-            ));
-            out.push((
-                format!("{name}.running_var"),
-                Tensor::from_vec(var, c, device)?.to_dtype(dtype)?,
-            ));
-        }
+        let rows = geometry.images / tasks * height * width;
+        record_batch_stats(ctx, name, (&mean, &var), bias, rows)?;
     }
     let op = BnPoolRelu {
         pool: geometry,
