@@ -251,16 +251,21 @@ fn window_winners<T: WithDType>(
             let mut best = vec![T::zero(); c];
             for ox in 0..ow {
                 let win = &mut dst[ox * c..][..c];
-                for dy in 0..s {
-                    for dx in 0..s {
-                        let at = ((image * g.height + oy * s + dy) * g.width + ox * s + dx) * c;
-                        for ch in 0..c {
-                            let z = y[at + ch] * a[ch] + b[ch];
-                            if (dy == 0 && dx == 0) || z > best[ch] {
-                                best[ch] = z;
-                                win[ch] = (at + ch) as u32;
-                            }
-                        }
+                let first = ((image * g.height + oy * s) * g.width + ox * s) * c;
+                for ch in 0..c {
+                    best[ch] = y[first + ch] * a[ch] + b[ch];
+                    win[ch] = (first + ch) as u32;
+                }
+                // Selects rather than branches: which position wins is as good as random.
+                for at in (0..s * s)
+                    .skip(1)
+                    .map(|i| first + ((i / s) * g.width + i % s) * c)
+                {
+                    for ch in 0..c {
+                        let z = y[at + ch] * a[ch] + b[ch];
+                        let better = z > best[ch];
+                        best[ch] = if better { z } else { best[ch] };
+                        win[ch] = if better { (at + ch) as u32 } else { win[ch] };
                     }
                 }
             }
@@ -452,25 +457,31 @@ impl CustomOp3 for Restore {
 }
 
 /// Per-channel sums over one group's pooled rows of `m·g` and `m·g·(p − μ)`, where `m` is ReLU's
-/// pass mask `p·a + b > 0`; `visit(row_offset, ch, passed)` sees every element on the way.
+/// pass mask `p·a + b > 0`; `visit(row_offset, ch, m)` sees every element's mask on the way,
+/// as 1 or 0 to multiply by: the mask is as good as random, so branches on it mispredict.
 fn masked_sums<T: WithDType>(
     g: &[T],
     p: &[T],
     ch_params: &[Channel],
-    mut visit: impl FnMut(usize, usize, bool),
+    mut visit: impl FnMut(usize, usize, T),
 ) -> (Vec<f64>, Vec<f64>) {
     let c = ch_params.len();
     let a: Vec<T> = ch_params.iter().map(|k| T::from_f64(k.a)).collect();
     let b: Vec<T> = ch_params.iter().map(|k| T::from_f64(k.b)).collect();
     let mu: Vec<T> = ch_params.iter().map(|k| T::from_f64(k.mu)).collect();
+    let (one, zero) = (T::one(), T::zero());
     let (mut sum_g, mut sum_gp) = (vec![0f64; c], vec![0f64; c]);
     for (i, (g, p)) in g.chunks_exact(c).zip(p.chunks_exact(c)).enumerate() {
         for ch in 0..c {
-            let passed = p[ch] * a[ch] + b[ch] > T::zero();
-            let mg = if passed { g[ch] } else { T::zero() };
+            let m = if p[ch] * a[ch] + b[ch] > zero {
+                one
+            } else {
+                zero
+            };
+            let mg = m * g[ch];
             sum_g[ch] += mg.to_f64();
             sum_gp[ch] += (mg * (p[ch] - mu[ch])).to_f64();
-            visit(i * c, ch, passed);
+            visit(i * c, ch, m);
         }
     }
     (sum_g, sum_gp)
@@ -556,8 +567,8 @@ impl CustomOp3 for AffineReluInput {
                 let g = &g[grp * pooled * c..][..pooled * c];
                 let k = channels(s, &theta[(grp % tg) * 2 * c..], pooled, c, n.eps);
                 let a: Vec<T> = k.iter().map(|k| T::from_f64(k.a)).collect();
-                let (sum_g, sum_gp) = masked_sums(g, &s[..pooled * c], &k, |i, ch, passed| {
-                    out[i + ch] = if passed { g[i + ch] * a[ch] } else { T::from_f64(0.0) };
+                let (sum_g, sum_gp) = masked_sums(g, &s[..pooled * c], &k, |i, ch, m| {
+                    out[i + ch] = m * g[i + ch] * a[ch];
                 });
                 for ch in 0..c {
                     out[pooled * c + ch] = T::from_f64(-k[ch].a * sum_g[ch]);
@@ -599,13 +610,11 @@ impl CustomOp3 for AffineReluInput {
                     let q: Vec<T> = ch_params.iter().map(|p| f(p.q())).collect();
                     let mut sum_kpg = vec![0f64; c];
                     let p = &s[..pooled * c];
-                    let (sum_g, sum_gp) = masked_sums(g, p, &ch_params, |i, ch, passed| {
-                        if passed {
-                            let j = i + ch;
-                            d_g[j] = a[ch] * (k[j] - k_mu[ch]) + q[ch] * k_var[ch] * (p[j] - mu[ch]);
-                            d_s[j] = q[ch] * k_var[ch] * g[j];
-                            sum_kpg[ch] += (k[j] * g[j]).to_f64();
-                        }
+                    let (sum_g, sum_gp) = masked_sums(g, p, &ch_params, |i, ch, m| {
+                        let j = i + ch;
+                        d_g[j] = m * (a[ch] * (k[j] - k_mu[ch]) + q[ch] * k_var[ch] * (p[j] - mu[ch]));
+                        d_s[j] = m * q[ch] * k_var[ch] * g[j];
+                        sum_kpg[ch] += (m * k[j] * g[j]).to_f64();
                     });
                     let mut d_theta = vec![0f64; 2 * c];
                     for (ch, pr) in ch_params.iter().enumerate() {
@@ -709,12 +718,10 @@ impl CustomOp3 for AffineReluParams {
                     let kr: Vec<T> = (0..c).map(|ch| f(k[ch].to_f64() * ch_params[ch].r)).collect();
                     let mu: Vec<T> = ch_params.iter().map(|p| f(p.mu)).collect();
                     let p = &s[..pooled * c];
-                    let (sum_g, sum_gp) = masked_sums(g, p, &ch_params, |i, ch, passed| {
-                        if passed {
-                            let j = i + ch;
-                            d_g[j] = kr[ch] * (p[j] - mu[ch]) + k[c + ch];
-                            d_s[j] = kr[ch] * g[j];
-                        }
+                    let (sum_g, sum_gp) = masked_sums(g, p, &ch_params, |i, ch, m| {
+                        let j = i + ch;
+                        d_g[j] = m * (kr[ch] * (p[j] - mu[ch]) + k[c + ch]);
+                        d_s[j] = m * kr[ch] * g[j];
                     });
                     for (ch, pr) in ch_params.iter().enumerate() {
                         let kg = k[ch].to_f64();
