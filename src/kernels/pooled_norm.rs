@@ -214,6 +214,18 @@ impl PooledNorm {
         Ok(())
     }
 
+    /// Checks the `(g, s, θ)` arguments of the ops that take [`AffineRelu`]'s gradient;
+    /// returns `θ`'s groups.
+    fn check_gradient_args(
+        &self,
+        op: &str,
+        [g, s, theta]: [&Layout; 3],
+    ) -> candle_core::Result<usize> {
+        self.check(op, "the gradient", g.dims(), self.pooled())?;
+        self.check(op, "the statistics", s.dims(), self.pooled() + 2)?;
+        self.theta_groups(op, theta.dims())
+    }
+
     /// `θ`'s groups: one shared by all, or one per group.
     fn theta_groups(&self, op: &str, dims: &[usize]) -> candle_core::Result<usize> {
         let n: usize = dims.iter().product();
@@ -554,9 +566,7 @@ impl CustomOp3 for AffineReluInput {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let n = &self.0;
         let (c, pooled) = (n.pool.channels, n.pooled());
-        n.check(self.name(), "the gradient", l1.dims(), pooled)?;
-        n.check(self.name(), "the statistics", l2.dims(), pooled + 2)?;
-        let tg = n.theta_groups(self.name(), l3.dims())?;
+        let tg = n.check_gradient_args(self.name(), [l1, l2, l3])?;
         with_float!(self.name(), s1.dtype(), T => {
             let g = contiguous_slice::<T>(s1, l1, self.name())?;
             let s = contiguous_slice::<T>(s2, l2, self.name())?;
@@ -666,9 +676,7 @@ impl CustomOp3 for AffineReluParams {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let n = &self.0;
         let (c, pooled) = (n.pool.channels, n.pooled());
-        n.check(self.name(), "the gradient", l1.dims(), pooled)?;
-        n.check(self.name(), "the statistics", l2.dims(), pooled + 2)?;
-        let tg = n.theta_groups(self.name(), l3.dims())?;
+        let tg = n.check_gradient_args(self.name(), [l1, l2, l3])?;
         with_float!(self.name(), s1.dtype(), T => {
             let g = contiguous_slice::<T>(s1, l1, self.name())?;
             let s = contiguous_slice::<T>(s2, l2, self.name())?;

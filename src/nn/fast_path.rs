@@ -57,6 +57,17 @@ impl Rows {
     }
 }
 
+/// The pooling of `rows` with `size`×`size` windows.
+fn pool_geometry(rows: &Rows, size: usize) -> PoolGeometry {
+    PoolGeometry {
+        images: rows.images(),
+        height: rows.h,
+        width: rows.w,
+        channels: rows.c,
+        size,
+    }
+}
+
 /// An activation between layers.
 enum Act {
     /// The reference layout: `[lead.., c, h, w]` or `[lead.., features]`.
@@ -278,13 +289,7 @@ fn composed_block(
             .broadcast_mul(&scale.detach())?
             .broadcast_add(&shift.detach())?
             .contiguous()?;
-    let geometry = PoolGeometry {
-        images: y.images(),
-        height: y.h,
-        width: y.w,
-        channels: y.c,
-        size,
-    };
+    let geometry = pool_geometry(&y, size);
     let pooled =
         y.t.contiguous()?
             .apply_op2(&normalised, PoolGather(geometry))?;
@@ -342,13 +347,7 @@ fn pooled_norm_block(
     batched: bool,
     ctx: &mut ForwardCtx,
 ) -> Result<Rows> {
-    let geometry = PoolGeometry {
-        images: y.images(),
-        height: y.h,
-        width: y.w,
-        channels: y.c,
-        size,
-    };
+    let geometry = pool_geometry(&y, size);
     let block = PooledNorm::new(
         geometry,
         &y.t.detach(),
@@ -605,13 +604,7 @@ fn bn_pool_relu(
 }
 
 fn max_pool(rows: Rows, size: usize) -> Result<Rows> {
-    let geometry = PoolGeometry {
-        images: rows.images(),
-        height: rows.h,
-        width: rows.w,
-        channels: rows.c,
-        size,
-    };
+    let geometry = pool_geometry(&rows, size);
     Ok(Rows {
         t: max_pool_rows(&rows.t, geometry)?,
         h: geometry.out_height(),
