@@ -339,7 +339,7 @@ fn record_batch_stats(
 }
 
 /// Batch-norm with batch statistics, max-pooling and ReLU of the convolution output `y` on
-/// the closed ops of [`PooledNorm`]: two graph nodes, and two again in the gradient.
+/// the closed ops of [`PooledNorm`]: two graph nodes, and three in their gradient.
 fn pooled_norm_block(
     y: Rows,
     (name, gamma, beta, bias, eps): (&str, &Tensor, &Tensor, &Tensor, f64),
