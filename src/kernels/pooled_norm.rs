@@ -499,6 +499,47 @@ fn masked_sums<T: WithDType>(
     (sum_g, sum_gp)
 }
 
+/// One group's part of the gradient ops' inputs: pooled rows `p`, incoming gradient `g`, and
+/// the per-channel affine map with its means as `T`.
+struct GroupView<'a, T> {
+    p: &'a [T],
+    g: &'a [T],
+    channels: Vec<Channel>,
+    mu: Vec<T>,
+}
+
+/// Runs `body(group, view, d_g, d_s)` on every group in parallel, with that group's chunks of
+/// the zero-initialised gradients for `g` (`[.., pooled rows, c]`) and `s` (`[.., pooled rows
+/// + 2, c]`); returns both gradients and the bodies' results in group order.
+fn per_group_gradients<T: WithDType, R: Send>(
+    n: &PooledNorm,
+    theta_groups: usize,
+    (g, s, theta): (&[T], &[T], &[T]),
+    body: impl Fn(usize, &GroupView<T>, &mut [T], &mut [T]) -> R + Sync,
+) -> (Vec<T>, Vec<T>, Vec<R>) {
+    let (c, pooled) = (n.pool.channels, n.pooled());
+    let mut d_g = vec![T::zero(); n.groups * pooled * c];
+    let mut d_s = vec![T::zero(); n.groups * (pooled + 2) * c];
+    let results = d_g
+        .par_chunks_mut(pooled * c)
+        .zip(d_s.par_chunks_mut((pooled + 2) * c))
+        .enumerate()
+        .map(|(grp, (d_g, d_s))| {
+            let s = &s[grp * (pooled + 2) * c..][..(pooled + 2) * c];
+            let theta = &theta[(grp % theta_groups) * 2 * c..];
+            let channels = channels(s, theta, pooled, c, n.eps);
+            let view = GroupView {
+                p: &s[..pooled * c],
+                g: &g[grp * pooled * c..][..pooled * c],
+                mu: channels.iter().map(|k| T::from_f64(k.mu)).collect(),
+                channels,
+            };
+            body(grp, &view, d_g, d_s)
+        })
+        .collect();
+    (d_g, d_s, results)
+}
+
 impl CustomOp2 for AffineRelu {
     fn name(&self) -> &'static str {
         "pooled_norm_affine_relu"
@@ -602,42 +643,32 @@ impl CustomOp3 for AffineReluInput {
         let (c, pooled) = (n.pool.channels, n.pooled());
         let tg = n.theta_groups(self.name(), theta.dims())?;
         with_slices!(self.name(), T, [kv = grad, gv = g, sv = s, tv = theta] => {
-            let mut d_g = vec![T::from_f64(0.0); n.groups * pooled * c];
-            let mut d_s = vec![T::from_f64(0.0); n.groups * (pooled + 2) * c];
-            let d_theta: Vec<Vec<f64>> = d_g
-                .par_chunks_mut(pooled * c)
-                .zip(d_s.par_chunks_mut((pooled + 2) * c))
-                .enumerate()
-                .map(|(grp, (d_g, d_s))| {
-                    let (s, k) = (&sv[grp * (pooled + 2) * c..], &kv[grp * (pooled + 2) * c..]);
-                    let g = &gv[grp * pooled * c..][..pooled * c];
-                    let ch_params = channels(s, &tv[(grp % tg) * 2 * c..], pooled, c, n.eps);
-                    let f = |v: f64| T::from_f64(v);
-                    let a: Vec<T> = ch_params.iter().map(|p| f(p.a)).collect();
-                    let mu: Vec<T> = ch_params.iter().map(|p| f(p.mu)).collect();
-                    let k_mu: Vec<T> = (0..c).map(|ch| k[pooled * c + ch]).collect();
-                    let k_var: Vec<T> = (0..c).map(|ch| k[(pooled + 1) * c + ch]).collect();
-                    let q: Vec<T> = ch_params.iter().map(|p| f(p.q())).collect();
-                    let mut sum_kpg = vec![0f64; c];
-                    let p = &s[..pooled * c];
-                    let (sum_g, sum_gp) = masked_sums(g, p, &ch_params, |i, ch, m| {
-                        let j = i + ch;
-                        d_g[j] = m * (a[ch] * (k[j] - k_mu[ch]) + q[ch] * k_var[ch] * (p[j] - mu[ch]));
-                        d_s[j] = m * q[ch] * k_var[ch] * g[j];
-                        sum_kpg[ch] += (m * k[j] * g[j]).to_f64();
-                    });
-                    let mut d_theta = vec![0f64; 2 * c];
-                    for (ch, pr) in ch_params.iter().enumerate() {
-                        let (km, kv) = (k_mu[ch].to_f64(), k_var[ch].to_f64());
-                        let r3 = pr.r * pr.r * pr.r;
-                        d_s[pooled * c + ch] = f(-pr.q() * kv * sum_g[ch]);
-                        d_s[(pooled + 1) * c + ch] = f(pr.q() * (sum_kpg[ch] - km * sum_g[ch])
-                            + kv * 0.75 * pr.gamma * r3 * pr.r * pr.r * sum_gp[ch]);
-                        d_theta[ch] = pr.r * (sum_kpg[ch] - km * sum_g[ch]) - 0.5 * r3 * kv * sum_gp[ch];
-                    }
-                    d_theta
-                })
-                .collect();
+            let (d_g, d_s, d_theta) = per_group_gradients(n, tg, (gv, sv, tv), |grp, view, d_g, d_s| {
+                let k = &kv[grp * (pooled + 2) * c..];
+                let (p, g, mu, ch_params) = (view.p, view.g, &view.mu, &view.channels);
+                let f = |v: f64| T::from_f64(v);
+                let a: Vec<T> = ch_params.iter().map(|p| f(p.a)).collect();
+                let k_mu: Vec<T> = (0..c).map(|ch| k[pooled * c + ch]).collect();
+                let k_var: Vec<T> = (0..c).map(|ch| k[(pooled + 1) * c + ch]).collect();
+                let q: Vec<T> = ch_params.iter().map(|p| f(p.q())).collect();
+                let mut sum_kpg = vec![0f64; c];
+                let (sum_g, sum_gp) = masked_sums(g, p, ch_params, |i, ch, m| {
+                    let j = i + ch;
+                    d_g[j] = m * (a[ch] * (k[j] - k_mu[ch]) + q[ch] * k_var[ch] * (p[j] - mu[ch]));
+                    d_s[j] = m * q[ch] * k_var[ch] * g[j];
+                    sum_kpg[ch] += (m * k[j] * g[j]).to_f64();
+                });
+                let mut d_theta = vec![0f64; 2 * c];
+                for (ch, pr) in ch_params.iter().enumerate() {
+                    let (km, kv) = (k_mu[ch].to_f64(), k_var[ch].to_f64());
+                    let r3 = pr.r * pr.r * pr.r;
+                    d_s[pooled * c + ch] = f(-pr.q() * kv * sum_g[ch]);
+                    d_s[(pooled + 1) * c + ch] = f(pr.q() * (sum_kpg[ch] - km * sum_g[ch])
+                        + kv * 0.75 * pr.gamma * r3 * pr.r * pr.r * sum_gp[ch]);
+                    d_theta[ch] = pr.r * (sum_kpg[ch] - km * sum_g[ch]) - 0.5 * r3 * kv * sum_gp[ch];
+                }
+                d_theta
+            });
             let d_theta = fold_theta::<T>(&d_theta, tg, c);
             Ok((
                 Some(tensor(d_g, n.shape(pooled), grad)?),
@@ -712,31 +743,22 @@ impl CustomOp3 for AffineReluParams {
         let (c, pooled) = (n.pool.channels, n.pooled());
         let tg = n.theta_groups(self.name(), theta.dims())?;
         with_slices!(self.name(), T, [kv = grad, gv = g, sv = s, tv = theta] => {
-            let mut d_g = vec![T::from_f64(0.0); n.groups * pooled * c];
-            let mut d_s = vec![T::from_f64(0.0); n.groups * (pooled + 2) * c];
-            d_g.par_chunks_mut(pooled * c)
-                .zip(d_s.par_chunks_mut((pooled + 2) * c))
-                .enumerate()
-                .for_each(|(grp, (d_g, d_s))| {
-                    let s = &sv[grp * (pooled + 2) * c..];
-                    let k = &kv[(grp % tg) * 2 * c..][..2 * c];
-                    let g = &gv[grp * pooled * c..][..pooled * c];
-                    let ch_params = channels(s, &tv[(grp % tg) * 2 * c..], pooled, c, n.eps);
-                    let f = |v: f64| T::from_f64(v);
-                    let kr: Vec<T> = (0..c).map(|ch| f(k[ch].to_f64() * ch_params[ch].r)).collect();
-                    let mu: Vec<T> = ch_params.iter().map(|p| f(p.mu)).collect();
-                    let p = &s[..pooled * c];
-                    let (sum_g, sum_gp) = masked_sums(g, p, &ch_params, |i, ch, m| {
-                        let j = i + ch;
-                        d_g[j] = m * (kr[ch] * (p[j] - mu[ch]) + k[c + ch]);
-                        d_s[j] = m * kr[ch] * g[j];
-                    });
-                    for (ch, pr) in ch_params.iter().enumerate() {
-                        let kg = k[ch].to_f64();
-                        d_s[pooled * c + ch] = f(-kg * pr.r * sum_g[ch]);
-                        d_s[(pooled + 1) * c + ch] = f(-0.5 * kg * pr.r * pr.r * pr.r * sum_gp[ch]);
-                    }
+            let (d_g, d_s, _) = per_group_gradients(n, tg, (gv, sv, tv), |grp, view, d_g, d_s| {
+                let k = &kv[(grp % tg) * 2 * c..][..2 * c];
+                let (p, g, mu, ch_params) = (view.p, view.g, &view.mu, &view.channels);
+                let f = |v: f64| T::from_f64(v);
+                let kr: Vec<T> = (0..c).map(|ch| f(k[ch].to_f64() * ch_params[ch].r)).collect();
+                let (sum_g, sum_gp) = masked_sums(g, p, ch_params, |i, ch, m| {
+                    let j = i + ch;
+                    d_g[j] = m * (kr[ch] * (p[j] - mu[ch]) + k[c + ch]);
+                    d_s[j] = m * kr[ch] * g[j];
                 });
+                for (ch, pr) in ch_params.iter().enumerate() {
+                    let kg = k[ch].to_f64();
+                    d_s[pooled * c + ch] = f(-kg * pr.r * sum_g[ch]);
+                    d_s[(pooled + 1) * c + ch] = f(-0.5 * kg * pr.r * pr.r * pr.r * sum_gp[ch]);
+                }
+            });
             Ok((
                 Some(tensor(d_g, n.shape(pooled), grad)?),
                 Some(tensor(d_s, n.shape(pooled + 2), grad)?),
