@@ -647,6 +647,14 @@ fn cross_field_checks_name_both_sides() {
         &["`task.ways` applies only to task.kind = \"classification\""],
     );
     says(
+        &meta_error(&edit(
+            SINE,
+            "test_grid = 100",
+            "test_grid = 100\nreflections = true",
+        )),
+        &["`task.reflections` applies only to task.kind = \"classification\""],
+    );
+    says(
         &meta_error(&edit(IMAGES, "ways = 5", "ways = 5\nsupport = 5")),
         &[
             "`task.support` applies only to task.kind = \"sinusoid\"",

@@ -181,18 +181,21 @@ fn size_and_filter_are_configurable() {
     assert!(values[14 * 20 + 21] > 0.9, "ink stays ink under Lanczos");
 }
 
+/// The fixture loaded without a cache, with or without rotated and mirrored copies.
+fn load_with_copies(zip: &Path, rotations: bool, reflections: bool) -> OmniglotData {
+    let options = OmniglotOptions {
+        rotations,
+        reflections,
+        ..options(CachePolicy::Off)
+    };
+    OmniglotData::load(zip, &options).unwrap()
+}
+
 #[test]
 fn rotations_add_classes_in_the_same_alphabet() {
     let (_dir, zip) = fixture();
-    let plain = OmniglotData::load(&zip, &options(CachePolicy::Off)).unwrap();
-    let rotated = OmniglotData::load(
-        &zip,
-        &OmniglotOptions {
-            rotations: true,
-            ..options(CachePolicy::Off)
-        },
-    )
-    .unwrap();
+    let plain = load_with_copies(&zip, false, false);
+    let rotated = load_with_copies(&zip, true, false);
     let classes = plain.num_classes();
     assert_eq!(rotated.num_classes(), 4 * classes);
     assert_eq!(rotated.len(), 4 * plain.len());
@@ -244,6 +247,51 @@ fn rotations_add_classes_in_the_same_alphabet() {
         }
     }
     assert!(splits[0].iter().any(|&c| rotated.base_class[c] != c));
+}
+
+#[test]
+fn reflections_add_mirrored_classes_after_the_rotations() {
+    let (_dir, zip) = fixture();
+    let plain = load_with_copies(&zip, false, false);
+    let classes = plain.num_classes();
+    let n = plain.len();
+    let mirrored = load_with_copies(&zip, false, true);
+    assert_eq!(mirrored.num_classes(), 2 * classes);
+    assert_eq!(mirrored.class_names[classes], "Alpha/character01/mirror");
+    // The first image mirrored left-right: the square moves from top-left to top-right.
+    let all = pixels(&mirrored);
+    let flipped = &all[n * 28 * 28..(n + 1) * 28 * 28];
+    assert_eq!(mirrored.labels[n], classes + mirrored.labels[0]);
+    for y in 0..28 {
+        for x in 0..28 {
+            assert_eq!(flipped[y * 28 + x], all[y * 28 + 27 - x]);
+        }
+    }
+    assert!(flipped[3 * 28 + 24] > 0.99);
+
+    let both = load_with_copies(&zip, true, true);
+    assert_eq!(both.num_classes(), 8 * classes);
+    assert_eq!(both.len(), 8 * n);
+    // Rotations keep their class ids; the mirror images and their rotations follow.
+    assert_eq!(both.class_names[classes], "Alpha/character01/rot90");
+    assert_eq!(both.class_names[4 * classes], "Alpha/character01/mirror");
+    assert_eq!(
+        both.class_names[5 * classes + 5],
+        "Gamma/character01/mirror-rot90"
+    );
+    for c in 0..both.num_classes() {
+        assert_eq!(both.groups[c], plain.groups[c % classes]);
+        assert_eq!(both.base_class[c], c % classes);
+    }
+    // Mirrored, then turned clockwise: pixel (x, y) comes from (y, 27 - x) of the mirror image,
+    // which is (27 - y, 27 - x) of the drawing.
+    let all = pixels(&both);
+    let turned = &all[5 * n * 28 * 28..(5 * n + 1) * 28 * 28];
+    for y in 0..28 {
+        for x in 0..28 {
+            assert_eq!(turned[y * 28 + x], all[(27 - x) * 28 + 27 - y]);
+        }
+    }
 }
 
 #[test]
@@ -585,19 +633,20 @@ fn real_minimal_background_split() {
 }
 
 #[test]
-fn supersampled_images_match_the_loaded_ones_and_follow_rotations() {
+fn supersampled_images_match_the_loaded_ones_and_follow_rotations_and_reflections() {
     use metalearn::data::augment::Augment;
     let (_dir, zip) = fixture();
     let options = OmniglotOptions {
         rotations: true,
+        reflections: true,
         ..options(CachePolicy::Off)
     };
     let data = OmniglotData::load(&zip, &options).unwrap();
     let fine = data.supersampled(&zip, &options, 3).unwrap();
     assert_eq!(fine.len(), data.len());
     // Without perturbation, shrinking the fine images gives the loaded images (105 -> 84 -> 28
-    // by box filters is the 105 -> 28 box filter up to rounding to 8 bits), rotated copies
-    // included.
+    // by box filters is the 105 -> 28 box filter up to rounding to 8 bits), rotated and
+    // mirrored copies included.
     let indices: Vec<u32> = (0..data.len() as u32).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let shrunk = Augment::default().apply_supersampled(&fine, &indices, &mut rng);

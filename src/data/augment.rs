@@ -1,5 +1,6 @@
 //! Random image augmentation for meta-training episodes: small affine jitter (shift, rotation,
-//! scale, shear) and stroke-thickness changes, drawn afresh for every image.
+//! scale, shear), smooth elastic distortion and stroke-thickness changes, drawn afresh for every
+//! image.
 //!
 //! Images are `[channels, height, width]` with ink high and background 0 (as the Omniglot loader
 //! produces), so pixels that come from outside the frame are background. Augmentation applies to
@@ -9,6 +10,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::data::omniglot::Variant;
 use crate::error::{Error, Result};
 
 /// How strongly to perturb each training image. Every field is the half-width of a uniform
@@ -32,6 +34,12 @@ pub struct Augment {
     /// its dilation (thicker strokes), a negative one towards its erosion (thinner strokes).
     #[serde(default)]
     pub stroke: f64,
+    /// Largest displacement, in pixels, of a smooth random distortion: each point of a 4x4 grid
+    /// over the image moves by up to this much along each axis, and pixels between grid points
+    /// move by the bilinear blend of their neighbours' moves, so strokes bend as a different
+    /// hand would draw them.
+    #[serde(default)]
+    pub elastic: f64,
 }
 
 impl Augment {
@@ -51,6 +59,7 @@ impl Augment {
             ("rotation", self.rotation, 45.0, "degrees"),
             ("scale", self.scale, 0.5, "relative change of size"),
             ("shear", self.shear, 0.5, "tangent of the shear angle"),
+            ("elastic", self.elastic, 4.0, "pixels"),
             (
                 "stroke",
                 self.stroke,
@@ -77,7 +86,11 @@ impl Augment {
     }
 
     fn has_geometry(&self) -> bool {
-        self.shift > 0.0 || self.rotation > 0.0 || self.scale > 0.0 || self.shear > 0.0
+        self.shift > 0.0
+            || self.rotation > 0.0
+            || self.scale > 0.0
+            || self.shear > 0.0
+            || self.elastic > 0.0
     }
 
     /// Perturbs every image of `images` (`count` images of `[channels, height, width]`, laid out
@@ -134,7 +147,19 @@ impl Augment {
             [forward[1][1] / det, -forward[0][1] / det],
             [-forward[1][0] / det, forward[0][0] / det],
         ];
-        Warp { inverse, shift }
+        let displacement = (self.elastic > 0.0).then(|| {
+            let mut draw = || symmetric(self.elastic);
+            let mut grid = [[0.0; 2]; ELASTIC_GRID * ELASTIC_GRID];
+            for point in &mut grid {
+                *point = [draw(), draw()];
+            }
+            grid
+        });
+        Warp {
+            inverse,
+            shift,
+            displacement,
+        }
     }
 }
 
@@ -150,35 +175,35 @@ pub struct Supersampled {
     /// Ink levels (0 = background, 255 = ink) of the distinct drawings, each
     /// `[height · factor, width · factor]`.
     pixels: Vec<u8>,
-    /// For each example of the pool: its drawing and clockwise quarter turns.
-    examples: Vec<(u32, u8)>,
+    /// For each example of the pool: its drawing, and how it is mirrored and turned.
+    examples: Vec<(u32, Variant)>,
 }
 
 impl Supersampled {
     /// `pixels` holds `drawings` images of `[height · factor, width · factor]`; `examples` maps
-    /// each pool example to a drawing and a number of clockwise quarter turns (square images
-    /// only when turning).
-    pub fn new(
+    /// each pool example to a drawing and how to mirror and turn it (square images only when
+    /// turning).
+    pub(crate) fn new(
         factor: usize,
         [height, width]: [usize; 2],
         pixels: Vec<u8>,
-        examples: Vec<(u32, u8)>,
+        examples: Vec<(u32, Variant)>,
     ) -> Result<Self> {
         let plane = height * factor * width * factor;
         if factor == 0 || plane == 0 || !pixels.len().is_multiple_of(plane) {
             return Err(Error::Data(format!(
-                "supersampled images: {} pixels do not make whole {height}x{width} images at                  factor {factor}",
+                "supersampled images: {} pixels do not make whole {height}x{width} images at \
+                 factor {factor}",
                 pixels.len()
             )));
         }
         let drawings = pixels.len() / plane;
-        if let Some((i, _)) = examples
-            .iter()
-            .enumerate()
-            .find(|(_, (d, turns))| *d as usize >= drawings || (*turns % 4 != 0 && height != width))
-        {
+        if let Some((i, _)) = examples.iter().enumerate().find(|(_, (d, variant))| {
+            *d as usize >= drawings || (variant.quarter_turns % 4 != 0 && height != width)
+        }) {
             return Err(Error::Data(format!(
-                "supersampled images: example {i} refers to a missing drawing or turns a                  non-square image"
+                "supersampled images: example {i} refers to a missing drawing or turns a \
+                 non-square image"
             )));
         }
         Ok(Self {
@@ -205,18 +230,19 @@ impl Supersampled {
         [self.height, self.width]
     }
 
-    /// Example `index` at the fine resolution, turned, as f32 ink levels in `[0, 1]`.
+    /// Example `index` at the fine resolution, mirrored and turned, as f32 ink levels in
+    /// `[0, 1]`.
     fn fine_image(&self, index: u32) -> Vec<f32> {
-        let (drawing, turns) = self.examples[index as usize];
+        let (drawing, variant) = self.examples[index as usize];
         let (h, w) = (self.height * self.factor, self.width * self.factor);
         let start = drawing as usize * h * w;
         let image = &self.pixels[start..start + h * w];
         let ink: Vec<f32> = image.iter().map(|&v| f32::from(v) / 255.0).collect();
-        if turns % 4 == 0 {
+        if variant == Variant::IDENTITY {
             ink
         } else {
             // Turned images are square (checked in `new`).
-            crate::data::omniglot::rotate_square(&ink, h, turns)
+            variant.apply(&ink, h, w)
         }
     }
 }
@@ -239,8 +265,8 @@ impl Augment {
             let image = fine.fine_image(index);
             let source = if self.has_geometry() {
                 let mut warp = self.draw_warp(rng);
-                // Shifts are drawn in model pixels.
-                warp.shift = [warp.shift[0] * f as f64, warp.shift[1] * f as f64];
+                // Shifts and displacements are drawn in model pixels.
+                warp.scale_distances(f as f64);
                 warp.resample(&image, &mut warped, h * f, w * f);
                 &warped
             } else {
@@ -273,15 +299,56 @@ fn box_shrink(source: &[f32], factor: usize, height: usize, width: usize, out: &
     }
 }
 
-/// An affine map about the image centre, kept as its inverse for resampling.
+/// Control points per axis of the elastic displacement grid.
+const ELASTIC_GRID: usize = 4;
+
+/// An affine map about the image centre, kept as its inverse for resampling, then an optional
+/// smooth displacement of where each output pixel samples the source.
 struct Warp {
     /// Inverse of the linear part, in (x, y) order.
     inverse: [[f64; 2]; 2],
     /// Translation (x, y) in pixels.
     shift: [f64; 2],
+    /// Displacement (x, y) in pixels of each point of an `ELASTIC_GRID x ELASTIC_GRID` grid
+    /// spanning the image, row by row.
+    displacement: Option<[[f64; 2]; ELASTIC_GRID * ELASTIC_GRID]>,
 }
 
 impl Warp {
+    /// Multiplies every distance (shift and displacements) by `factor`, for an image `factor`
+    /// times finer than the one they were drawn for.
+    fn scale_distances(&mut self, factor: f64) {
+        self.shift = self.shift.map(|v| v * factor);
+        if let Some(grid) = &mut self.displacement {
+            for point in grid.iter_mut() {
+                *point = point.map(|v| v * factor);
+            }
+        }
+    }
+
+    /// The displacement at `(u, v)`, the pixel's position as a fraction of the image's width
+    /// and height, blended bilinearly from the grid.
+    fn displacement_at(&self, u: f64, v: f64) -> [f64; 2] {
+        let Some(grid) = &self.displacement else {
+            return [0.0, 0.0];
+        };
+        let last = (ELASTIC_GRID - 1) as f64;
+        let (gx, gy) = (u.clamp(0.0, 1.0) * last, v.clamp(0.0, 1.0) * last);
+        let (x0, y0) = (
+            (gx.floor() as usize).min(ELASTIC_GRID - 2),
+            (gy.floor() as usize).min(ELASTIC_GRID - 2),
+        );
+        let (fx, fy) = (gx - x0 as f64, gy - y0 as f64);
+        let at = |x: usize, y: usize| grid[y * ELASTIC_GRID + x];
+        let mut out = [0.0; 2];
+        for (axis, value) in out.iter_mut().enumerate() {
+            let top = at(x0, y0)[axis] * (1.0 - fx) + at(x0 + 1, y0)[axis] * fx;
+            let bottom = at(x0, y0 + 1)[axis] * (1.0 - fx) + at(x0 + 1, y0 + 1)[axis] * fx;
+            *value = top * (1.0 - fy) + bottom * fy;
+        }
+        out
+    }
+
     /// Writes the warped `source` plane into `out` with bilinear interpolation; pixels mapped
     /// from outside the frame are background (0).
     fn resample(&self, source: &[f32], out: &mut [f32], height: usize, width: usize) {
@@ -293,12 +360,17 @@ impl Warp {
                 source[y as usize * width + x as usize]
             }
         };
+        let span = [
+            (width as f64 - 1.0).max(1.0),
+            (height as f64 - 1.0).max(1.0),
+        ];
         for y in 0..height {
             for x in 0..width {
                 let dx = x as f64 - centre[0] - self.shift[0];
                 let dy = y as f64 - centre[1] - self.shift[1];
-                let sx = self.inverse[0][0] * dx + self.inverse[0][1] * dy + centre[0];
-                let sy = self.inverse[1][0] * dx + self.inverse[1][1] * dy + centre[1];
+                let bend = self.displacement_at(x as f64 / span[0], y as f64 / span[1]);
+                let sx = self.inverse[0][0] * dx + self.inverse[0][1] * dy + centre[0] + bend[0];
+                let sy = self.inverse[1][0] * dx + self.inverse[1][1] * dy + centre[1] + bend[1];
                 let (x0, y0) = (sx.floor(), sy.floor());
                 let (fx, fy) = ((sx - x0) as f32, (sy - y0) as f32);
                 let (x0, y0) = (x0 as isize, y0 as isize);
@@ -369,13 +441,18 @@ mod tests {
         for (y, x) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
             pixels[y * 4 + x] = 255;
         }
-        let fine = Supersampled::new(2, [2, 2], pixels, vec![(0, 0), (0, 1)]).unwrap();
+        let turned = Variant {
+            mirrored: false,
+            quarter_turns: 1,
+        };
+        let fine = Supersampled::new(2, [2, 2], pixels, vec![(0, Variant::IDENTITY), (0, turned)])
+            .unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let out = Augment::default().apply_supersampled(&fine, &[0, 1], &mut rng);
         // Unturned: ink top-left; one clockwise quarter turn: ink top-right.
         assert_eq!(out, vec![1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]);
         assert!(Supersampled::new(2, [2, 2], vec![0; 15], vec![]).is_err());
-        assert!(Supersampled::new(2, [2, 2], vec![0; 16], vec![(1, 0)]).is_err());
+        assert!(Supersampled::new(2, [2, 2], vec![0; 16], vec![(1, Variant::IDENTITY)]).is_err());
     }
 
     #[test]
@@ -391,6 +468,7 @@ mod tests {
         let warp = Warp {
             inverse: [[1.0, 0.0], [0.0, 1.0]],
             shift: [2.0, -1.0],
+            displacement: None,
         };
         let source = dot_image();
         let mut out = vec![0f32; 81];
@@ -405,6 +483,38 @@ mod tests {
                 assert!((out[y * 9 + x] - expected).abs() < 1e-6, "pixel ({x}, {y})");
             }
         }
+    }
+
+    #[test]
+    fn elastic_displacement_blends_the_grid_and_moves_the_ink() {
+        // The same displacement everywhere samples one pixel to the right: ink moves left.
+        let warp = Warp {
+            inverse: [[1.0, 0.0], [0.0, 1.0]],
+            shift: [0.0, 0.0],
+            displacement: Some([[1.0, 0.0]; ELASTIC_GRID * ELASTIC_GRID]),
+        };
+        let mut out = vec![0f32; 81];
+        warp.resample(&dot_image(), &mut out, 9, 9);
+        for y in 0..9 {
+            for x in 0..9 {
+                let expected = f32::from((2..5).contains(&x) && (3..6).contains(&y));
+                assert!((out[y * 9 + x] - expected).abs() < 1e-6, "pixel ({x}, {y})");
+            }
+        }
+        // Grid points keep their own displacement; between them it is the bilinear blend.
+        let mut grid = [[0.0; 2]; ELASTIC_GRID * ELASTIC_GRID];
+        grid[0] = [3.0, -2.0];
+        grid[1] = [1.0, 0.0];
+        let mut warp = Warp {
+            displacement: Some(grid),
+            ..warp
+        };
+        assert_eq!(warp.displacement_at(0.0, 0.0), [3.0, -2.0]);
+        assert_eq!(warp.displacement_at(1.0 / 3.0, 0.0), [1.0, 0.0]);
+        assert_eq!(warp.displacement_at(1.0 / 6.0, 0.0), [2.0, -1.0]);
+        assert_eq!(warp.displacement_at(1.0, 1.0), [0.0, 0.0]);
+        warp.scale_distances(3.0);
+        assert_eq!(warp.displacement_at(0.0, 0.0), [9.0, -6.0]);
     }
 
     #[test]
@@ -428,6 +538,7 @@ mod tests {
             scale: 0.1,
             shear: 0.1,
             stroke: 0.5,
+            elastic: 1.0,
         };
         augment.validate().unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(7);
@@ -451,5 +562,11 @@ mod tests {
             ..Augment::default()
         };
         assert!(augment.validate().is_err());
+        let augment = Augment {
+            elastic: 5.0,
+            ..Augment::default()
+        };
+        let message = augment.validate().unwrap_err().to_string();
+        assert!(message.contains("task.augment.elastic"), "{message}");
     }
 }

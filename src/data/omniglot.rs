@@ -10,7 +10,8 @@
 //! and resized to `height x width` (28x28 by default) with an area filter (each output pixel is
 //! the ink coverage of its footprint) or Lanczos3 (clamped to `[0, 1]`). Optional rotations by
 //! 90, 180 and 270 degrees add three classes per character (`Alphabet/characterNN/rot90`, ...)
-//! in the same alphabet.
+//! in the same alphabet; optional reflections add each character's mirror image
+//! (`.../mirror`, and with rotations `.../mirror-rot90`, ...) as more classes.
 //!
 //! Decoding thousands of PNGs takes seconds, so the decoded images are cached in one binary file
 //! keyed by the archive's SHA-256 (for a folder: by its file names, sizes and modification
@@ -102,6 +103,9 @@ pub struct OmniglotOptions {
     pub resample: Resample,
     /// Add each character rotated by 90, 180 and 270 degrees as three more classes.
     pub rotations: bool,
+    /// Add each character's left-right mirror image as one more class (with `rotations`, the
+    /// mirror image's rotations too: four more classes).
+    pub reflections: bool,
     /// Where decoded images are cached.
     pub cache: CachePolicy,
 }
@@ -113,6 +117,7 @@ impl Default for OmniglotOptions {
             width: 28,
             resample: Resample::Area,
             rotations: false,
+            reflections: false,
             cache: CachePolicy::Default,
         }
     }
@@ -152,14 +157,15 @@ pub struct OmniglotData {
     pub images: Tensor,
     /// Class id of each image.
     pub labels: Vec<usize>,
-    /// `Alphabet/characterNN`, with `/rot90`, `/rot180`, `/rot270` for rotated copies.
+    /// `Alphabet/characterNN`, with `/rot90`, `/rot180`, `/rot270` for rotated copies and
+    /// `/mirror`, `/mirror-rot90`, ... for mirrored ones.
     pub class_names: Vec<String>,
     /// Alphabet id of each class (an index into `alphabets`).
     pub groups: Vec<usize>,
     /// Alphabet names, sorted.
     pub alphabets: Vec<String>,
-    /// For each class, the id of the unrotated character it was made from (itself if unrotated),
-    /// so that splits by character keep rotated copies with their character.
+    /// For each class, the id of the character it was made from (itself if neither rotated nor
+    /// mirrored), so that splits by character keep the copies with their character.
     pub base_class: Vec<usize>,
 }
 
@@ -188,8 +194,73 @@ pub struct AlphabetSplit {
     pub test: Vec<String>,
 }
 
-/// Rotation suffixes of the extra classes, in class-id order after the unrotated characters.
-const ROTATIONS: [(&str, u8); 3] = [("rot90", 1), ("rot180", 2), ("rot270", 3)];
+/// A copy of an image turned clockwise by `quarter_turns` x 90 degrees, after a left-right
+/// mirroring when `mirrored`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Variant {
+    pub(crate) mirrored: bool,
+    pub(crate) quarter_turns: u8,
+}
+
+impl Variant {
+    /// The image itself.
+    pub(crate) const IDENTITY: Variant = Variant {
+        mirrored: false,
+        quarter_turns: 0,
+    };
+
+    /// The copies `options` asks for beyond the images themselves, each with its class-name
+    /// suffix, in class-id order after the original characters.
+    fn extra_classes(options: &OmniglotOptions) -> Vec<(String, Variant)> {
+        let turns: &[u8] = if options.rotations {
+            &[0, 1, 2, 3]
+        } else {
+            &[0]
+        };
+        let mirrors: &[bool] = if options.reflections {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        let mut variants = Vec::new();
+        for &mirrored in mirrors {
+            for &quarter_turns in turns {
+                let variant = Variant {
+                    mirrored,
+                    quarter_turns,
+                };
+                let rotation = format!("rot{}", 90 * u32::from(quarter_turns));
+                let suffix = match (mirrored, quarter_turns) {
+                    (false, 0) => continue,
+                    (false, _) => rotation,
+                    (true, 0) => "mirror".to_string(),
+                    (true, _) => format!("mirror-{rotation}"),
+                };
+                variants.push((suffix, variant));
+            }
+        }
+        variants
+    }
+
+    /// Applies the variant to a row-major `height x width` image (square when it turns).
+    pub(crate) fn apply(self, src: &[f32], height: usize, width: usize) -> Vec<f32> {
+        let mirrored: Vec<f32>;
+        let src = if self.mirrored {
+            mirrored = src
+                .chunks_exact(width)
+                .flat_map(|row| row.iter().rev().copied())
+                .collect();
+            &mirrored
+        } else {
+            src
+        };
+        if self.quarter_turns % 4 == 0 {
+            src.to_vec()
+        } else {
+            rotate_square(src, height, self.quarter_turns)
+        }
+    }
+}
 
 impl OmniglotData {
     /// Loads an Omniglot zip archive or unpacked folder (see the module documentation).
@@ -259,11 +330,22 @@ impl OmniglotData {
             .flatten()
             .map(|&v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
             .collect();
-        // Images are stored unrotated first, then one block per rotation (see `into_data`).
-        let mut examples: Vec<(u32, u8)> = (0..drawings as u32).map(|d| (d, 0)).collect();
-        for block in 1..self.labels.len() / drawings {
-            let turns = ROTATIONS[block - 1].1;
-            examples.extend((0..drawings as u32).map(|d| (d, turns)));
+        // Images are stored as loaded first, then one block per variant (see `into_data`).
+        let variants = Variant::extra_classes(options);
+        if self.labels.len() != drawings * (1 + variants.len()) {
+            return Err(Error::Data(format!(
+                "{}: {} loaded images are not {drawings} drawings in {} variants; load the \
+                 data and its supersampled copy with the same options",
+                archive.display,
+                self.labels.len(),
+                1 + variants.len()
+            )));
+        }
+        let mut examples: Vec<(u32, Variant)> = (0..drawings as u32)
+            .map(|d| (d, Variant::IDENTITY))
+            .collect();
+        for (_, variant) in variants {
+            examples.extend((0..drawings as u32).map(|d| (d, variant)));
         }
         Supersampled::new(factor, [options.height, options.width], pixels, examples)
     }
@@ -745,19 +827,18 @@ impl BaseImages {
         let mut class_names = self.class_names;
         let mut groups = self.groups;
         let mut base_class: Vec<usize> = (0..classes).collect();
-        if options.rotations {
-            pixels.reserve(3 * n * h * w);
-            for (k, (suffix, turns)) in ROTATIONS.iter().enumerate() {
-                for i in 0..n {
-                    let rotated = rotate_square(&pixels[i * h * w..(i + 1) * h * w], h, *turns);
-                    pixels.extend_from_slice(&rotated);
-                    labels.push(labels[i] + (k + 1) * classes);
-                }
-                for c in 0..classes {
-                    class_names.push(format!("{}/{suffix}", class_names[c]));
-                    groups.push(groups[c]);
-                    base_class.push(c);
-                }
+        let variants = Variant::extra_classes(options);
+        pixels.reserve(variants.len() * n * h * w);
+        for (k, (suffix, variant)) in variants.iter().enumerate() {
+            for i in 0..n {
+                let copy = variant.apply(&pixels[i * h * w..(i + 1) * h * w], h, w);
+                pixels.extend_from_slice(&copy);
+                labels.push(labels[i] + (k + 1) * classes);
+            }
+            for c in 0..classes {
+                class_names.push(format!("{}/{suffix}", class_names[c]));
+                groups.push(groups[c]);
+                base_class.push(c);
             }
         }
         let count = labels.len();
@@ -1014,6 +1095,50 @@ mod tests {
         assert_eq!(twice, rotate_square(&src, 3, 2));
         let four = rotate_square(&rotate_square(&twice, 3, 1), 3, 1);
         assert_eq!(four, src);
+    }
+
+    #[test]
+    fn variants_mirror_then_turn_and_are_named_in_class_order() {
+        let src: Vec<f32> = (0..6).map(|i| i as f32).collect();
+        let mirror = Variant {
+            mirrored: true,
+            quarter_turns: 0,
+        };
+        // 0 1 2 / 3 4 5 mirrored: 2 1 0 / 5 4 3 (non-square images can be mirrored).
+        assert_eq!(mirror.apply(&src, 2, 3), vec![2., 1., 0., 5., 4., 3.]);
+        let square: Vec<f32> = (0..4).map(|i| i as f32).collect();
+        let mirror_turn = Variant {
+            mirrored: true,
+            quarter_turns: 1,
+        };
+        // 0 1 / 2 3 mirrored: 1 0 / 3 2, then turned clockwise: 3 1 / 2 0.
+        assert_eq!(mirror_turn.apply(&square, 2, 2), vec![3., 1., 2., 0.]);
+        let names = |rotations, reflections| {
+            let options = OmniglotOptions {
+                rotations,
+                reflections,
+                ..OmniglotOptions::default()
+            };
+            Variant::extra_classes(&options)
+                .into_iter()
+                .map(|(suffix, _)| suffix)
+                .collect::<Vec<_>>()
+        };
+        assert!(names(false, false).is_empty());
+        assert_eq!(names(true, false), ["rot90", "rot180", "rot270"]);
+        assert_eq!(names(false, true), ["mirror"]);
+        assert_eq!(
+            names(true, true),
+            [
+                "rot90",
+                "rot180",
+                "rot270",
+                "mirror",
+                "mirror-rot90",
+                "mirror-rot180",
+                "mirror-rot270"
+            ]
+        );
     }
 
     #[test]

@@ -127,6 +127,10 @@ pub struct TaskConfig {
     /// Omniglot: add every character rotated by 90, 180 and 270 degrees as three more classes.
     #[serde(default)]
     pub rotations: bool,
+    /// Omniglot: add every character's left-right mirror image as one more class (with
+    /// `rotations`, the mirror image's rotations too). Meta-training classes only.
+    #[serde(default)]
+    pub reflections: bool,
     /// Omniglot: the resizing filter, "area" (default) or "lanczos3".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resample: Option<crate::data::omniglot::Resample>,
@@ -381,6 +385,7 @@ impl ExperimentConfig {
             ("split_seed", t.split_seed != 0),
             ("omniglot", t.omniglot.is_some()),
             ("rotations", t.rotations),
+            ("reflections", t.reflections),
             ("resample", t.resample.is_some()),
             ("split_alphabets", t.split_alphabets.is_some()),
             ("cache_dir", t.cache_dir.is_some()),
@@ -760,13 +765,14 @@ impl ExperimentConfig {
             return self.omniglot_source(&path);
         }
         if self.task.rotations
+            || self.task.reflections
             || self.task.resample.is_some()
             || self.task.split_alphabets.is_some()
             || self.task.validation_data.is_some()
         {
             return Err(Error::Config(format!(
-                "task.rotations, task.resample, task.split_alphabets and task.validation_data \
-                 apply only to Omniglot \
+                "task.rotations, task.reflections, task.resample, task.split_alphabets and \
+                 task.validation_data apply only to Omniglot \
                  data, and {} is not in the Omniglot layout; remove them or set task.omniglot = true",
                 path.display()
             )));
@@ -823,6 +829,7 @@ impl ExperimentConfig {
             width,
             resample: t.resample.unwrap_or_default(),
             rotations: t.rotations,
+            reflections: t.reflections,
             cache: t
                 .cache_dir
                 .clone()
@@ -852,9 +859,11 @@ impl ExperimentConfig {
                 validation: Vec::new(),
                 ..alphabets
             });
-            // Rotated copies are only ever meta-trained on, so the validation archive needs none.
+            // Rotated and mirrored copies are only ever meta-trained on, so the validation
+            // archive needs none.
             let validation_options = OmniglotOptions {
                 rotations: false,
+                reflections: false,
                 ..options.clone()
             };
             let validation = OmniglotData::load(validation_path, &validation_options)?

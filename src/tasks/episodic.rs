@@ -219,7 +219,8 @@ impl EpisodicSampler {
         augment.validate()?;
         if augment.is_active() && self.image_shape().is_none() {
             return Err(Error::Config(format!(
-                "task.augment perturbs images, but the inputs have shape {:?};                  remove task.augment or use image data",
+                "task.augment perturbs images, but the inputs have shape {:?}; \
+                 remove task.augment or use image data",
                 self.input_shape()
             )));
         }
