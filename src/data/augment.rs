@@ -199,7 +199,7 @@ impl Supersampled {
         }
         let drawings = pixels.len() / plane;
         if let Some((i, _)) = examples.iter().enumerate().find(|(_, (d, variant))| {
-            *d as usize >= drawings || (variant.quarter_turns % 4 != 0 && height != width)
+            *d as usize >= drawings || (!variant.quarter_turns.is_multiple_of(4) && height != width)
         }) {
             return Err(Error::Data(format!(
                 "supersampled images: example {i} refers to a missing drawing or turns a \

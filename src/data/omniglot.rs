@@ -254,7 +254,7 @@ impl Variant {
         } else {
             src
         };
-        if self.quarter_turns % 4 == 0 {
+        if self.quarter_turns.is_multiple_of(4) {
             src.to_vec()
         } else {
             rotate_square(src, height, self.quarter_turns)
