@@ -191,23 +191,30 @@ fn load_with_copies(zip: &Path, rotations: bool, reflections: bool) -> OmniglotD
     OmniglotData::load(zip, &options).unwrap()
 }
 
+/// Checks that `copies` holds `factor` times the classes and images of `plain`, each class in
+/// its character's alphabet and made from that character.
+fn assert_copies_of(copies: &OmniglotData, plain: &OmniglotData, factor: usize) {
+    let classes = plain.num_classes();
+    assert_eq!(copies.num_classes(), factor * classes);
+    assert_eq!(copies.len(), factor * plain.len());
+    for c in 0..copies.num_classes() {
+        assert_eq!(copies.groups[c], plain.groups[c % classes]);
+        assert_eq!(copies.base_class[c], c % classes);
+    }
+}
+
 #[test]
 fn rotations_add_classes_in_the_same_alphabet() {
     let (_dir, zip) = fixture();
     let plain = load_with_copies(&zip, false, false);
     let rotated = load_with_copies(&zip, true, false);
     let classes = plain.num_classes();
-    assert_eq!(rotated.num_classes(), 4 * classes);
-    assert_eq!(rotated.len(), 4 * plain.len());
+    assert_copies_of(&rotated, &plain, 4);
     assert_eq!(rotated.class_names[classes], "Alpha/character01/rot90");
     assert_eq!(
         rotated.class_names[3 * classes + 5],
         "Gamma/character01/rot270"
     );
-    for c in 0..rotated.num_classes() {
-        assert_eq!(rotated.groups[c], plain.groups[c % classes]);
-        assert_eq!(rotated.base_class[c], c % classes);
-    }
     // The first image turned clockwise by 90 degrees: the square moves from top-left to
     // top-right.
     let n = plain.len();
@@ -256,7 +263,7 @@ fn reflections_add_mirrored_classes_after_the_rotations() {
     let classes = plain.num_classes();
     let n = plain.len();
     let mirrored = load_with_copies(&zip, false, true);
-    assert_eq!(mirrored.num_classes(), 2 * classes);
+    assert_copies_of(&mirrored, &plain, 2);
     assert_eq!(mirrored.class_names[classes], "Alpha/character01/mirror");
     // The first image mirrored left-right: the square moves from top-left to top-right.
     let all = pixels(&mirrored);
@@ -270,8 +277,7 @@ fn reflections_add_mirrored_classes_after_the_rotations() {
     assert!(flipped[3 * 28 + 24] > 0.99);
 
     let both = load_with_copies(&zip, true, true);
-    assert_eq!(both.num_classes(), 8 * classes);
-    assert_eq!(both.len(), 8 * n);
+    assert_copies_of(&both, &plain, 8);
     // Rotations keep their class ids; the mirror images and their rotations follow.
     assert_eq!(both.class_names[classes], "Alpha/character01/rot90");
     assert_eq!(both.class_names[4 * classes], "Alpha/character01/mirror");
@@ -279,10 +285,6 @@ fn reflections_add_mirrored_classes_after_the_rotations() {
         both.class_names[5 * classes + 5],
         "Gamma/character01/mirror-rot90"
     );
-    for c in 0..both.num_classes() {
-        assert_eq!(both.groups[c], plain.groups[c % classes]);
-        assert_eq!(both.base_class[c], c % classes);
-    }
     // Mirrored, then turned clockwise: pixel (x, y) comes from (y, 27 - x) of the mirror image,
     // which is (27 - y, 27 - x) of the drawing.
     let all = pixels(&both);

@@ -183,7 +183,7 @@ impl Supersampled {
     /// `pixels` holds `drawings` images of `[height · factor, width · factor]`; `examples` maps
     /// each pool example to a drawing and how to mirror and turn it (square images only when
     /// turning).
-    pub(crate) fn new(
+    pub fn new(
         factor: usize,
         [height, width]: [usize; 2],
         pixels: Vec<u8>,
@@ -238,12 +238,8 @@ impl Supersampled {
         let start = drawing as usize * h * w;
         let image = &self.pixels[start..start + h * w];
         let ink: Vec<f32> = image.iter().map(|&v| f32::from(v) / 255.0).collect();
-        if variant == Variant::IDENTITY {
-            ink
-        } else {
-            // Turned images are square (checked in `new`).
-            variant.apply(&ink, h, w)
-        }
+        // Turned images are square (checked in `new`).
+        variant.apply(ink, h, w)
     }
 }
 

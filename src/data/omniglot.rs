@@ -197,14 +197,16 @@ pub struct AlphabetSplit {
 /// A copy of an image turned clockwise by `quarter_turns` x 90 degrees, after a left-right
 /// mirroring when `mirrored`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Variant {
-    pub(crate) mirrored: bool,
-    pub(crate) quarter_turns: u8,
+pub struct Variant {
+    /// Mirror left-right first.
+    pub mirrored: bool,
+    /// Then turn clockwise this many times by 90 degrees.
+    pub quarter_turns: u8,
 }
 
 impl Variant {
     /// The image itself.
-    pub(crate) const IDENTITY: Variant = Variant {
+    pub const IDENTITY: Variant = Variant {
         mirrored: false,
         quarter_turns: 0,
     };
@@ -243,21 +245,14 @@ impl Variant {
     }
 
     /// Applies the variant to a row-major `height x width` image (square when it turns).
-    pub(crate) fn apply(self, src: &[f32], height: usize, width: usize) -> Vec<f32> {
-        let mirrored: Vec<f32>;
-        let src = if self.mirrored {
-            mirrored = src
-                .chunks_exact(width)
-                .flat_map(|row| row.iter().rev().copied())
-                .collect();
-            &mirrored
-        } else {
-            src
-        };
+    pub fn apply(self, mut image: Vec<f32>, height: usize, width: usize) -> Vec<f32> {
+        if self.mirrored {
+            image.chunks_exact_mut(width).for_each(<[f32]>::reverse);
+        }
         if self.quarter_turns.is_multiple_of(4) {
-            src.to_vec()
+            image
         } else {
-            rotate_square(src, height, self.quarter_turns)
+            rotate_square(&image, height, self.quarter_turns)
         }
     }
 }
@@ -317,11 +312,14 @@ impl OmniglotData {
             .map(|e| preprocess_png(&e.bytes, h, w, options.resample, &e.name))
             .collect::<Result<_>>()?;
         let drawings = decoded.len();
-        if drawings == 0 || !self.labels.len().is_multiple_of(drawings) {
+        // Images are stored as loaded first, then one block per variant (see `into_data`).
+        let variants = Variant::extra_classes(options);
+        if drawings == 0 || self.labels.len() != drawings * (1 + variants.len()) {
             return Err(Error::Data(format!(
-                "{}: {drawings} drawings do not match the {} loaded images; was it changed \
-                 while loading?",
+                "{}: {drawings} drawings in {} variants do not match the {} loaded images; was \
+                 it changed while loading, or loaded with other options?",
                 archive.display,
+                1 + variants.len(),
                 self.labels.len()
             )));
         }
@@ -330,17 +328,6 @@ impl OmniglotData {
             .flatten()
             .map(|&v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
             .collect();
-        // Images are stored as loaded first, then one block per variant (see `into_data`).
-        let variants = Variant::extra_classes(options);
-        if self.labels.len() != drawings * (1 + variants.len()) {
-            return Err(Error::Data(format!(
-                "{}: {} loaded images are not {drawings} drawings in {} variants; load the \
-                 data and its supersampled copy with the same options",
-                archive.display,
-                self.labels.len(),
-                1 + variants.len()
-            )));
-        }
         let mut examples: Vec<(u32, Variant)> = (0..drawings as u32)
             .map(|d| (d, Variant::IDENTITY))
             .collect();
@@ -831,7 +818,7 @@ impl BaseImages {
         pixels.reserve(variants.len() * n * h * w);
         for (k, (suffix, variant)) in variants.iter().enumerate() {
             for i in 0..n {
-                let copy = variant.apply(&pixels[i * h * w..(i + 1) * h * w], h, w);
+                let copy = variant.apply(pixels[i * h * w..(i + 1) * h * w].to_vec(), h, w);
                 pixels.extend_from_slice(&copy);
                 labels.push(labels[i] + (k + 1) * classes);
             }
@@ -1105,14 +1092,14 @@ mod tests {
             quarter_turns: 0,
         };
         // 0 1 2 / 3 4 5 mirrored: 2 1 0 / 5 4 3 (non-square images can be mirrored).
-        assert_eq!(mirror.apply(&src, 2, 3), vec![2., 1., 0., 5., 4., 3.]);
+        assert_eq!(mirror.apply(src, 2, 3), vec![2., 1., 0., 5., 4., 3.]);
         let square: Vec<f32> = (0..4).map(|i| i as f32).collect();
         let mirror_turn = Variant {
             mirrored: true,
             quarter_turns: 1,
         };
         // 0 1 / 2 3 mirrored: 1 0 / 3 2, then turned clockwise: 3 1 / 2 0.
-        assert_eq!(mirror_turn.apply(&square, 2, 2), vec![3., 1., 2., 0.]);
+        assert_eq!(mirror_turn.apply(square, 2, 2), vec![3., 1., 2., 0.]);
         let names = |rotations, reflections| {
             let options = OmniglotOptions {
                 rotations,
