@@ -207,10 +207,14 @@ fn protonet_matches_exact_copies_and_any_ways_work() {
     assert_eq!(json["error_percent"], 100.0, "{json}");
     assert_eq!(json["per_run"], serde_json::json!([100.0, 100.0]));
 
-    // The text output lists each run and the mean.
+    // The text output lists each run and the mean, and says how ProtoNet classifies (it takes
+    // no adaptation steps).
     let text = run_ok_in(&eval_runs_args(&model, &runs, &[]), None);
     assert!(
-        text.contains("run03: 0.0% error") && text.contains("mean error"),
+        text.contains("run03: 0.0% error")
+            && text.contains("mean error")
+            && text.contains("nearest prototype")
+            && !text.contains("adaptation step"),
         "{text}"
     );
 }

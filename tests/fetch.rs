@@ -1,5 +1,6 @@
 //! Downloads against a small HTTP server on 127.0.0.1: verified success, checksum mismatch, a
-//! connection dropped mid-file, skipping a file already there, and the `data fetch` command.
+//! connection dropped mid-file, skipping a file already there, unpacking the runs, and the `data
+//! fetch` command.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -12,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use md5::{Digest, Md5};
-use metalearn::data::fetch::{fetch_files, FetchOptions, RemoteFile, Verification};
+use metalearn::data::fetch::{extract_zip, fetch_files, FetchOptions, RemoteFile, Verification};
 
 /// What the server answers for one path.
 #[derive(Clone)]
@@ -303,9 +304,22 @@ fn missing_files_and_invalid_unchecked_archives_are_errors() {
     server.join().unwrap();
 }
 
+/// Runs `metalearn data fetch omniglot` against `base` into `dir`.
+fn fetch_command(base: &str, dir: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_metalearn"))
+        .args(["data", "fetch", "omniglot", "--dir"])
+        .arg(dir)
+        .args(["--base-url", base])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 #[test]
-fn data_fetch_command_downloads_and_unpacks_the_runs() {
+fn data_fetch_command_checks_the_runs_against_their_md5() {
+    // The built-in table knows the MD5 of the real all_runs.zip, so a stand-in is refused.
     let runs = runs_zip();
+    let actual = md5_hex(&runs);
     let (base, _served, server) = serve(
         HashMap::from([(
             "one-shot-classification/all_runs.zip".to_string(),
@@ -315,12 +329,54 @@ fn data_fetch_command_downloads_and_unpacks_the_runs() {
     );
     let dir = tempfile::tempdir().unwrap();
     let target: PathBuf = dir.path().join("omniglot");
-    let out = Command::new(env!("CARGO_BIN_EXE_metalearn"))
-        .args(["data", "fetch", "omniglot", "--dir"])
-        .arg(&target)
-        .args(["--base-url", &base, "--only", "all_runs.zip", "--json"])
-        .output()
-        .unwrap();
+    let out = fetch_command(&base, &target, &["--only", "all_runs.zip"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("all_runs.zip")
+            && stderr.contains("e8996daecdf12afeeb4a53a179f06b19")
+            && stderr.contains(&actual),
+        "{stderr}"
+    );
+    assert!(listing(&target).is_empty(), "{:?}", listing(&target));
+    server.join().unwrap();
+
+    // A file name that is not part of the data set is refused before any download.
+    let out = fetch_command(&base, &target, &["--only", "mnist.zip"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("mnist.zip") && stderr.contains("images_background.zip"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn data_fetch_command_verifies_a_real_archive() {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/omniglot/images_background_small1.zip");
+    let Ok(bytes) = std::fs::read(&shared) else {
+        println!(
+            "shared Omniglot data not found at {}; the command's success path is checked by \
+             the library tests only",
+            shared.display()
+        );
+        return;
+    };
+    let (base, _served, server) = serve(
+        HashMap::from([(
+            "images_background_small1.zip".to_string(),
+            Route::full(bytes.clone()),
+        )]),
+        1,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let target: PathBuf = dir.path().join("omniglot");
+    let out = fetch_command(
+        &base,
+        &target,
+        &["--only", "images_background_small1.zip", "--json"],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -328,22 +384,36 @@ fn data_fetch_command_downloads_and_unpacks_the_runs() {
         String::from_utf8_lossy(&out.stderr)
     );
     let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    assert_eq!(last["files"][0]["name"], "all_runs.zip");
-    assert_eq!(last["files"][0]["verification"]["check"], "valid_zip");
-    assert!(target.join("all_runs/run01/class_labels.txt").is_file());
-    server.join().unwrap();
-
-    // A file name that is not part of the data set is refused before any download.
-    let out = Command::new(env!("CARGO_BIN_EXE_metalearn"))
-        .args(["data", "fetch", "omniglot", "--dir"])
-        .arg(&target)
-        .args(["--base-url", &base, "--only", "mnist.zip"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        stderr.contains("mnist.zip") && stderr.contains("images_background.zip"),
-        "{stderr}"
+    assert_eq!(last["files"][0]["name"], "images_background_small1.zip");
+    assert_eq!(last["files"][0]["verification"]["check"], "md5");
+    assert!(last["runs_folder"].is_null());
+    assert_eq!(
+        std::fs::read(target.join("images_background_small1.zip")).unwrap(),
+        bytes
     );
+    server.join().unwrap();
+}
+
+#[test]
+fn runs_archives_unpack_below_the_target_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("all_runs.zip");
+    let mut out = std::io::Cursor::new(runs_zip());
+    {
+        // Append an entry whose name would leave the target folder.
+        let mut zip = zip::ZipWriter::new_append(&mut out).unwrap();
+        zip.start_file("../escaped.txt", zip::write::SimpleFileOptions::default())
+            .unwrap();
+        zip.write_all(b"outside").unwrap();
+        zip.finish().unwrap();
+    }
+    std::fs::write(&archive, out.into_inner()).unwrap();
+    let dest = dir.path().join("unpacked").join("all_runs");
+    assert_eq!(extract_zip(&archive, &dest).unwrap(), 1);
+    assert_eq!(
+        std::fs::read_to_string(dest.join("run01/class_labels.txt")).unwrap(),
+        "run01/test/item01.png run01/training/class01.png\n"
+    );
+    assert!(!dir.path().join("unpacked/escaped.txt").exists());
+    assert!(!dir.path().join("escaped.txt").exists());
 }

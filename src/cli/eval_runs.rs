@@ -88,11 +88,17 @@ pub fn run(args: &EvalRunsArgs) -> Result<()> {
         }
         println!(
             "{algorithm}: {:.2}% mean error over {} runs of {}-way one-shot classification \
-             ({} test images, {steps} adaptation steps)",
+             ({} test images, {}{})",
             report.error_percent,
             report.runs.len(),
             report.ways,
-            report.test_images
+            report.test_images,
+            learner.algorithm_config().name.adaptation_summary(steps),
+            if args.test_time_shifts {
+                ", test-time shifts"
+            } else {
+                ""
+            }
         );
     }
     Ok(())

@@ -203,11 +203,17 @@ pub fn run(args: &MetaEvalArgs) -> Result<()> {
     });
     if !args.json {
         println!(
-            "{}: {metric} {:.4} ± {:.4} (95% CI) over {} new tasks, {steps} adaptation steps",
+            "{}: {metric} {:.4} ± {:.4} (95% CI) over {} new tasks, {}{}",
             config.algorithm.label(),
             summary.mean,
             summary.ci95,
-            summary.n
+            summary.n,
+            config.algorithm.name.adaptation_summary(steps),
+            if args.test_time_shifts {
+                ", test-time shifts"
+            } else {
+                ""
+            }
         );
     }
     if args.baseline {

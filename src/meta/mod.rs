@@ -59,6 +59,16 @@ impl AlgorithmKind {
             AlgorithmKind::Protonet => "protonet",
         }
     }
+
+    /// How a model of this kind adapts to a new task, for reports: ProtoNet classifies by the
+    /// nearest prototype and takes no gradient steps; the others take `steps` steps.
+    pub fn adaptation_summary(&self, steps: usize) -> String {
+        match (self, steps) {
+            (AlgorithmKind::Protonet, _) => "nearest prototype".into(),
+            (_, 1) => "1 adaptation step".into(),
+            (_, n) => format!("{n} adaptation steps"),
+        }
+    }
 }
 
 /// Hyper-parameters of the algorithm (inner loop).
