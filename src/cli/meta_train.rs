@@ -15,7 +15,7 @@ use crate::train::optim::OptimizerConfig;
 /// Arguments of `meta-train`.
 #[derive(Args, Debug, Clone)]
 pub struct MetaTrainArgs {
-    /// Experiment config (TOML): [task], [model], [algorithm], [training], [eval].
+    /// Experiment config (TOML) with the tables task, model, algorithm, training and eval.
     #[arg(long)]
     pub config: PathBuf,
     /// Data for classification tasks (image folder or CSV); overrides task.data.
