@@ -33,7 +33,7 @@ pub struct FinetuneArgs {
     /// The new training data.
     #[command(flatten)]
     pub data: DataArgs,
-    /// Where to save the fine-tuned model; the log goes to <PATH>.log.jsonl.
+    /// Where to save the fine-tuned model; the log goes to PATH.log.jsonl.
     #[arg(long, value_name = "PATH")]
     pub out: Option<PathBuf>,
     /// Layers to keep fixed: names or 0-based indices, comma-separated (e.g. dense_1,2).

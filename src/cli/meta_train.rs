@@ -33,7 +33,7 @@ pub struct MetaTrainArgs {
     /// Write latest.safetensors every N iterations (overrides training.checkpoint_every).
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
-    /// Continue from <out>/latest.safetensors.
+    /// Continue from OUT/latest.safetensors.
     #[arg(long)]
     pub resume: bool,
     /// Print one JSON object with the results as the last line of stdout.

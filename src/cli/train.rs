@@ -137,7 +137,7 @@ pub struct TrainArgs {
     /// Image channels, 1 (grey) or 3 (colour) (with --images) [default: 1].
     #[arg(long)]
     pub channels: Option<usize>,
-    /// Where to save the model (a .safetensors checkpoint); the log goes to <PATH>.log.jsonl.
+    /// Where to save the model (a .safetensors checkpoint); the log goes to PATH.log.jsonl.
     #[arg(long, value_name = "PATH")]
     pub out: Option<PathBuf>,
     /// Hidden layer sizes of the MLP, comma-separated ("none" for a linear model)

@@ -6,7 +6,7 @@
 //! - [`ConvWeightGradient`] `(x, dy) → dw` runs the fused weight-gradient kernel.
 //!
 //! `Conv`'s input gradient is itself a `Conv`: of `dy`, with the weight's kernel positions
-//! reversed and its channel and filter axes swapped, padded by `k − 1 − p` ([`transposed`]).
+//! reversed and its channel and filter axes swapped, padded by `k − 1 − p` (`transposed`).
 //! Both ops are bilinear, so every derivative is one of the two again, with candle operations
 //! only on the (small) weights. Second-order MAML differentiates through them; on the composed
 //! path they replace im2col + matrix product, whose patch matrices are 9x the input for 3x3

@@ -329,7 +329,7 @@ struct PathPoint<T> {
 
 /// Floating-point types the kernel runs in, each with its small-matrix product.
 pub trait Real: WithDType {
-    /// `C += A · B` (see [`multiply_accumulate`]).
+    /// `C += A · B` (see the free function `multiply_accumulate`).
     fn multiply_accumulate(
         shape: [usize; 3],
         a: (&[Self], usize, usize),
