@@ -336,3 +336,53 @@ fn malformed_runs_are_errors_naming_file_and_line() {
     let err = run_eval(&empty);
     assert!(err.contains("run01"), "{err}");
 }
+
+/// The official `all_runs.zip`: at `$OMNIGLOT_ALL_RUNS` when set, else beside the shared minimal
+/// splits. It is not part of the shared data by default, so this test usually only says so.
+#[test]
+fn official_runs_when_present() {
+    let path = std::env::var_os("OMNIGLOT_ALL_RUNS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/omniglot/all_runs.zip")
+        });
+    if !path.is_file() {
+        println!(
+            "official all_runs.zip not found at {} (set OMNIGLOT_ALL_RUNS to check it)",
+            path.display()
+        );
+        return;
+    }
+    // It is the file `data fetch` verifies.
+    let listed = metalearn::data::fetch::omniglot_files()
+        .into_iter()
+        .find(|f| f.file_name() == "all_runs.zip")
+        .unwrap();
+    assert_eq!(
+        Some(metalearn::data::fetch::md5_file(&path).unwrap()),
+        listed.md5
+    );
+    let bench = OneShotBenchmark::open(&path).unwrap();
+    assert_eq!(bench.runs.len(), 20);
+    assert_eq!(bench.ways(), 20);
+    for run in &bench.runs {
+        assert_eq!(run.test.len(), 20, "{}", run.name);
+        // Each training image is the answer for exactly one test image.
+        let mut answers = run.answers.clone();
+        answers.sort_unstable();
+        assert_eq!(answers, (0..20).collect::<Vec<_>>(), "{}", run.name);
+    }
+    // Every image decodes and is scored (an untrained model: the score itself is near chance).
+    let dir = tempfile::tempdir().unwrap();
+    let model = checkpoint(dir.path(), "protonet", "conv4", 20);
+    let ckpt = Checkpoint::load(&model, &candle_core::Device::Cpu).unwrap();
+    let learner = learner_for_ways(&ckpt, 20).unwrap();
+    let options = RunsOptions {
+        resample: Resample::Area,
+        steps: None,
+    };
+    let report = evaluate_runs(&learner, &bench, &options).unwrap();
+    assert_eq!(report.test_images, 400);
+    assert_eq!(report.per_run.len(), 20);
+    assert!((0.0..=100.0).contains(&report.error_percent));
+}
