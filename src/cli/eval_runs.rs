@@ -88,17 +88,15 @@ pub fn run(args: &EvalRunsArgs) -> Result<()> {
         }
         println!(
             "{algorithm}: {:.2}% mean error over {} runs of {}-way one-shot classification \
-             ({} test images, {}{})",
+             ({} test images, {})",
             report.error_percent,
             report.runs.len(),
             report.ways,
             report.test_images,
-            learner.algorithm_config().name.adaptation_summary(steps),
-            if args.test_time_shifts {
-                ", test-time shifts"
-            } else {
-                ""
-            }
+            learner
+                .algorithm_config()
+                .name
+                .adaptation_summary(steps, args.test_time_shifts)
         );
     }
     Ok(())

@@ -203,17 +203,15 @@ pub fn run(args: &MetaEvalArgs) -> Result<()> {
     });
     if !args.json {
         println!(
-            "{}: {metric} {:.4} ± {:.4} (95% CI) over {} new tasks, {}{}",
+            "{}: {metric} {:.4} ± {:.4} (95% CI) over {} new tasks, {}",
             config.algorithm.label(),
             summary.mean,
             summary.ci95,
             summary.n,
-            config.algorithm.name.adaptation_summary(steps),
-            if args.test_time_shifts {
-                ", test-time shifts"
-            } else {
-                ""
-            }
+            config
+                .algorithm
+                .name
+                .adaptation_summary(steps, args.test_time_shifts)
         );
     }
     if args.baseline {

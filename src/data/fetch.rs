@@ -50,8 +50,7 @@ impl RemoteFile {
 }
 
 /// The Omniglot archives: the two full splits, the two minimal background splits and the 20
-/// one-shot runs, each with its MD5. The repository publishes the MD5s of the four image archives;
-/// the one of `all_runs.zip` (352,787 bytes) was taken from the repository's copy.
+/// one-shot runs (`all_runs.zip`, 352,787 bytes), each with its MD5.
 pub fn omniglot_files() -> Vec<RemoteFile> {
     vec![
         RemoteFile::with_md5("images_background.zip", "68d2efa1b9178cc56df9314c21c6e718"),

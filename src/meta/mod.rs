@@ -62,11 +62,17 @@ impl AlgorithmKind {
 
     /// How a model of this kind adapts to a new task, for reports: ProtoNet classifies by the
     /// nearest prototype and takes no gradient steps; the others take `steps` steps.
-    pub fn adaptation_summary(&self, steps: usize) -> String {
-        match (self, steps) {
-            (AlgorithmKind::Protonet, _) => "nearest prototype".into(),
-            (_, 1) => "1 adaptation step".into(),
+    /// `test_time_shifts` (ProtoNet's test-time augmentation) is named when on.
+    pub fn adaptation_summary(&self, steps: usize, test_time_shifts: bool) -> String {
+        let how = match (self, steps) {
+            (AlgorithmKind::Protonet, _) => "nearest prototype".to_string(),
+            (_, 1) => "1 adaptation step".to_string(),
             (_, n) => format!("{n} adaptation steps"),
+        };
+        if test_time_shifts {
+            how + ", test-time shifts"
+        } else {
+            how
         }
     }
 }
