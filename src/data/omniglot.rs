@@ -244,8 +244,9 @@ impl Variant {
         variants
     }
 
-    /// Applies the variant to a row-major `height x width` image (square when it turns).
-    pub fn apply(self, mut image: Vec<f32>, height: usize, width: usize) -> Vec<f32> {
+    /// Applies the variant to a row-major `height x width` image. Callers check that turned
+    /// images are square (the loader and `Supersampled::new` do), so this stays crate-internal.
+    pub(crate) fn apply(self, mut image: Vec<f32>, height: usize, width: usize) -> Vec<f32> {
         if self.mirrored {
             image.chunks_exact_mut(width).for_each(<[f32]>::reverse);
         }
