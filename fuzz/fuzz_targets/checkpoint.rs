@@ -13,7 +13,7 @@ use libfuzzer_sys::fuzz_target;
 use metalearn::cli::common::load_model;
 use metalearn::cli::inspect::describe;
 use metalearn::eval::runs::learner_for_ways;
-use metalearn::meta::config::ExperimentConfig;
+use metalearn::experiment::ExperimentConfig;
 use metalearn::meta::learner::MetaLearner;
 use metalearn::{Checkpoint, Sequential};
 

@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use metalearn::cli::common::parse_hidden;
 use metalearn::cli::config::FileConfig;
-use metalearn::meta::config::ExperimentConfig;
+use metalearn::experiment::ExperimentConfig;
 use metalearn::Network;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,0 +1,122 @@
+//! `metalearn data fetch omniglot`: downloads the Omniglot archives and the one-shot benchmark
+//! runs, verifying checksums, and unpacks the runs for `eval-runs`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use metalearn::data::fetch::{
+    extract_zip, fetch_files, omniglot_files, FetchOptions, Verification, OMNIGLOT_BASE_URL,
+};
+use metalearn::error::{Error, Result};
+
+/// Arguments of `data`.
+#[derive(Args, Debug, Clone)]
+pub struct DataArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: DataAction,
+}
+
+/// The `data` actions.
+#[derive(Subcommand, Debug, Clone)]
+pub enum DataAction {
+    /// Download a public data set into a folder, verifying checksums.
+    Fetch(FetchArgs),
+}
+
+/// Arguments of `data fetch`.
+#[derive(Args, Debug, Clone)]
+pub struct FetchArgs {
+    /// The data set: omniglot.
+    #[arg(value_parser = ["omniglot"])]
+    pub dataset: String,
+    /// Folder to download into (created if needed).
+    #[arg(long, value_name = "DIR", default_value = "data/omniglot")]
+    pub dir: PathBuf,
+    /// Where the files are published (the repository's python/ folder).
+    #[arg(long, value_name = "URL", default_value = OMNIGLOT_BASE_URL)]
+    pub base_url: String,
+    /// Fetch only these files (repeatable), e.g. --only images_background_small1.zip.
+    #[arg(long, value_name = "FILE")]
+    pub only: Vec<String>,
+    /// Keep all_runs.zip packed (by default it is unpacked into DIR/all_runs for eval-runs).
+    #[arg(long)]
+    pub no_extract: bool,
+    /// Print one JSON object with the results as the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Runs `data`.
+pub fn run(args: &DataArgs) -> Result<()> {
+    match &args.action {
+        DataAction::Fetch(fetch) => run_fetch(fetch),
+    }
+}
+
+fn run_fetch(args: &FetchArgs) -> Result<()> {
+    let mut files = omniglot_files();
+    if !args.only.is_empty() {
+        let known: Vec<String> = files.iter().map(|f| f.file_name().to_string()).collect();
+        if let Some(bad) = args.only.iter().find(|o| !known.contains(o)) {
+            return Err(Error::Config(format!(
+                "--only {bad}: not an Omniglot file; choose from {}",
+                known.join(", ")
+            )));
+        }
+        files.retain(|f| args.only.iter().any(|o| o == f.file_name()));
+    }
+    let options = FetchOptions {
+        progress: !args.quiet && !args.json && crate::console::stderr_is_terminal(),
+        ..FetchOptions::default()
+    };
+    let fetched = fetch_files(&args.base_url, &args.dir, &files, &options)?;
+    let mut extracted = None;
+    for file in &fetched {
+        let action = if file.downloaded {
+            format!("downloaded {} bytes", file.bytes)
+        } else {
+            "already present, not downloaded again".to_string()
+        };
+        let check = match &file.verification {
+            Verification::Md5 { md5 } => format!("md5 {md5} matches"),
+            Verification::ValidZip { md5, entries } => format!(
+                "no published md5 (this one is {md5}); checked that it is a non-empty, valid \
+                 zip archive ({entries} entries)"
+            ),
+        };
+        if !args.json {
+            println!("{}: {action}; {check}", file.path.display());
+        }
+        if file.name == "all_runs.zip" && !args.no_extract {
+            let dest = args.dir.join("all_runs");
+            let count = extract_zip(&file.path, &dest)?;
+            if !args.json {
+                println!(
+                    "unpacked {count} files into {} (use it with `metalearn eval-runs --runs {}`)",
+                    dest.display(),
+                    dest.display()
+                );
+            }
+            extracted = Some(dest);
+        }
+    }
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "command": "data fetch",
+                "dataset": args.dataset,
+                "dir": args.dir.display().to_string(),
+                "files": fetched,
+                "runs_folder": extracted.map(|p| p.display().to_string()),
+            })
+        );
+    }
+    Ok(())
+}

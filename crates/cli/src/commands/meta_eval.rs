@@ -1,0 +1,253 @@
+//! `metalearn meta-eval`: mean and 95% CI of the task metric over new test tasks, optionally
+//! beside the plain transfer-learning baseline.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde_json::json;
+
+use metalearn::checkpoint::Checkpoint;
+use metalearn::error::{Error, Result};
+use metalearn::eval::baseline::{train_transfer_baseline, BaselineOptions};
+use metalearn::eval::score_episodes;
+use metalearn::experiment::ExperimentConfig;
+use metalearn::meta::learner::MetaLearner;
+use metalearn::meta_training::{BEST_FILE, LATEST_FILE};
+use metalearn::tasks::Split;
+
+/// Arguments of `meta-eval`.
+#[derive(Args, Debug, Clone)]
+pub struct MetaEvalArgs {
+    /// A checkpoint, or a meta-train output folder (its best checkpoint is used).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Test tasks (default: eval.episodes of the config, 600).
+    #[arg(long)]
+    pub episodes: Option<usize>,
+    /// Adaptation steps (default: algorithm.eval_inner_steps).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Seed of the test tasks.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Which split's classes to draw tasks from: test or validation.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Data for classification tasks (overrides the path recorded in the checkpoint).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Classes per test task (default: the config's). ProtoNet models work with any number;
+    /// MAML-family models only with the number they were meta-trained for.
+    #[arg(long)]
+    pub ways: Option<usize>,
+    /// Support examples per class of the test tasks (default: the config's).
+    #[arg(long)]
+    pub shots: Option<usize>,
+    /// Query examples per class of the test tasks (default: the config's).
+    #[arg(long)]
+    pub queries: Option<usize>,
+    /// Draw all classes of a test task from one alphabet (group), as the official Omniglot
+    /// one-shot runs do.
+    #[arg(long)]
+    pub same_alphabet: bool,
+    /// Omniglot: comma-separated alphabets of `--data` to draw test tasks from, e.g. alphabets
+    /// never seen in meta-training (replaces the config's split).
+    #[arg(long, value_delimiter = ',')]
+    pub test_alphabets: Option<Vec<String>>,
+    /// Test-time augmentation for ProtoNet models: embed every image as the mean embedding of
+    /// the image and its eight copies shifted by one pixel (diagonals included).
+    #[arg(long)]
+    pub test_time_shifts: bool,
+    /// Run on the first CUDA GPU (needs a build with the `cuda` feature).
+    #[arg(long)]
+    pub cuda: bool,
+    /// Also train and score the transfer baseline (joint training, then fine-tuning).
+    #[arg(long)]
+    pub baseline: bool,
+    /// Print one JSON object with the results as the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Resolves `--model`: a file, or a folder holding best.safetensors (else latest.safetensors).
+pub fn resolve_model_path(path: &Path) -> Result<PathBuf> {
+    if path.is_dir() {
+        for name in [BEST_FILE, LATEST_FILE] {
+            let candidate = path.join(name);
+            if candidate.exists() {
+                return Ok(candidate);
+            }
+        }
+        return Err(Error::Config(format!(
+            "{} holds no {BEST_FILE} or {LATEST_FILE}: pass a checkpoint file or a meta-train --out folder",
+            path.display()
+        )));
+    }
+    if !path.exists() {
+        return Err(Error::Config(format!(
+            "{}: no such checkpoint file or folder",
+            path.display()
+        )));
+    }
+    Ok(path.to_path_buf())
+}
+
+/// Loads a meta-learning checkpoint onto `device` and the experiment config stored in it.
+pub fn load_meta_model(
+    path: &Path,
+    device: &candle_core::Device,
+) -> Result<(MetaLearner, ExperimentConfig, PathBuf)> {
+    let path = resolve_model_path(path)?;
+    let ckpt = Checkpoint::load(&path, device)?;
+    let learner = MetaLearner::from_checkpoint(&ckpt)?;
+    let config: ExperimentConfig = ckpt
+        .section("experiment")
+        .filter(|v| !v.is_null())
+        .map(|v| serde_json::from_value(v.clone()))
+        .transpose()
+        .map_err(|e| {
+            Error::Checkpoint(format!(
+                "{}: invalid experiment section: {e}",
+                path.display()
+            ))
+        })?
+        .ok_or_else(|| {
+            Error::Checkpoint(format!(
+                "{}: has no experiment configuration; it was not written by meta-train",
+                path.display()
+            ))
+        })?;
+    Ok((learner, config, path))
+}
+
+/// Runs `meta-eval`.
+pub fn run(args: &MetaEvalArgs) -> Result<()> {
+    let split = match args.split.as_str() {
+        "test" => Split::Test,
+        "validation" | "val" => Split::Validation,
+        other => {
+            return Err(Error::Config(format!(
+                "--split `{other}` is unknown: use test or validation"
+            )))
+        }
+    };
+    let device = crate::args::compute_device(args.cuda)?;
+    let (learner, mut config, path) = load_meta_model(&args.model, &device)?;
+    let trained_ways = config.task.ways;
+    if let Some(ways) = args.ways {
+        config.task.ways = Some(ways);
+    }
+    if let Some(shots) = args.shots {
+        config.task.shots = Some(shots);
+    }
+    if let Some(queries) = args.queries {
+        config.task.queries = Some(queries);
+    }
+    if args.same_alphabet {
+        config.task.same_group = true;
+    }
+    let split = match &args.test_alphabets {
+        Some(test) => {
+            config.task.split = None;
+            config.task.split_by_group = false;
+            config.task.validation_data = None;
+            config.task.split_alphabets = Some(metalearn::data::omniglot::AlphabetSplit {
+                train: Vec::new(),
+                validation: Vec::new(),
+                test: test.iter().map(|a| a.trim().to_string()).collect(),
+            });
+            Split::Test
+        }
+        None => split,
+    };
+    let mut learner = match args.ways {
+        Some(ways) if Some(ways) != trained_ways => {
+            metalearn::eval::runs::learner_for_ways(&Checkpoint::load(&path, &device)?, ways)?
+        }
+        _ => learner,
+    };
+    learner.set_test_time_shifts(args.test_time_shifts);
+    if let Some(data) = &args.data {
+        config.task.data = Some(data.clone());
+    }
+    let source = config.task_source()?;
+    source.check_split(split)?;
+    let episodes = args.episodes.unwrap_or(config.eval.episodes);
+    if episodes == 0 {
+        return Err(Error::Config("--episodes must be >= 1".into()));
+    }
+    let steps = args.steps.unwrap_or(config.algorithm.eval_inner_steps);
+    let show_progress = !args.quiet && !args.json && crate::console::stderr_is_terminal();
+    let bar = metalearn::progress::bar(episodes as u64, show_progress, "meta-evaluating");
+    let summary = score_episodes(source.as_ref(), split, episodes, args.seed, steps, |task| {
+        let score = learner.evaluate_task(task, Some(steps));
+        bar.inc(1);
+        score
+    })?;
+    bar.finish_and_clear();
+    let metric = learner.metric().name();
+    let mut out = json!({
+        "model": path.display().to_string(),
+        "algorithm": config.algorithm.label(),
+        "metric": metric,
+        "mean": summary.mean,
+        "ci95": summary.ci95,
+        "std": summary.std,
+        "episodes": summary.n,
+        "steps": steps,
+        "split": args.split,
+        "ways": config.task.ways,
+        "shots": config.task.shots,
+        "same_alphabet": config.task.same_group,
+        "test_time_shifts": args.test_time_shifts,
+    });
+    if !args.json {
+        println!(
+            "{}: {metric} {:.4} ± {:.4} (95% CI) over {} new tasks, {}",
+            config.algorithm.label(),
+            summary.mean,
+            summary.ci95,
+            summary.n,
+            config
+                .algorithm
+                .name
+                .adaptation_summary(steps, args.test_time_shifts)
+        );
+    }
+    if args.baseline {
+        let arch = learner.network().architecture().clone();
+        let baseline = train_transfer_baseline(
+            &arch,
+            source.as_ref(),
+            &BaselineOptions {
+                iterations: config.eval.baseline_iterations,
+                tasks_per_batch: config.training.meta_batch,
+                lr: config.eval.baseline_lr,
+                seed: config.training.seed,
+                inner_lr: config.algorithm.inner_lr,
+            },
+        )?;
+        let bar = metalearn::progress::bar(episodes as u64, show_progress, "scoring the baseline");
+        let b = score_episodes(source.as_ref(), split, episodes, args.seed, steps, |task| {
+            let score = baseline.evaluate_task(task, steps);
+            bar.inc(1);
+            score
+        })?;
+        bar.finish_and_clear();
+        out["baseline_mean"] = json!(b.mean);
+        out["baseline_ci95"] = json!(b.ci95);
+        if !args.json {
+            println!(
+                "transfer baseline: {metric} {:.4} ± {:.4} (joint training, then {steps} fine-tuning steps)",
+                b.mean, b.ci95
+            );
+        }
+    }
+    if args.json {
+        println!("{out}");
+    }
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! `metalearn meta-train`: meta-train a model from a TOML experiment config.
+
+use std::path::PathBuf;
+
+use candle_core::DType;
+use clap::Args;
+use serde_json::json;
+
+use metalearn::error::Result;
+use metalearn::experiment::ExperimentConfig;
+use metalearn::meta::learner::MetaLearner;
+use metalearn::meta_training::{meta_train, resume, MetaTrainOptions};
+use metalearn::train::optim::OptimizerConfig;
+
+/// Arguments of `meta-train`.
+#[derive(Args, Debug, Clone)]
+pub struct MetaTrainArgs {
+    /// Experiment config (TOML) with the tables task, model, algorithm, training and eval.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Data for classification tasks (image folder or CSV); overrides task.data.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Output folder for checkpoints (best.safetensors, latest.safetensors) and log.jsonl.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Meta-iterations (overrides training.iterations).
+    #[arg(long)]
+    pub iterations: Option<u64>,
+    /// Seed (overrides training.seed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Write latest.safetensors every N iterations (overrides training.checkpoint_every).
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Continue from OUT/latest.safetensors.
+    #[arg(long)]
+    pub resume: bool,
+    /// Print one JSON object with the results as the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Train on the first CUDA GPU (needs a build with the `cuda` feature). Checkpoints are the
+    /// same as from the CPU and load on either.
+    #[arg(long)]
+    pub cuda: bool,
+}
+
+/// Runs `meta-train`; with the global `--threads N`, up to N tasks of a meta-batch also run in
+/// parallel.
+pub fn run(args: &MetaTrainArgs, threads: Option<usize>) -> Result<()> {
+    let mut config = ExperimentConfig::from_file(&args.config)?;
+    if let Some(n) = args.iterations {
+        config.training.iterations = n;
+    }
+    if let Some(s) = args.seed {
+        config.training.seed = s;
+    }
+    if let Some(n) = args.checkpoint_every {
+        config.training.checkpoint_every = n;
+    }
+    if let Some(data) = &args.data {
+        config.task.data = Some(data.clone());
+    }
+    config.validate()?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        let stem = args
+            .config
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "run".into());
+        PathBuf::from("runs").join(stem)
+    });
+    let source = config.task_source()?;
+    let device = crate::args::compute_device(args.cuda)?;
+    let (mut learner, resumed) = if args.resume {
+        let (learner, ckpt) = resume(&out, &device)?;
+        (learner, Some(ckpt))
+    } else {
+        let arch = config.architecture(&source.input_shape())?;
+        let learner = MetaLearner::new_on(
+            &arch,
+            config.algorithm.clone(),
+            config.task_kind()?,
+            OptimizerConfig::adam(config.training.outer_lr),
+            config.training.seed,
+            DType::F32,
+            &device,
+        )?;
+        (learner, None)
+    };
+    if let Some(t) = threads {
+        learner.set_threads(t);
+    }
+    let options = MetaTrainOptions {
+        iterations: config.training.iterations,
+        meta_batch: config.training.meta_batch,
+        validate_every: config.training.validate_every,
+        validation_tasks: config.training.validation_tasks,
+        checkpoint_every: config.training.checkpoint_every,
+        out_dir: Some(out.clone()),
+        seed: config.training.seed,
+        outer_lr: config.training.outer_lr,
+        schedule: config.training.schedule.clone(),
+        progress: !args.quiet && !args.json && crate::console::stderr_is_terminal(),
+        experiment: serde_json::to_value(&config).expect("config serialises"),
+    };
+    let report = meta_train(&mut learner, source.as_ref(), &options, resumed.as_ref())?;
+    let metric = learner.metric().name();
+    let mut summary = json!({
+        "algorithm": config.algorithm.label(),
+        "iterations": report.iterations,
+        "train_seconds": report.train_seconds,
+        "final_meta_loss": report.final_meta_loss,
+        "out_dir": out.display().to_string(),
+        "latest_checkpoint": report.latest_checkpoint.as_ref().map(|p| p.display().to_string()),
+        "best_checkpoint": report.best_checkpoint.as_ref().map(|p| p.display().to_string()),
+        "peak_rss_mb": report.peak_rss_mb,
+    });
+    if let Some((iteration, best)) = &report.best_validation {
+        summary["best_iteration"] = json!(iteration);
+        summary[format!("best_val_{metric}")] = json!(best.mean);
+        summary[format!("best_val_{metric}_ci95")] = json!(best.ci95);
+    }
+    if !args.json {
+        println!(
+            "meta-trained {} for {} iterations in {:.1} s (final meta-loss {:.4})",
+            config.algorithm.label(),
+            report.iterations,
+            report.train_seconds,
+            report.final_meta_loss
+        );
+        if let Some((iteration, best)) = &report.best_validation {
+            println!(
+                "best validation {metric}: {:.4} ± {:.4} at iteration {iteration}",
+                best.mean, best.ci95
+            );
+        }
+        println!("checkpoints and log in {}", out.display());
+    }
+    if args.json {
+        println!("{summary}");
+    }
+    Ok(())
+}

@@ -1,0 +1,262 @@
+//! Wiring an experiment: from the settings to the data sources, the task source the sampler
+//! draws from, and the network. The one place that knows data loaders, task samplers and
+//! architectures at once; `crate::meta::build_algorithm` makes the algorithm.
+
+use std::path::Path;
+
+use crate::data::classes::{ClassPool, SplitSpec};
+use crate::error::{Error, Result};
+use crate::experiment::ExperimentConfig;
+use crate::meta::AlgorithmKind;
+use crate::nn::architecture::Architecture;
+use crate::tasks::episodic::EpisodicSampler;
+use crate::tasks::sinusoid::SinusoidTasks;
+use crate::tasks::{TaskKind, TaskSource};
+
+impl ExperimentConfig {
+    /// The sinusoid task distribution of `[task]`.
+    pub fn sinusoid(&self) -> Result<SinusoidTasks> {
+        let d = SinusoidTasks::default();
+        let t = &self.task;
+        Ok(SinusoidTasks {
+            amplitude: t.amplitude.unwrap_or(d.amplitude),
+            phase: t.phase.unwrap_or(d.phase),
+            x_range: t.x_range.unwrap_or(d.x_range),
+            support: t.support.unwrap_or(d.support),
+            query: t.query.unwrap_or(d.query),
+            test_grid: t.test_grid.or(d.test_grid),
+        })
+    }
+
+    /// Regression or classification with its ways.
+    pub fn task_kind(&self) -> Result<TaskKind> {
+        Ok(match self.task.kind.as_str() {
+            "sinusoid" => TaskKind::Regression,
+            _ => TaskKind::Classification {
+                ways: self.episode()?.ways,
+            },
+        })
+    }
+
+    /// Builds the task source of `[task]` (a command-line `--data` is written into `task.data`
+    /// before this is called).
+    pub fn task_source(&self) -> Result<Box<dyn TaskSource>> {
+        if self.task.kind == "sinusoid" {
+            return Ok(Box::new(self.sinusoid()?));
+        }
+        let path = self
+            .task
+            .data
+            .clone()
+            .ok_or_else(|| Error::Config("task.data (or --data) is required".into()))?;
+        let omniglot = self
+            .task
+            .omniglot
+            .unwrap_or_else(|| crate::data::omniglot::is_omniglot_path(&path));
+        if omniglot {
+            return self.omniglot_source(&path);
+        }
+        if self.task.rotations
+            || self.task.reflections
+            || self.task.resample.is_some()
+            || self.task.split_alphabets.is_some()
+            || self.task.validation_data.is_some()
+        {
+            return Err(Error::Config(format!(
+                "task.rotations, task.reflections, task.resample, task.split_alphabets and \
+                 task.validation_data apply only to Omniglot \
+                 data, and {} is not in the Omniglot layout; remove them or set task.omniglot = true",
+                path.display()
+            )));
+        }
+        let dataset = if path.is_dir() {
+            let [height, width] = self.task.image_size.unwrap_or([28, 28]);
+            let options = crate::data::image_folder::ImageFolderOptions {
+                height,
+                width,
+                channels: self.task.channels.unwrap_or(1),
+            };
+            crate::data::image_folder::load_image_folder(&path, &options)?
+        } else {
+            let target = self.task.target.as_deref().ok_or_else(|| {
+                Error::Config(format!(
+                    "task.target (the label column) is required for the CSV file {}",
+                    path.display()
+                ))
+            })?;
+            crate::data::csv::load_csv(&path, target)?
+        };
+        let labels = dataset.class_ids()?;
+        let class_names = dataset.class_names.clone().unwrap_or_else(|| {
+            let n = labels.iter().max().map_or(0, |m| m + 1);
+            (0..n).map(|i| i.to_string()).collect()
+        });
+        let pool = ClassPool::new(dataset.x.clone(), &labels, class_names, None)?;
+        let split = SplitSpec {
+            fractions: self.task.split.unwrap_or([0.6, 0.2, 0.2]),
+            by_group: self.task.split_by_group,
+            seed: self.task.split_seed,
+        };
+        let sampler = EpisodicSampler::new(pool, self.episode()?, &split)?;
+        Ok(Box::new(self.augmented(sampler)?))
+    }
+
+    /// Episodes over an Omniglot archive or folder (see [`crate::data::omniglot`]): classes are
+    /// characters grouped by alphabet; `split_alphabets` or the `split` fractions (of alphabets
+    /// with `split_by_group`, else of characters) divide them.
+    fn omniglot_source(&self, path: &Path) -> Result<Box<dyn TaskSource>> {
+        use crate::data::omniglot::{
+            AlphabetSplit, CachePolicy, OmniglotData, OmniglotOptions, OmniglotSplit,
+        };
+        use crate::tasks::WithValidation;
+        let t = &self.task;
+        if let Some(channels) = t.channels.filter(|&c| c != 1) {
+            return Err(Error::Config(format!(
+                "task.channels = {channels}, but Omniglot images are grey: use 1 or leave it out"
+            )));
+        }
+        let [height, width] = t.image_size.unwrap_or([28, 28]);
+        let options = OmniglotOptions {
+            height,
+            width,
+            resample: t.resample.unwrap_or_default(),
+            rotations: t.rotations,
+            reflections: t.reflections,
+            cache: t
+                .cache_dir
+                .clone()
+                .map_or(CachePolicy::Default, CachePolicy::Dir),
+        };
+        if t.split_alphabets.is_some() && (t.split.is_some() || t.split_by_group) {
+            return Err(Error::Config(
+                "task.split_alphabets names the alphabets of each split; remove task.split and \
+                 task.split_by_group, which would divide them another way"
+                    .into(),
+            ));
+        }
+        let data = OmniglotData::load(path, &options)?;
+        if let Some(validation_path) = &t.validation_data {
+            let alphabets = t.split_alphabets.clone().ok_or_else(|| {
+                Error::Config(
+                    "task.validation_data needs task.split_alphabets, whose `validation` list \
+                     names the alphabets of the validation data to validate on"
+                        .into(),
+                )
+            })?;
+            let validation_split = OmniglotSplit::Alphabets(AlphabetSplit {
+                validation: alphabets.validation.clone(),
+                ..AlphabetSplit::default()
+            });
+            let main_split = OmniglotSplit::Alphabets(AlphabetSplit {
+                validation: Vec::new(),
+                ..alphabets
+            });
+            // Rotated and mirrored copies are only ever meta-trained on, so the validation
+            // archive needs none.
+            let validation_options = OmniglotOptions {
+                rotations: false,
+                reflections: false,
+                ..options.clone()
+            };
+            let validation_data = OmniglotData::load(validation_path, &validation_options)?;
+            let validation = self.omniglot_sampler(&validation_data, &validation_split)?;
+            let sampler = self.omniglot_sampler(&data, &main_split)?;
+            let sampler = self.supersample(sampler, &data, path, &options)?;
+            return Ok(Box::new(WithValidation::new(
+                Box::new(self.augmented(sampler)?),
+                Box::new(validation),
+            )?));
+        }
+        let split = match &t.split_alphabets {
+            Some(alphabets) => OmniglotSplit::Alphabets(alphabets.clone()),
+            None => OmniglotSplit::Fractions(SplitSpec {
+                fractions: t.split.unwrap_or([0.6, 0.2, 0.2]),
+                by_group: t.split_by_group,
+                seed: t.split_seed,
+            }),
+        };
+        let sampler = self.omniglot_sampler(&data, &split)?;
+        let sampler = self.supersample(sampler, &data, path, &options)?;
+        Ok(Box::new(self.augmented(sampler)?))
+    }
+
+    /// Episodes of this config's shape over `data`'s classes, divided by `split`.
+    fn omniglot_sampler(
+        &self,
+        data: &crate::data::omniglot::OmniglotData,
+        split: &crate::data::omniglot::OmniglotSplit,
+    ) -> Result<EpisodicSampler> {
+        EpisodicSampler::with_splits(data.class_pool()?, self.episode()?, data.split(split)?)
+    }
+
+    /// With augmentation on, gives an Omniglot sampler the images at three times the model's
+    /// resolution, so that warps do not blur (see [`crate::data::augment::Supersampled`]).
+    fn supersample(
+        &self,
+        sampler: EpisodicSampler,
+        data: &crate::data::omniglot::OmniglotData,
+        path: &Path,
+        options: &crate::data::omniglot::OmniglotOptions,
+    ) -> Result<EpisodicSampler> {
+        const FACTOR: usize = 3;
+        match &self.task.augment {
+            Some(augment) if augment.is_active() => {
+                sampler.with_supersampled(data.supersampled(path, options, FACTOR)?)
+            }
+            _ => Ok(sampler),
+        }
+    }
+
+    /// Applies `task.augment` (if set) to a sampler's meta-training episodes.
+    fn augmented(&self, sampler: EpisodicSampler) -> Result<EpisodicSampler> {
+        match &self.task.augment {
+            Some(augment) => sampler.with_augment(augment.clone()),
+            None => Ok(sampler),
+        }
+    }
+
+    /// The network for tasks with inputs of `input_shape`.
+    pub fn architecture(&self, input_shape: &[usize]) -> Result<Architecture> {
+        let kind = self.task_kind()?;
+        let protonet = self.algorithm.name == AlgorithmKind::Protonet;
+        let outputs = match kind {
+            TaskKind::Regression => 1,
+            TaskKind::Classification { ways } => ways,
+        };
+        match self.model.arch.as_str() {
+            "conv4" => {
+                let shape: [usize; 3] = match input_shape {
+                    [c, h, w] => [*c, *h, *w],
+                    other => {
+                        return Err(Error::Config(format!(
+                            "model.arch conv4 needs image inputs [channels, height, width], the data has {other:?}"
+                        )))
+                    }
+                };
+                Architecture::conv4(shape, self.model.width, (!protonet).then_some(outputs))
+            }
+            _ => {
+                let input: usize = input_shape.iter().product();
+                let mut sizes = vec![input];
+                sizes.extend(&self.model.hidden);
+                sizes.push(if protonet {
+                    self.model.embedding
+                } else {
+                    outputs
+                });
+                let mut arch = Architecture::mlp(&sizes, self.model.activation.parse()?)?;
+                if input_shape.len() > 1 {
+                    arch.input_shape = input_shape.to_vec();
+                    arch.layers.insert(
+                        0,
+                        crate::nn::architecture::NamedLayer {
+                            name: "flatten".into(),
+                            layer: crate::nn::architecture::Layer::Flatten,
+                        },
+                    );
+                }
+                Ok(arch)
+            }
+        }
+    }
+}

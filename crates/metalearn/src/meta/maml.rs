@@ -1,0 +1,82 @@
+//! MAML (Finn, Abbeel & Levine, 2017): learn an initialisation from which a few gradient steps
+//! on a task's support set give low loss on its query set. Second order by default; with
+//! `first_order` the inner gradients are detached (FOMAML).
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+use crate::meta::inner::{adapt_weights, gradient_meta_step, InnerLoop, InnerLr};
+use crate::meta::{
+    task_loss, Adapted, AlgorithmKind, EvalState, MetaAlgorithm, MetaParams, MetaStep,
+};
+use crate::nn::network::Network;
+use crate::tasks::{Task, TaskKind};
+
+/// MAML with a fixed inner learning rate.
+#[derive(Clone, Debug)]
+pub struct Maml {
+    /// Inner-loop learning rate.
+    pub inner_lr: f64,
+    /// Inner steps during meta-training.
+    pub inner_steps: usize,
+    /// Detach inner gradients (first-order MAML).
+    pub first_order: bool,
+}
+
+impl Maml {
+    fn inner(&self, kind: TaskKind, steps: usize, second_order: bool) -> InnerLoop<'static> {
+        InnerLoop {
+            loss: task_loss(kind),
+            steps,
+            lr: InnerLr::Scalar(self.inner_lr),
+            from_layer: 0,
+            second_order,
+        }
+    }
+}
+
+impl MetaAlgorithm for Maml {
+    fn kind(&self) -> AlgorithmKind {
+        AlgorithmKind::Maml
+    }
+
+    fn meta_train_step(
+        &self,
+        net: &Network,
+        meta: &MetaParams,
+        tasks: &[Task],
+        kind: TaskKind,
+    ) -> Result<MetaStep> {
+        if let Some(step) = crate::meta::mlp_maml::meta_step(
+            net,
+            meta,
+            tasks,
+            kind,
+            self.inner_lr,
+            self.inner_steps,
+            !self.first_order,
+        )? {
+            return Ok(step);
+        }
+        let cfg = self.inner(kind, self.inner_steps, !self.first_order);
+        gradient_meta_step(net, meta, tasks, kind, &cfg)
+    }
+
+    fn adapt(
+        &self,
+        net: &Network,
+        meta: &MetaParams,
+        support: (&Tensor, &Tensor),
+        steps: usize,
+        kind: TaskKind,
+        _state: &EvalState,
+    ) -> Result<Adapted> {
+        let cfg = self.inner(kind, steps, false);
+        Ok(Adapted::Weights(adapt_weights(
+            net,
+            &meta.weights,
+            support,
+            &cfg,
+        )?))
+    }
+}

@@ -1,0 +1,9 @@
+//! Networks: architectures, parameter sets and the pure forward pass (the reference layer path
+//! and the CPU fast path).
+
+pub mod architecture;
+mod fast_path;
+pub mod layers;
+pub mod network;
+pub mod ops;
+pub mod params;

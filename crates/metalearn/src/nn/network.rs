@@ -1,0 +1,369 @@
+//! A built network: shapes checked, parameters described, and a pure forward function.
+//!
+//! `forward(params, x, ctx)` reads nothing but its arguments, so the same [`Network`] runs with
+//! the meta-learned weights, with per-task fast weights, or — in *task-batched* mode — with a
+//! whole meta-batch of fast weights at once: every parameter then has a leading task dimension
+//! `T`, and the input is `[T, batch, ...]`.
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+use crate::error::{Error, Result};
+use crate::nn::architecture::{Architecture, Layer};
+use crate::nn::layers::apply_layer;
+pub use crate::nn::layers::{ForwardCtx, Mode};
+use crate::nn::params::ParamSet;
+
+/// How parameters are initialised.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// All zeros.
+    Zeros,
+    /// All ones.
+    Ones,
+    /// Uniform in ±sqrt(6 / (fan_in + fan_out)) (Keras' default for dense kernels).
+    GlorotUniform {
+        /// Inputs per output.
+        fan_in: usize,
+        /// Outputs per input.
+        fan_out: usize,
+    },
+    /// Normal with standard deviation sqrt(2 / fan_in) (He / Kaiming, for ReLU convolutions).
+    HeNormal {
+        /// Inputs per output.
+        fan_in: usize,
+    },
+}
+
+/// Description of one parameter tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    /// Full name, `<layer>.<param>`.
+    pub name: String,
+    /// Shape (without a task dimension).
+    pub shape: Vec<usize>,
+    /// Initialiser.
+    pub init: Init,
+    /// Index of the owning layer.
+    pub layer: usize,
+}
+
+/// A built [`Architecture`]: per-layer output shapes and parameter descriptions.
+#[derive(Clone, Debug)]
+pub struct Network {
+    arch: Architecture,
+    shapes: Vec<Vec<usize>>,
+    params: Vec<ParamSpec>,
+    buffers: Vec<ParamSpec>,
+}
+
+impl Network {
+    /// Checks the architecture's shapes and describes its parameters.
+    pub fn build(arch: &Architecture) -> Result<Self> {
+        crate::runtime::init();
+        if arch.input_shape.is_empty() || arch.input_shape.contains(&0) {
+            return Err(Error::Config(format!(
+                "input shape must be non-empty with no zero dimension, got {:?}",
+                arch.input_shape
+            )));
+        }
+        let mut shape = arch.input_shape.clone();
+        let mut shapes = Vec::new();
+        let mut params = Vec::new();
+        let mut buffers = Vec::new();
+        for (i, named) in arch.layers.iter().enumerate() {
+            let name = &named.name;
+            let bad = |what: String| Error::Shape(format!("layer {i} `{name}`: {what}"));
+            let spec = |p: &str, shape: Vec<usize>, init: Init| ParamSpec {
+                name: format!("{name}.{p}"),
+                shape,
+                init,
+                layer: i,
+            };
+            shape = match &named.layer {
+                Layer::Dense { units } => {
+                    if shape.len() != 1 {
+                        return Err(bad(format!(
+                            "dense needs a flat input, got {shape:?}; add a Flatten layer before it"
+                        )));
+                    }
+                    if *units == 0 {
+                        return Err(bad("units must be > 0".into()));
+                    }
+                    let fan_in = shape[0];
+                    params.push(spec(
+                        "weight",
+                        vec![fan_in, *units],
+                        Init::GlorotUniform {
+                            fan_in,
+                            fan_out: *units,
+                        },
+                    ));
+                    params.push(spec("bias", vec![*units], Init::Zeros));
+                    vec![*units]
+                }
+                Layer::Conv2d {
+                    filters,
+                    kernel_size,
+                    stride,
+                    padding,
+                } => {
+                    if shape.len() != 3 {
+                        return Err(bad(format!(
+                            "conv2d needs [channels, height, width] input, got {shape:?}"
+                        )));
+                    }
+                    if *filters == 0 || *kernel_size == 0 || *stride == 0 {
+                        return Err(bad("filters, kernel_size and stride must be > 0".into()));
+                    }
+                    let padded = |side: usize| {
+                        padding
+                            .checked_mul(2)
+                            .and_then(|p| p.checked_add(side))
+                            .ok_or_else(|| bad(format!("padding {padding} is too large")))
+                    };
+                    let (c, h, w) = (shape[0], padded(shape[1])?, padded(shape[2])?);
+                    if h < *kernel_size || w < *kernel_size {
+                        return Err(bad(format!(
+                            "kernel {kernel_size} larger than padded input {h}x{w}"
+                        )));
+                    }
+                    let fan_in = c
+                        .checked_mul(*kernel_size)
+                        .and_then(|n| n.checked_mul(*kernel_size))
+                        .ok_or_else(|| bad(format!("kernel {kernel_size} is too large")))?;
+                    params.push(spec(
+                        "weight",
+                        vec![*filters, c, *kernel_size, *kernel_size],
+                        Init::HeNormal { fan_in },
+                    ));
+                    params.push(spec("bias", vec![*filters], Init::Zeros));
+                    vec![
+                        *filters,
+                        (h - kernel_size) / stride + 1,
+                        (w - kernel_size) / stride + 1,
+                    ]
+                }
+                Layer::BatchNorm { momentum, eps } => {
+                    if shape.len() != 1 && shape.len() != 3 {
+                        return Err(bad(format!(
+                            "batch-norm needs [features] or [channels, h, w] input, got {shape:?}"
+                        )));
+                    }
+                    if eps.is_nan() || *eps <= 0.0 || !(0.0..=1.0).contains(momentum) {
+                        return Err(bad("needs eps > 0 and momentum in [0, 1]".into()));
+                    }
+                    let c = shape[0];
+                    params.push(spec("gamma", vec![c], Init::Ones));
+                    params.push(spec("beta", vec![c], Init::Zeros));
+                    buffers.push(spec("running_mean", vec![c], Init::Zeros));
+                    buffers.push(spec("running_var", vec![c], Init::Ones));
+                    shape
+                }
+                Layer::MaxPool2d { size } => {
+                    if shape.len() != 3 {
+                        return Err(bad(format!(
+                            "max-pool needs [channels, height, width] input, got {shape:?}"
+                        )));
+                    }
+                    if *size == 0 || shape[1] < *size || shape[2] < *size {
+                        return Err(bad(format!("window {size} does not fit input {shape:?}")));
+                    }
+                    vec![shape[0], shape[1] / size, shape[2] / size]
+                }
+                Layer::Flatten => {
+                    let size = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+                    vec![size
+                        .ok_or_else(|| bad(format!("input {shape:?} is too large to flatten")))?]
+                }
+                Layer::Dropout { rate } => {
+                    if !(0.0..1.0).contains(rate) {
+                        return Err(bad(format!("dropout rate must be in [0, 1), got {rate}")));
+                    }
+                    shape
+                }
+                Layer::Activation { .. } => shape,
+            };
+            shapes.push(shape.clone());
+        }
+        Ok(Self {
+            arch: arch.clone(),
+            shapes,
+            params,
+            buffers,
+        })
+    }
+
+    /// The architecture this network was built from.
+    pub fn architecture(&self) -> &Architecture {
+        &self.arch
+    }
+
+    /// Output shape of one example (without the batch dimension).
+    pub fn output_shape(&self) -> &[usize] {
+        self.shapes
+            .last()
+            .map(|s| s.as_slice())
+            .unwrap_or(&self.arch.input_shape)
+    }
+
+    /// Output shape of each layer.
+    pub fn layer_shapes(&self) -> &[Vec<usize>] {
+        &self.shapes
+    }
+
+    /// Trainable parameter descriptions, in order.
+    pub fn param_specs(&self) -> &[ParamSpec] {
+        &self.params
+    }
+
+    /// Non-trainable state (batch-norm running statistics) descriptions.
+    pub fn buffer_specs(&self) -> &[ParamSpec] {
+        &self.buffers
+    }
+
+    /// Fresh parameters drawn with `seed`.
+    pub fn init_params(&self, seed: u64, device: &Device, dtype: DType) -> Result<ParamSet> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        init_set(&self.params, &mut rng, device, dtype)
+    }
+
+    /// Initial running statistics (means 0, variances 1).
+    pub fn init_buffers(&self, device: &Device, dtype: DType) -> Result<ParamSet> {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        init_set(&self.buffers, &mut rng, device, dtype)
+    }
+
+    /// Folds batch statistics collected in [`ForwardCtx::batch_stats`] into running statistics:
+    /// `running = (1 - momentum) · running + momentum · batch`, with each batch-norm layer's own
+    /// momentum. Layers for which `skip(layer_name)` is true keep their running statistics.
+    pub fn fold_batch_stats(
+        &self,
+        running: &mut ParamSet,
+        batch_stats: Vec<(String, Tensor)>,
+        skip: impl Fn(&str) -> bool,
+    ) -> Result<()> {
+        for (name, stat) in batch_stats {
+            let layer = name.split('.').next().unwrap_or_default();
+            if skip(layer) {
+                continue;
+            }
+            let momentum = self
+                .arch
+                .layers
+                .iter()
+                .find(|l| l.name == layer)
+                .and_then(|l| match l.layer {
+                    Layer::BatchNorm { momentum, .. } => Some(momentum),
+                    _ => None,
+                })
+                .ok_or_else(|| {
+                    Error::Shape(format!(
+                        "batch statistics for `{name}`, which is no batch-norm layer"
+                    ))
+                })?;
+            let old = running.get(&name)?;
+            let new = old
+                .affine(1.0 - momentum, 0.0)?
+                .add(&stat.to_dtype(old.dtype())?.affine(momentum, 0.0)?)?;
+            running.replace(&name, new)?;
+        }
+        Ok(())
+    }
+
+    /// Forward pass. `x` is `[batch, input_shape...]`, or `[tasks, batch, input_shape...]` when
+    /// every parameter carries a leading task dimension (task-batched mode).
+    pub fn forward(&self, params: &ParamSet, x: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        self.forward_layers(params, x, ctx, self.arch.layers.len())
+    }
+
+    /// Forward pass through the first `count` layers only (for example, everything below the
+    /// head to get features).
+    pub fn forward_layers(
+        &self,
+        params: &ParamSet,
+        x: &Tensor,
+        ctx: &mut ForwardCtx,
+        count: usize,
+    ) -> Result<Tensor> {
+        let example_rank = self.arch.input_shape.len();
+        let lead = match x.rank().checked_sub(example_rank) {
+            Some(l @ 1..=2) => l,
+            _ => {
+                return Err(Error::Shape(format!(
+                    "input of shape {:?} does not fit examples of shape {:?}: expected [batch, {}]",
+                    x.dims(),
+                    self.arch.input_shape,
+                    dims_text(&self.arch.input_shape)
+                )))
+            }
+        };
+        if x.dims()[lead..] != self.arch.input_shape[..] {
+            return Err(Error::Shape(format!(
+                "input of shape {:?} does not fit examples of shape {:?}",
+                x.dims(),
+                self.arch.input_shape
+            )));
+        }
+        self.forward_range(params, x, ctx, 0, count, lead == 2)
+    }
+
+    /// Runs layers `start..end` on an intermediate activation `h` (as produced by layer
+    /// `start - 1`), without checking `h` against the input shape. `batched` says whether `h`
+    /// and the parameters carry a leading task dimension.
+    pub fn forward_range(
+        &self,
+        params: &ParamSet,
+        h: &Tensor,
+        ctx: &mut ForwardCtx,
+        start: usize,
+        end: usize,
+        batched: bool,
+    ) -> Result<Tensor> {
+        let layers = &self.arch.layers[start.min(end)..end.min(self.arch.layers.len())];
+        if crate::nn::fast_path::applies(layers, h) {
+            return crate::nn::fast_path::forward(layers, params, h, ctx, batched);
+        }
+        let mut h = h.clone();
+        for named in layers {
+            h = apply_layer(named, params, &h, ctx, batched)?;
+        }
+        Ok(h)
+    }
+}
+
+fn dims_text(dims: &[usize]) -> String {
+    dims.iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn init_set(
+    specs: &[ParamSpec],
+    rng: &mut ChaCha8Rng,
+    device: &Device,
+    dtype: DType,
+) -> Result<ParamSet> {
+    let mut set = ParamSet::new();
+    for spec in specs {
+        let n: usize = spec.shape.iter().product();
+        let values: Vec<f64> = match spec.init {
+            Init::Zeros => vec![0.0; n],
+            Init::Ones => vec![1.0; n],
+            Init::GlorotUniform { fan_in, fan_out } => {
+                let limit = (6.0 / (fan_in + fan_out) as f64).sqrt();
+                (0..n).map(|_| rng.gen_range(-limit..limit)).collect()
+            }
+            Init::HeNormal { fan_in } => {
+                let normal = Normal::new(0.0, (2.0 / fan_in as f64).sqrt()).expect("valid std");
+                (0..n).map(|_| normal.sample(rng)).collect()
+            }
+        };
+        let t = Tensor::from_vec(values, spec.shape.as_slice(), device)?.to_dtype(dtype)?;
+        set.insert(spec.name.clone(), t)?;
+    }
+    Ok(set)
+}

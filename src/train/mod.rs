@@ -1,7 +1,0 @@
-//! Training: losses, metrics, optimisers, `fit` and its history.
-
-pub mod fit;
-pub mod history;
-pub mod loss;
-pub mod metrics;
-pub mod optim;
