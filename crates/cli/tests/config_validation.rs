@@ -783,7 +783,7 @@ fn meta_train_reports_the_location_on_stderr() {
 
 #[test]
 fn every_shipped_config_parses_and_validates() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
     let mut seen = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();

@@ -20,7 +20,7 @@ const WAYS: usize = 20;
 /// first drawing of its first characters), else generated (a black bar per class on white).
 fn drawings() -> Vec<Vec<u8>> {
     let shared = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data/omniglot/images_background_small1.zip");
+        .join("../../../shared/data/omniglot/images_background_small1.zip");
     if let Ok(file) = std::fs::File::open(&shared) {
         let mut zip = zip::ZipArchive::new(file).unwrap();
         let mut names: Vec<String> = zip
@@ -344,7 +344,7 @@ fn official_runs_when_present() {
     let path = std::env::var_os("OMNIGLOT_ALL_RUNS")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/omniglot/all_runs.zip")
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/omniglot/all_runs.zip")
         });
     if !path.is_file() {
         println!(

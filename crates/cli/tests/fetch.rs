@@ -118,7 +118,7 @@ fn runs_zip() -> Vec<u8> {
 /// shared data is here, else a small file with its own MD5.
 fn archive_and_table() -> (String, Vec<u8>, String) {
     let shared = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data/omniglot/images_background_small1.zip");
+        .join("../../../shared/data/omniglot/images_background_small1.zip");
     match std::fs::read(&shared) {
         Ok(bytes) => (
             "images_background_small1.zip".into(),
@@ -354,7 +354,7 @@ fn data_fetch_command_checks_the_runs_against_their_md5() {
 #[test]
 fn data_fetch_command_verifies_a_real_archive() {
     let shared = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data/omniglot/images_background_small1.zip");
+        .join("../../../shared/data/omniglot/images_background_small1.zip");
     let Ok(bytes) = std::fs::read(&shared) else {
         println!(
             "shared Omniglot data not found at {}; the command's success path is checked by \

@@ -22,11 +22,10 @@ use rayon::prelude::*;
 
 use crate::conv::{im2col_into, ConvGeometry};
 use crate::conv_pool;
-use crate::fused::{
-    filled_in_parallel, gemm_into, parameter_gradient, to_f64s, with_data, BnPoolRelu,
-    REDUCTION_GROUPS,
-};
-use crate::{contiguous_slice, vectorized, with_float};
+use crate::fused::BnPoolRelu;
+use crate::gemm::gemm_into;
+use crate::parallel::{filled_in_parallel, REDUCTION_GROUPS};
+use crate::{contiguous_slice, parameter_gradient, to_f64s, vectorized, with_data, with_float};
 
 /// The longest patch (`k·k·c`) the first-block kernel takes: beyond it, recomputing the
 /// convolution costs more than keeping its output.

@@ -10,15 +10,19 @@
 //! convolutions), [`crate::pool`] and [`crate::norm`].
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor, WithDType};
-use gemm::Parallelism;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::conv::{col2im_add, im2col_into, ConvGeometry};
+use crate::gemm::gemm_into;
+use crate::parallel::{
+    chunks, filled_in_parallel, independent_chunks, sum_over_parts, REDUCTION_GROUPS,
+};
+use crate::pool::pooled_window;
 use crate::pool::PoolGeometry;
+use crate::winograd;
 use crate::winograd::WeightLayout::{Filters, PatchOrder};
-use crate::{contiguous_slice, vectorized, with_float};
-use crate::{small_gemm, winograd};
+use crate::{contiguous_slice, parameter_gradient, to_f64s, vectorized, with_data, with_float};
 
 /// Output rows a convolution chunk aims for: enough for an efficient GEMM, few enough that
 /// the chunk's patch matrix stays in cache.
@@ -27,173 +31,6 @@ const CHUNK_ROWS: usize = 256;
 /// Output tiles a Winograd chunk aims for (its transformed inputs and products, 36 values per
 /// tile and channel, stay in the core's cache).
 const WINOGRAD_CHUNK_TILES: usize = 32;
-
-/// Parallel sums are split into this many fixed groups, each summed in order and then added in
-/// group order, so results do not depend on the thread count or on scheduling (rayon's
-/// fold/reduce split adaptively, and their float sums changed from run to run).
-pub(crate) const REDUCTION_GROUPS: usize = 16;
-
-/// `dst[m×n] (+)= a[m×k] · b[k×n]`, single-threaded (callers parallelise over chunks). Each
-/// matrix is given by its pointer, row stride and column stride.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_into<T: WithDType>(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut T,
-    dst_rs: usize,
-    accumulate: bool,
-    a: (*const T, usize, usize),
-    b: (*const T, usize, usize),
-) {
-    // Safety: the caller's shapes and strides, passed on unchanged.
-    if b.2 == 1
-        && unsafe { small_gemm::multiply((m, n, k), (dst, dst_rs), accumulate, a, (b.0, b.1)) }
-    {
-        return;
-    }
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        a.0,
-        a.2 as isize,
-        a.1 as isize,
-        b.0,
-        b.2 as isize,
-        b.1 as isize,
-        if accumulate { T::one() } else { T::zero() },
-        T::one(),
-        false,
-        false,
-        false,
-        Parallelism::None,
-    )
-}
-
-/// Runs `f` on the contiguous CPU data of `t` as `&[T]`.
-pub(crate) fn with_data<T: WithDType, R>(
-    t: &Tensor,
-    f: impl FnOnce(&[T]) -> R,
-) -> candle_core::Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cpu) => Ok(f(contiguous_slice::<T>(cpu, layout, "fused kernel")?)),
-        _ => Err(candle_core::Error::Msg(
-            "fused kernels run on the CPU only".into(),
-        )),
-    }
-}
-
-/// Contiguous image ranges `(task, first image, count)` that never cross a task boundary, each
-/// of about `target_rows` rows.
-fn chunks(
-    images: usize,
-    tasks: usize,
-    rows_per_image: usize,
-    target_rows: usize,
-) -> Vec<(usize, usize, usize)> {
-    let per_task = images / tasks;
-    let per_chunk = (target_rows / rows_per_image.max(1)).clamp(1, per_task.max(1));
-    let mut out = Vec::new();
-    for task in 0..tasks {
-        let mut first = task * per_task;
-        let end = first + per_task;
-        while first < end {
-            let count = per_chunk.min(end - first);
-            out.push((task, first, count));
-            first += count;
-        }
-    }
-    out
-}
-
-/// [`chunks`] for work whose chunks are independent (nothing is summed across them), also small
-/// enough that every thread gets several: a small batch (a 5-way 5-shot task's 25 images at a
-/// 3×3 layer fit one Winograd chunk) still runs on every core.
-fn independent_chunks(
-    images: usize,
-    tasks: usize,
-    rows_per_image: usize,
-    target_rows: usize,
-) -> Vec<(usize, usize, usize)> {
-    let spread = (images * rows_per_image).div_ceil(4 * rayon::current_num_threads());
-    chunks(images, tasks, rows_per_image, target_rows.min(spread))
-}
-
-/// Per-task sums of `per_task` values over `parts` (ordered by task, as [`chunks`] makes them):
-/// `accumulate` adds one part's contribution to its task's slice. Parts are summed in fixed
-/// groups, each holding only the tasks it covers, and the groups are added in order, so the
-/// result does not depend on the thread count or on scheduling.
-fn sum_over_parts<T: WithDType>(
-    parts: &[(usize, usize, usize)],
-    tasks: usize,
-    per_task: usize,
-    accumulate: impl Fn(&mut [T], (usize, usize, usize)) + Sync,
-) -> Vec<T> {
-    let group_len = parts.len().div_ceil(REDUCTION_GROUPS).max(1);
-    let groups: Vec<(usize, Vec<T>)> = parts
-        .par_chunks(group_len)
-        .map(|group| {
-            let first_task = group[0].0;
-            let covered = group[group.len() - 1].0 + 1 - first_task;
-            let mut acc = vec![T::zero(); covered * per_task];
-            for &part in group {
-                let at = (part.0 - first_task) * per_task;
-                accumulate(&mut acc[at..at + per_task], part);
-            }
-            (first_task, acc)
-        })
-        .collect();
-    let mut sum = vec![T::zero(); tasks * per_task];
-    for (first_task, acc) in groups {
-        for (total, value) in sum[first_task * per_task..].iter_mut().zip(acc) {
-            *total += value;
-        }
-    }
-    sum
-}
-
-/// Splits `data` into consecutive pieces of the given lengths.
-fn split_lengths<T>(mut data: &mut [T], lengths: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
-    let mut out = Vec::new();
-    for len in lengths {
-        let (head, tail) = data.split_at_mut(len);
-        out.push(head);
-        data = tail;
-    }
-    out
-}
-
-/// A vector made of consecutive pieces of the given lengths, each filled by `fill(piece index,
-/// piece)` in parallel. Each piece starts zeroed, by the thread that fills it: zeroing the whole
-/// output up front ran on the thread that waits for the parallel work, and was a fifth of the
-/// serial time of an adaptation episode (Conv-4, 100 images).
-pub(crate) fn filled_in_parallel<T: WithDType>(
-    lengths: &[usize],
-    fill: impl Fn(usize, &mut [T]) + Sync,
-) -> Vec<T> {
-    let total = lengths.iter().sum();
-    let mut out: Vec<T> = Vec::with_capacity(total);
-    let pieces = split_lengths(
-        &mut out.spare_capacity_mut()[..total],
-        lengths.iter().copied(),
-    );
-    pieces.into_par_iter().enumerate().for_each(|(i, piece)| {
-        for value in piece.iter_mut() {
-            value.write(T::zero());
-        }
-        // Safety: every value of the piece was just written.
-        let piece = unsafe { &mut *(piece as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
-        fill(i, piece);
-    });
-    // Safety: the pieces cover the first `total` values, and each was written above.
-    unsafe { out.set_len(total) };
-    out
-}
 
 /// A whole convolution on image rows: `(x [.., images·h·w, c], weight [k·k·c, filters] or
 /// [tasks, k·k·c, filters])` → `[.., images·oh·ow, filters]`. With a task dimension on the
@@ -449,24 +286,6 @@ pub struct BnPoolRelu {
     pub inv_std: Vec<f64>,
     /// Whether the statistics are the batch's own.
     pub batch_statistics: bool,
-}
-
-/// `best[ch] = relu(max over the window's four rows of (row[ch]·a[ch] + b[ch]))` for a 2×2
-/// pooling window's rows of channels, compared in order and the first kept on ties. The channel
-/// loop is branch-free, so it vectorises, and each output is one plain store.
-#[inline(always)]
-pub(crate) fn pooled_window<T: WithDType>(rows: [&[T]; 4], (a, b): (&[T], &[T]), best: &mut [T]) {
-    let [r0, r1, r2, r3] = rows;
-    let c = best.len();
-    let (a, b, r0) = (&a[..c], &b[..c], &r0[..c]);
-    for ch in 0..c {
-        let mut m = r0[ch] * a[ch] + b[ch];
-        for row in [r1, r2, r3] {
-            let z = row[ch] * a[ch] + b[ch];
-            m = if z > m { z } else { m };
-        }
-        best[ch] = if m < T::zero() { T::zero() } else { m };
-    }
 }
 
 /// Per-channel constants of one task: `z = y · a + b` is the normalised, scaled, shifted value.
@@ -826,15 +645,6 @@ impl BnPoolRelu {
         out[r - 2] = y[r - 2] / (g.height * g.width) * (g.out_height() * g.out_width());
         Ok(Shape::from(out))
     }
-}
-
-pub(crate) fn to_f64s<T: WithDType>(v: &[T]) -> Vec<f64> {
-    v.iter().map(|x| x.to_f64()).collect()
-}
-
-/// A parameter's gradient, computed in f64, as a tensor of the parameter's shape and dtype.
-pub(crate) fn parameter_gradient(v: Vec<f64>, like: &Tensor) -> candle_core::Result<Tensor> {
-    Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype())
 }
 
 impl CustomOp3 for BnPoolRelu {

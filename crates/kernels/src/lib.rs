@@ -60,7 +60,9 @@ pub(crate) mod conv_pool;
 pub mod differentiable_conv;
 pub mod first_block;
 pub mod fused;
+mod gemm;
 pub mod norm;
+mod parallel;
 pub mod pool;
 pub mod pooled_norm;
 pub mod runtime;
@@ -69,7 +71,7 @@ pub(crate) mod winograd;
 
 use std::cell::RefCell;
 
-use candle_core::{CpuStorage, DType, Layout, WithDType};
+use candle_core::{CpuStorage, DType, Layout, Storage, Tensor, WithDType};
 
 thread_local! {
     /// Per-thread scratch buffers reused across kernel calls, so that hot loops neither allocate
@@ -147,6 +149,31 @@ pub(crate) fn contiguous_slice<'a, T: WithDType>(
             "{op}: the input must be contiguous"
         ))),
     }
+}
+
+/// Runs `f` on the contiguous CPU data of `t` as `&[T]`.
+pub(crate) fn with_data<T: WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> R,
+) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => Ok(f(contiguous_slice::<T>(cpu, layout, "kernel")?)),
+        _ => Err(candle_core::Error::Msg(
+            "the fast kernels run on the CPU only".into(),
+        )),
+    }
+}
+
+/// The values of `v` in f64 (kernels sum gradients in f64).
+pub(crate) fn to_f64s<T: WithDType>(v: &[T]) -> Vec<f64> {
+    v.iter().map(|x| x.to_f64()).collect()
+}
+
+/// A parameter's gradient, computed in f64, as a tensor of the parameter's shape and dtype.
+pub(crate) fn parameter_gradient(v: Vec<f64>, like: &Tensor) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype())
 }
 
 /// The error for a dtype a kernel does not support (all kernels take f32 and f64).

@@ -271,3 +271,21 @@ impl CustomOp2 for PoolScatter {
 pub fn max_pool_rows(x: &Tensor, geometry: PoolGeometry) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1(MaxPool(geometry))
 }
+
+/// `best[ch] = relu(max over the window's four rows of (row[ch]·a[ch] + b[ch]))` for a 2×2
+/// pooling window's rows of channels, compared in order and the first kept on ties. The channel
+/// loop is branch-free, so it vectorises, and each output is one plain store.
+#[inline(always)]
+pub(crate) fn pooled_window<T: WithDType>(rows: [&[T]; 4], (a, b): (&[T], &[T]), best: &mut [T]) {
+    let [r0, r1, r2, r3] = rows;
+    let c = best.len();
+    let (a, b, r0) = (&a[..c], &b[..c], &r0[..c]);
+    for ch in 0..c {
+        let mut m = r0[ch] * a[ch] + b[ch];
+        for row in [r1, r2, r3] {
+            let z = row[ch] * a[ch] + b[ch];
+            m = if z > m { z } else { m };
+        }
+        best[ch] = if m < T::zero() { T::zero() } else { m };
+    }
+}

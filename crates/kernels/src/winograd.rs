@@ -24,7 +24,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, WithDType};
 
 use crate::conv::ConvGeometry;
-use crate::fused::{gemm_into, pooled_window};
+use crate::gemm::gemm_into;
+use crate::pool::pooled_window;
 use crate::{vectorized, with_scratch};
 
 /// Side of an output tile.

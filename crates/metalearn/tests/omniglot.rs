@@ -598,7 +598,7 @@ fn experiment_config_reads_omniglot_archives() {
 
 #[test]
 fn real_minimal_background_split() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/omniglot");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/omniglot");
     let zip = root.join("images_background_small1.zip");
     if !zip.is_file() {
         println!(

@@ -18,9 +18,13 @@ pub struct MetaTrainArgs {
     /// Experiment config (TOML) with the tables task, model, algorithm, training and eval.
     #[arg(long)]
     pub config: PathBuf,
-    /// Data for classification tasks (image folder or CSV); overrides task.data.
+    /// Data for classification tasks (image folder, CSV or Omniglot archive); overrides
+    /// task.data.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Omniglot archive of the validation alphabets; overrides task.validation_data.
+    #[arg(long, value_name = "FILE")]
+    pub validation_data: Option<PathBuf>,
     /// Output folder for checkpoints (best.safetensors, latest.safetensors) and log.jsonl.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -63,6 +67,9 @@ pub fn run(args: &MetaTrainArgs, threads: Option<usize>) -> Result<()> {
     }
     if let Some(data) = &args.data {
         config.task.data = Some(data.clone());
+    }
+    if let Some(data) = &args.validation_data {
+        config.task.validation_data = Some(data.clone());
     }
     config.validate()?;
     let out = args.out.clone().unwrap_or_else(|| {

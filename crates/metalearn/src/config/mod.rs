@@ -40,6 +40,26 @@ impl KeyProblem {
     }
 }
 
+/// "`key` must be >= min (what), got value".
+pub fn at_least(key: &str, value: usize, min: usize, what: &str) -> KeyProblem {
+    KeyProblem::new(
+        key,
+        format!("`{key}` must be >= {min} ({what}), got {value}"),
+    )
+}
+
+/// Learning rates and the like: finite and strictly positive.
+pub fn positive_finite(key: &str, value: f64) -> std::result::Result<(), KeyProblem> {
+    if value > 0.0 && value.is_finite() {
+        Ok(())
+    } else {
+        Err(KeyProblem::new(
+            key,
+            format!("`{key}` must be a finite number > 0, got {value}"),
+        ))
+    }
+}
+
 /// The keys one table of a config file accepts, and which of them hold tables checked in turn.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TableSchema {

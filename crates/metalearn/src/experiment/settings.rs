@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::config::suggest::did_you_mean;
-use crate::config::{ConfigDocument, KeyProblem, TableSchema};
+use crate::config::{at_least, positive_finite, ConfigDocument, KeyProblem, TableSchema};
 use crate::error::{Error, Result};
 use crate::meta::{AlgorithmConfig, AlgorithmKind};
 use crate::meta_training::Schedule;
@@ -596,29 +596,7 @@ impl ExperimentConfig {
     }
 
     fn check_algorithm(&self) -> std::result::Result<(), KeyProblem> {
-        let a = &self.algorithm;
-        positive_finite("algorithm.inner_lr", a.inner_lr)?;
-        if a.name != AlgorithmKind::Protonet && a.inner_steps == 0 {
-            return Err(at_least(
-                "algorithm.inner_steps",
-                0,
-                1,
-                "inner steps per task in meta-training; eval_inner_steps = 0 scores without adapting",
-            ));
-        }
-        if a.first_order && matches!(a.name, AlgorithmKind::Reptile | AlgorithmKind::Protonet) {
-            return Err(KeyProblem::new(
-                "algorithm.first_order",
-                format!(
-                    "`algorithm.first_order` applies to maml, meta_sgd and anil; {} has no \
-                     second-order variant, so remove it",
-                    a.name.name()
-                ),
-            ));
-        }
-        // Whatever else the algorithm's own check requires.
-        a.validate()
-            .map_err(|e| KeyProblem::new("algorithm", e.to_string()))
+        self.algorithm.check()
     }
 
     fn check_training(&self) -> std::result::Result<(), KeyProblem> {
@@ -720,25 +698,5 @@ impl ExperimentConfig {
             return Err(at_least("task.queries", 0, 1, "query examples per class"));
         }
         Ok(spec)
-    }
-}
-
-/// "`key` must be >= min (what), got value".
-fn at_least(key: &str, value: usize, min: usize, what: &str) -> KeyProblem {
-    KeyProblem::new(
-        key,
-        format!("`{key}` must be >= {min} ({what}), got {value}"),
-    )
-}
-
-/// Learning rates and the like: finite and strictly positive.
-fn positive_finite(key: &str, value: f64) -> std::result::Result<(), KeyProblem> {
-    if value > 0.0 && value.is_finite() {
-        Ok(())
-    } else {
-        Err(KeyProblem::new(
-            key,
-            format!("`{key}` must be a finite number > 0, got {value}"),
-        ))
     }
 }

@@ -10,7 +10,7 @@
 use candle_core::{Tensor, Var};
 
 use crate::error::{Error, Result};
-use crate::meta::{task_loss, MetaParams, MetaStep};
+use crate::meta::algorithm::{task_loss, MetaParams, MetaStep};
 use crate::nn::network::{ForwardCtx, Network};
 use crate::nn::params::ParamSet;
 use crate::tasks::{Task, TaskBatch, TaskKind};

@@ -6,9 +6,10 @@ use serde_json::json;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::meta::{
-    build_algorithm, Adapted, AlgorithmConfig, AlgorithmKind, EvalState, MetaAlgorithm, MetaParams,
+use crate::meta::algorithm::{
+    Adapted, AlgorithmConfig, AlgorithmKind, EvalState, MetaAlgorithm, MetaParams,
 };
+use crate::meta::build_algorithm;
 use crate::nn::architecture::Architecture;
 use crate::nn::network::Network;
 use crate::nn::params::ParamSet;

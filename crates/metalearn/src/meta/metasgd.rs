@@ -4,10 +4,10 @@
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::meta::inner::{adapt_weights, gradient_meta_step, InnerLoop, InnerLr};
-use crate::meta::{
+use crate::meta::algorithm::{
     task_loss, Adapted, AlgorithmKind, EvalState, MetaAlgorithm, MetaParams, MetaStep,
 };
+use crate::meta::inner::{adapt_weights, gradient_meta_step, InnerLoop, InnerLr};
 use crate::nn::network::Network;
 use crate::nn::params::ParamSet;
 use crate::tasks::{Task, TaskKind};

@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::meta::{MetaParams, MetaStep};
+use crate::meta::algorithm::{MetaParams, MetaStep};
 use crate::nn::architecture::{Activation, Layer};
 use crate::nn::network::Network;
 use crate::tasks::{Task, TaskKind};

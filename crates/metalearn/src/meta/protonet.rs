@@ -4,8 +4,10 @@
 use candle_core::{DType, Tensor, D};
 
 use crate::error::{Error, Result};
+use crate::meta::algorithm::{
+    Adapted, AlgorithmKind, EvalState, MetaAlgorithm, MetaParams, MetaStep,
+};
 use crate::meta::inner::gradients_of;
-use crate::meta::{Adapted, AlgorithmKind, EvalState, MetaAlgorithm, MetaParams, MetaStep};
 use crate::nn::network::{ForwardCtx, Mode, Network};
 use crate::nn::ops;
 use crate::tasks::{Task, TaskKind};

@@ -6,10 +6,10 @@
 use candle_core::{Tensor, D};
 
 use crate::error::{Error, Result};
-use crate::meta::inner::{adapt_weights, broadcast_tasks, run_inner_loop, InnerLoop, InnerLr};
-use crate::meta::{
+use crate::meta::algorithm::{
     task_loss, Adapted, AlgorithmKind, EvalState, MetaAlgorithm, MetaParams, MetaStep,
 };
+use crate::meta::inner::{adapt_weights, broadcast_tasks, run_inner_loop, InnerLoop, InnerLr};
 use crate::nn::network::{ForwardCtx, Network};
 use crate::nn::params::ParamSet;
 use crate::tasks::{Task, TaskBatch, TaskKind};
