@@ -65,3 +65,8 @@ pub use train::history::{EpochLog, History};
 pub use train::loss::Loss;
 pub use train::metrics::Metric;
 pub use train::optim::{Optimizer, OptimizerConfig};
+
+/// The README's Rust examples, compiled and run as doc tests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeExamples;

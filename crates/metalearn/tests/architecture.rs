@@ -638,7 +638,10 @@ fn report(name: &str, sources: &CrateSources, imports: &[Import]) {
         })
         .max()
         .unwrap_or_default();
-    let mutual = arrows.iter().filter(|(a, b)| a < b && arrows.contains(&(b, a))).count();
+    let mutual = arrows
+        .iter()
+        .filter(|(a, b)| a < b && arrows.contains(&(b, a)))
+        .count();
     println!(
         "{name}: {files} files, {} top-level modules, {} arrows between them ({mutual} pairs both ways), {} levels, {} file cycles; largest file {} ({} lines)",
         tops.len(),

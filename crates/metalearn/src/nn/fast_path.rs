@@ -157,7 +157,7 @@ fn conv_geometry(rows: &Rows, w: &Tensor, stride: usize, padding: usize) -> Resu
     })
 }
 
-fn conv(rows: Rows, w: &Tensor, stride: usize, padding: usize, fused: bool) -> Result<Rows> {
+fn conv_rows(rows: Rows, w: &Tensor, stride: usize, padding: usize, fused: bool) -> Result<Rows> {
     let filters = w.dim(w.rank() - 4)?;
     let geometry = conv_geometry(&rows, w, stride, padding)?;
     let wm = weight_matrix(w)?;
@@ -279,7 +279,7 @@ fn composed_block(
 ) -> Result<Rows> {
     let (weight, bias, stride, padding) = conv_params;
     let (name, gamma, beta, eps) = bn;
-    let y = conv(rows, weight, stride, padding, false)?;
+    let y = conv_rows(rows, weight, stride, padding, false)?;
     if ctx.mode == Mode::Train || ctx.running_stats.is_none() {
         return pooled_norm_block(y, (name, gamma, beta, bias, eps), size, batched, ctx);
     }
@@ -613,7 +613,129 @@ fn max_pool(rows: Rows, size: usize) -> Result<Rows> {
     })
 }
 
-/// Runs `layers` (the network's layers `start..end`) on `h` along the fast path.
+/// A convolution layer with its name (for its parameters), stride and padding.
+#[derive(Clone, Copy)]
+struct ConvLayer<'a> {
+    name: &'a str,
+    stride: usize,
+    padding: usize,
+}
+
+/// A batch-norm layer with its name and epsilon.
+#[derive(Clone, Copy)]
+struct NormLayer<'a> {
+    name: &'a str,
+    eps: f64,
+}
+
+/// A run of layers the fast path executes as one unit, recognised by the kinds of its layers.
+enum Block<'a> {
+    /// Convolution → batch-norm → ReLU → max-pool: the Conv-4 block, fused.
+    ConvNormReluPool {
+        conv: ConvLayer<'a>,
+        norm: NormLayer<'a>,
+        pool: usize,
+    },
+    /// Convolution → batch-norm (the convolution's bias folded into the normalisation).
+    ConvNorm {
+        conv: ConvLayer<'a>,
+        norm: NormLayer<'a>,
+    },
+    /// A convolution and its bias.
+    Conv(ConvLayer<'a>),
+    /// Batch-norm of image rows.
+    Norm(NormLayer<'a>),
+    /// ReLU → max-pool, pooled first (the two commute) so that ReLU sees a quarter of the values.
+    ReluPool { pool: usize },
+    /// Max-pool of image rows.
+    Pool { pool: usize },
+    /// An element-wise activation, in whichever layout the activations are.
+    Elementwise(Activation),
+    /// Any other layer, run on the reference path and layout.
+    Reference(&'a NamedLayer),
+}
+
+impl<'a> Block<'a> {
+    /// The block that starts `layers` (not empty), and how many layers it covers. `spatial`:
+    /// whether the activations entering it are images.
+    fn first(layers: &'a [NamedLayer], spatial: bool) -> (Self, usize) {
+        let conv = |l: &'a NamedLayer| match l.layer {
+            Layer::Conv2d {
+                stride, padding, ..
+            } => Some(ConvLayer {
+                name: &l.name,
+                stride,
+                padding,
+            }),
+            _ => None,
+        };
+        let norm = |l: &'a NamedLayer| match l.layer {
+            Layer::BatchNorm { eps, .. } => Some(NormLayer { name: &l.name, eps }),
+            _ => None,
+        };
+        let pool = |l: &NamedLayer| match l.layer {
+            Layer::MaxPool2d { size } => Some(size),
+            _ => None,
+        };
+        let relu = |l: &NamedLayer| {
+            matches!(
+                l.layer,
+                Layer::Activation {
+                    activation: Activation::Relu
+                }
+            )
+        };
+        let at = |i: usize| layers.get(i);
+        if spatial {
+            if let Some(c) = conv(&layers[0]) {
+                if let (Some(n), Some(true), Some(Some(size))) =
+                    (at(1).and_then(norm), at(2).map(relu), at(3).map(pool))
+                {
+                    return (
+                        Block::ConvNormReluPool {
+                            conv: c,
+                            norm: n,
+                            pool: size,
+                        },
+                        4,
+                    );
+                }
+                if let Some(n) = at(1).and_then(norm) {
+                    return (Block::ConvNorm { conv: c, norm: n }, 2);
+                }
+                return (Block::Conv(c), 1);
+            }
+            if let Some(n) = norm(&layers[0]) {
+                return (Block::Norm(n), 1);
+            }
+            if relu(&layers[0]) {
+                if let Some(Some(size)) = at(1).map(pool) {
+                    return (Block::ReluPool { pool: size }, 2);
+                }
+            }
+            if let Some(size) = pool(&layers[0]) {
+                return (Block::Pool { pool: size }, 1);
+            }
+        }
+        match layers[0].layer {
+            Layer::Activation {
+                activation:
+                    activation @ (Activation::Relu
+                    | Activation::Sigmoid
+                    | Activation::Tanh
+                    | Activation::Linear),
+            } => (Block::Elementwise(activation), 1),
+            _ => (Block::Reference(&layers[0]), 1),
+        }
+    }
+}
+
+/// The parameter `name` of layer `layer`.
+fn param<'p>(params: &'p ParamSet, layer: &str, name: &str) -> Result<&'p Tensor> {
+    params.get(&format!("{layer}.{name}"))
+}
+
+/// Runs `layers` (the network's layers `start..end`) on `h` along the fast path, block by block.
 pub(crate) fn forward(
     layers: &[NamedLayer],
     params: &ParamSet,
@@ -623,179 +745,159 @@ pub(crate) fn forward(
 ) -> Result<Tensor> {
     let lead_rank = if batched { 2 } else { 1 };
     let mut act = Act::Plain(h.clone());
-    let mut i = 0;
-    while i < layers.len() {
-        let named = &layers[i];
-        let next = layers.get(i + 1).map(|l| &l.layer);
-        let p = |n: &str| params.get(&format!("{}.{n}", named.name));
+    let mut rest = layers;
+    while !rest.is_empty() {
         let spatial = match &act {
             Act::Rows(_) => true,
             Act::Plain(x) => x.rank() == lead_rank + 3,
         };
-        act = match (&named.layer, spatial) {
-            (
-                Layer::Conv2d {
-                    stride, padding, ..
-                },
-                true,
-            ) => {
-                let fused = !ctx.differentiable_backward;
-                let bias = p("bias")?;
-                let weight = p("weight")?;
-                let after_bn = (
-                    layers.get(i + 2).map(|l| &l.layer),
-                    layers.get(i + 3).map(|l| &l.layer),
-                );
-                let rows = act.rows(lead_rank)?;
-                // conv → batch-norm → ReLU → max-pool: its batch-norm's eps and pool size.
-                let block = match (next, after_bn) {
-                    (
-                        Some(Layer::BatchNorm { eps, .. }),
-                        (
-                            Some(Layer::Activation {
-                                activation: Activation::Relu,
-                            }),
-                            Some(Layer::MaxPool2d { size }),
-                        ),
-                    ) => Some((eps, size)),
-                    _ => None,
-                };
-                if let (true, Some((eps, size))) = (fused, block) {
-                    let bn = &layers[i + 1];
-                    let q = |n: &str| params.get(&format!("{}.{n}", bn.name));
-                    i += 3;
-                    let geometry = conv_geometry(&rows, weight, *stride, *padding)?;
-                    let bn_params = (bn.name.as_str(), q("gamma")?, q("beta")?, bias, *eps);
-                    let pooling = (*size, batched);
-                    if let Some(out) =
-                        inference_block(&rows, weight, geometry, bn_params, pooling, ctx)?
-                    {
-                        act = Act::Rows(out);
-                        i += 1;
-                        continue;
-                    }
-                    let matrix = weight_matrix(weight)?;
-                    let input = if !rows.t.track_op() && geometry.patch_len() <= MAX_PATCH {
-                        BlockInput::Images {
-                            weight: matrix,
-                            rows,
-                            geometry,
-                        }
-                    } else {
-                        let y = rows
-                            .t
-                            .detach()
-                            .contiguous()?
-                            .apply_op2(&matrix.detach().contiguous()?, ConvRows(geometry))?;
-                        let convolved = Rows {
-                            t: y,
-                            lead: rows.lead.clone(),
-                            h: geometry.out_height(),
-                            w: geometry.out_width(),
-                            c: matrix.dim(matrix.rank() - 1)?,
-                        };
-                        BlockInput::Layer {
-                            rows,
-                            weight: matrix,
-                            geometry,
-                            convolved,
-                        }
-                    };
-                    Act::Rows(bn_pool_relu(
-                        input,
-                        &bn.name,
-                        q("gamma")?,
-                        q("beta")?,
-                        bias,
-                        *eps,
-                        *size,
-                        batched,
-                        ctx,
-                    )?)
-                } else if let Some((eps, size)) = block {
-                    let bn = &layers[i + 1];
-                    let q = |n: &str| params.get(&format!("{}.{n}", bn.name));
-                    i += 3;
-                    Act::Rows(composed_block(
-                        rows,
-                        (weight, bias, *stride, *padding),
-                        (&bn.name, q("gamma")?, q("beta")?, *eps),
-                        *size,
-                        batched,
-                        ctx,
-                    )?)
-                } else {
-                    let y = conv(rows, weight, *stride, *padding, fused)?;
-                    if let Some(Layer::BatchNorm { eps, .. }) = next {
-                        let bn = &layers[i + 1];
-                        let q = |n: &str| params.get(&format!("{}.{n}", bn.name));
-                        i += 1;
-                        Act::Rows(batch_norm(
-                            y,
-                            &bn.name,
-                            q("gamma")?,
-                            q("beta")?,
-                            Some(bias),
-                            *eps,
-                            batched,
-                            ctx,
-                        )?)
-                    } else {
-                        let t = y.t.broadcast_add(&per_channel(bias, batched)?)?;
-                        Act::Rows(Rows { t, ..y })
-                    }
-                }
-            }
-            (Layer::BatchNorm { eps, .. }, true) => Act::Rows(batch_norm(
-                act.rows(lead_rank)?,
-                &named.name,
-                p("gamma")?,
-                p("beta")?,
-                None,
-                *eps,
-                batched,
-                ctx,
-            )?),
-            (
-                Layer::Activation {
-                    activation: Activation::Relu,
-                },
-                true,
-            ) if matches!(next, Some(Layer::MaxPool2d { .. })) => {
-                let Some(Layer::MaxPool2d { size }) = next else {
-                    unreachable!("matched above")
-                };
-                i += 1;
-                let pooled = max_pool(act.rows(lead_rank)?, *size)?;
-                Act::Rows(Rows {
-                    t: pooled.t.relu()?,
-                    ..pooled
-                })
-            }
-            (Layer::MaxPool2d { size }, true) => Act::Rows(max_pool(act.rows(lead_rank)?, *size)?),
-            (
-                Layer::Activation {
-                    activation:
-                        activation @ (Activation::Relu
-                        | Activation::Sigmoid
-                        | Activation::Tanh
-                        | Activation::Linear),
-                },
-                _,
-            ) => match act {
-                Act::Rows(rows) => Act::Rows(Rows {
-                    t: layers::activate(&rows.t, *activation)?,
-                    ..rows
-                }),
-                Act::Plain(x) => Act::Plain(layers::activate(&x, *activation)?),
-            },
-            _ => {
-                // Everything else runs on the reference layout, exactly as the reference path.
-                let x = act.plain()?;
-                Act::Plain(layers::apply_layer(named, params, &x, ctx, batched)?)
-            }
-        };
-        i += 1;
+        let (block, covered) = Block::first(rest, spatial);
+        act = run_block(block, act, params, ctx, batched)?;
+        rest = &rest[covered..];
     }
     act.plain()
+}
+
+/// Runs one block on the activations `act`.
+fn run_block(
+    block: Block,
+    act: Act,
+    params: &ParamSet,
+    ctx: &mut ForwardCtx,
+    batched: bool,
+) -> Result<Act> {
+    let lead_rank = if batched { 2 } else { 1 };
+    // Fused kernels' backward passes are exact but not themselves differentiable.
+    let fused = !ctx.differentiable_backward;
+    Ok(match block {
+        Block::ConvNormReluPool { conv, norm, pool } if fused => {
+            let rows = act.rows(lead_rank)?;
+            let weight = param(params, conv.name, "weight")?;
+            let bias = param(params, conv.name, "bias")?;
+            let (gamma, beta) = (
+                param(params, norm.name, "gamma")?,
+                param(params, norm.name, "beta")?,
+            );
+            let geometry = conv_geometry(&rows, weight, conv.stride, conv.padding)?;
+            let bn_params = (norm.name, gamma, beta, bias, norm.eps);
+            if let Some(out) =
+                inference_block(&rows, weight, geometry, bn_params, (pool, batched), ctx)?
+            {
+                return Ok(Act::Rows(out));
+            }
+            let matrix = weight_matrix(weight)?;
+            let input = if !rows.t.track_op() && geometry.patch_len() <= MAX_PATCH {
+                BlockInput::Images {
+                    weight: matrix,
+                    rows,
+                    geometry,
+                }
+            } else {
+                let y = rows
+                    .t
+                    .detach()
+                    .contiguous()?
+                    .apply_op2(&matrix.detach().contiguous()?, ConvRows(geometry))?;
+                let convolved = Rows {
+                    t: y,
+                    lead: rows.lead.clone(),
+                    h: geometry.out_height(),
+                    w: geometry.out_width(),
+                    c: matrix.dim(matrix.rank() - 1)?,
+                };
+                BlockInput::Layer {
+                    rows,
+                    weight: matrix,
+                    geometry,
+                    convolved,
+                }
+            };
+            Act::Rows(bn_pool_relu(
+                input, norm.name, gamma, beta, bias, norm.eps, pool, batched, ctx,
+            )?)
+        }
+        Block::ConvNormReluPool { conv, norm, pool } => Act::Rows(composed_block(
+            act.rows(lead_rank)?,
+            (
+                param(params, conv.name, "weight")?,
+                param(params, conv.name, "bias")?,
+                conv.stride,
+                conv.padding,
+            ),
+            (
+                norm.name,
+                param(params, norm.name, "gamma")?,
+                param(params, norm.name, "beta")?,
+                norm.eps,
+            ),
+            pool,
+            batched,
+            ctx,
+        )?),
+        Block::ConvNorm { conv, norm } => {
+            let weight = param(params, conv.name, "weight")?;
+            let y = conv_rows(
+                act.rows(lead_rank)?,
+                weight,
+                conv.stride,
+                conv.padding,
+                fused,
+            )?;
+            Act::Rows(batch_norm(
+                y,
+                norm.name,
+                param(params, norm.name, "gamma")?,
+                param(params, norm.name, "beta")?,
+                Some(param(params, conv.name, "bias")?),
+                norm.eps,
+                batched,
+                ctx,
+            )?)
+        }
+        Block::Conv(conv) => {
+            let weight = param(params, conv.name, "weight")?;
+            let y = conv_rows(
+                act.rows(lead_rank)?,
+                weight,
+                conv.stride,
+                conv.padding,
+                fused,
+            )?;
+            let bias = per_channel(param(params, conv.name, "bias")?, batched)?;
+            let t = y.t.broadcast_add(&bias)?;
+            Act::Rows(Rows { t, ..y })
+        }
+        Block::Norm(norm) => Act::Rows(batch_norm(
+            act.rows(lead_rank)?,
+            norm.name,
+            param(params, norm.name, "gamma")?,
+            param(params, norm.name, "beta")?,
+            None,
+            norm.eps,
+            batched,
+            ctx,
+        )?),
+        Block::ReluPool { pool } => {
+            let pooled = max_pool(act.rows(lead_rank)?, pool)?;
+            Act::Rows(Rows {
+                t: pooled.t.relu()?,
+                ..pooled
+            })
+        }
+        Block::Pool { pool } => Act::Rows(max_pool(act.rows(lead_rank)?, pool)?),
+        Block::Elementwise(activation) => match act {
+            Act::Rows(rows) => Act::Rows(Rows {
+                t: layers::activate(&rows.t, activation)?,
+                ..rows
+            }),
+            Act::Plain(x) => Act::Plain(layers::activate(&x, activation)?),
+        },
+        Block::Reference(named) => Act::Plain(layers::apply_layer(
+            named,
+            params,
+            &act.plain()?,
+            ctx,
+            batched,
+        )?),
+    })
 }
