@@ -32,9 +32,9 @@ const LIBRARY_LAYERS: &[&[&str]] = &[
     &["demos", "workloads"],
 ];
 
-/// The command-line crate's top-level modules, the same way: the commands sit on the shared
-/// argument and console helpers, `main` on the commands.
-const CLI_LAYERS: &[&[&str]] = &[&["args", "console"], &["commands"], &["main"]];
+/// The command-line crate's top-level modules, the same way: console output, the argument groups
+/// several commands share, the commands (one file each), and `main`.
+const CLI_LAYERS: &[&[&str]] = &[&["console"], &["args"], &["commands"], &["main"]];
 
 /// What each crate may depend on (normal dependencies, from its Cargo.toml).
 const KERNELS_DEPENDENCIES: &[&str] = &["candle-core", "gemm", "pulp", "rayon"];
@@ -725,6 +725,21 @@ fn command_line_crate_follows_its_layers_and_the_library_has_no_clap() {
     report("metalearn-cli", &cli, &imports);
     let mut problems = layer_violations(&cli, &imports, CLI_LAYERS);
     problems.extend(describe_cycles(&cli, &cycles(&imports)));
+    // One file per command, none built on another: what two commands share lives in `args`,
+    // `console` or the library.
+    for i in &imports {
+        if i.from.len() == 2 && i.to.len() == 2 && i.from[0] == "commands" && i.to[0] == "commands"
+        {
+            problems.push(format!(
+                "{}:{}: command `{}` imports command `{}`; move what they share to args.rs, console.rs or the library: {}",
+                cli.relative(&i.file),
+                i.line,
+                i.from[1],
+                i.to[1],
+                i.text
+            ));
+        }
+    }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     assert!(
         !outward.is_empty(),

@@ -7,9 +7,9 @@ use candle_core::{DType, D};
 use clap::Args;
 use serde_json::json;
 
-use crate::commands::meta_eval::load_meta_model;
 use metalearn::data::Dataset;
 use metalearn::error::{Error, Result};
+use metalearn::experiment::load_meta_model;
 use metalearn::tasks::TaskKind;
 
 /// Arguments of `adapt`.

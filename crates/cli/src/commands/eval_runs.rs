@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::json;
 
-use crate::commands::meta_eval::resolve_model_path;
 use metalearn::checkpoint::Checkpoint;
 use metalearn::error::{Error, Result};
 use metalearn::eval::runs::{evaluate_runs, learner_for_ways, OneShotBenchmark, RunsOptions};
+use metalearn::experiment::resolve_model_path;
 use metalearn::experiment::ExperimentConfig;
 
 /// Arguments of `eval-runs`.

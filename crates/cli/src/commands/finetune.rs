@@ -7,7 +7,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::args::DataArgs;
-use crate::commands::train::{data_source, TrainingArgs};
+use crate::args::{data_source, TrainingArgs};
 use crate::console::{format_scores, Console};
 use metalearn::data::csv::load_csv_features;
 use metalearn::data::image_folder::ImageFolderOptions;

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde_json::{json, Map, Value};
 
-use crate::commands::meta_eval::resolve_model_path;
 use metalearn::checkpoint::{Checkpoint, FORMAT};
 use metalearn::error::{Error, Result};
+use metalearn::experiment::resolve_model_path;
 use metalearn::nn::architecture::Layer;
 use metalearn::nn::network::Network;
 

@@ -1,7 +1,7 @@
 //! `metalearn meta-eval`: mean and 95% CI of the task metric over new test tasks, optionally
 //! beside the plain transfer-learning baseline.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::Args;
 use serde_json::json;
@@ -10,9 +10,7 @@ use metalearn::checkpoint::Checkpoint;
 use metalearn::error::{Error, Result};
 use metalearn::eval::baseline::{train_transfer_baseline, BaselineOptions};
 use metalearn::eval::score_episodes;
-use metalearn::experiment::ExperimentConfig;
-use metalearn::meta::learner::MetaLearner;
-use metalearn::meta_training::{BEST_FILE, LATEST_FILE};
+use metalearn::experiment::load_meta_model;
 use metalearn::tasks::Split;
 
 /// Arguments of `meta-eval`.
@@ -70,57 +68,6 @@ pub struct MetaEvalArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
-}
-
-/// Resolves `--model`: a file, or a folder holding best.safetensors (else latest.safetensors).
-pub fn resolve_model_path(path: &Path) -> Result<PathBuf> {
-    if path.is_dir() {
-        for name in [BEST_FILE, LATEST_FILE] {
-            let candidate = path.join(name);
-            if candidate.exists() {
-                return Ok(candidate);
-            }
-        }
-        return Err(Error::Config(format!(
-            "{} holds no {BEST_FILE} or {LATEST_FILE}: pass a checkpoint file or a meta-train --out folder",
-            path.display()
-        )));
-    }
-    if !path.exists() {
-        return Err(Error::Config(format!(
-            "{}: no such checkpoint file or folder",
-            path.display()
-        )));
-    }
-    Ok(path.to_path_buf())
-}
-
-/// Loads a meta-learning checkpoint onto `device` and the experiment config stored in it.
-pub fn load_meta_model(
-    path: &Path,
-    device: &candle_core::Device,
-) -> Result<(MetaLearner, ExperimentConfig, PathBuf)> {
-    let path = resolve_model_path(path)?;
-    let ckpt = Checkpoint::load(&path, device)?;
-    let learner = MetaLearner::from_checkpoint(&ckpt)?;
-    let config: ExperimentConfig = ckpt
-        .section("experiment")
-        .filter(|v| !v.is_null())
-        .map(|v| serde_json::from_value(v.clone()))
-        .transpose()
-        .map_err(|e| {
-            Error::Checkpoint(format!(
-                "{}: invalid experiment section: {e}",
-                path.display()
-            ))
-        })?
-        .ok_or_else(|| {
-            Error::Checkpoint(format!(
-                "{}: has no experiment configuration; it was not written by meta-train",
-                path.display()
-            ))
-        })?;
-    Ok((learner, config, path))
 }
 
 /// Runs `meta-eval`.

@@ -6,17 +6,16 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::json;
 
-use crate::args::DataArgs;
-use crate::console::{format_scores, Console};
+use crate::args::{data_source, DataArgs, TrainingArgs};
+use crate::console::format_scores;
 use metalearn::data::image_folder::ImageFolderOptions;
 use metalearn::error::{Error, Result};
 use metalearn::nn::architecture::{Activation, Architecture};
 use metalearn::sequential::Sequential;
-use metalearn::train::loss::Loss;
-use metalearn::transfer::config::{load_for, FileConfig};
+use metalearn::transfer::config::load_for;
 use metalearn::transfer::{
-    fit_and_save, load_dataset, optimizer_from, parse_hidden, plan_head, push_head, DataInfo,
-    DataSource, ImageShape, TrainPlan,
+    fit_and_save, load_dataset, parse_hidden, plan_head, push_head, DataInfo, DataSource,
+    ImageShape,
 };
 
 /// Default epochs of `train`.
@@ -25,104 +24,6 @@ pub const DEFAULT_EPOCHS: usize = 20;
 pub const DEFAULT_HIDDEN: &str = "64,32";
 /// Default filters per convolution of the image model.
 pub const DEFAULT_FILTERS: usize = 64;
-
-/// Optimiser, loss and schedule options shared by `train` and `finetune`. Each may also be set in
-/// the `--config` file; a flag wins over the file.
-#[derive(Args, Debug, Clone, Default)]
-pub struct TrainingArgs {
-    /// Optimiser: sgd, adam or adamw [default: adam].
-    #[arg(long, value_name = "NAME")]
-    pub optimizer: Option<String>,
-    /// Learning rate [default: 0.001, or 0.01 for sgd].
-    #[arg(long, value_name = "RATE")]
-    pub lr: Option<f64>,
-    /// Weight decay [default: 0, or 0.01 for adamw].
-    #[arg(long, value_name = "DECAY")]
-    pub weight_decay: Option<f64>,
-    /// SGD momentum [default: 0].
-    #[arg(long)]
-    pub momentum: Option<f64>,
-    /// Loss: cross_entropy, binary_cross_entropy, bce_logits or mse [default: from the target:
-    /// cross_entropy for more than 2 classes, binary_cross_entropy for 0/1, mse for numbers].
-    #[arg(long, value_name = "NAME")]
-    pub loss: Option<String>,
-    /// Passes over the training data.
-    #[arg(long, value_name = "N")]
-    pub epochs: Option<usize>,
-    /// Examples per gradient step [default: 32].
-    #[arg(long, value_name = "N")]
-    pub batch_size: Option<usize>,
-    /// Fraction of the examples (drawn at random with --seed) held out for validation; the
-    /// checkpoint then holds the epoch with the lowest validation loss.
-    #[arg(long, value_name = "FRACTION")]
-    pub validation_split: Option<f64>,
-    /// Stop after this many epochs without improvement of the validation (or training) loss.
-    #[arg(long, value_name = "PATIENCE")]
-    pub early_stopping: Option<usize>,
-    /// Seed of the initial weights, the validation split and shuffling [default: 0].
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// TOML file with any of these options (keys named like the flags, `_` for `-`).
-    #[arg(long, value_name = "FILE.TOML")]
-    pub config: Option<PathBuf>,
-    /// Print one JSON object with the final metrics as the last line of stdout.
-    #[arg(long)]
-    pub json: bool,
-    /// Print nothing but errors (and the JSON line with --json).
-    #[arg(long)]
-    pub quiet: bool,
-}
-
-impl TrainingArgs {
-    /// Merges flags over the config file into a plan; `default_epochs` applies when neither sets
-    /// the epochs.
-    pub fn plan(
-        &self,
-        cfg: &FileConfig,
-        default_epochs: usize,
-        console: &Console,
-    ) -> Result<TrainPlan> {
-        let optimizer_name = self
-            .optimizer
-            .clone()
-            .or_else(|| cfg.optimizer.clone())
-            .unwrap_or_else(|| "adam".into());
-        let default_lr = if optimizer_name.eq_ignore_ascii_case("sgd") {
-            0.01
-        } else {
-            0.001
-        };
-        let optimizer = optimizer_from(
-            &optimizer_name,
-            self.lr.or(cfg.lr).unwrap_or(default_lr),
-            self.weight_decay.or(cfg.weight_decay),
-            self.momentum.or(cfg.momentum),
-        )?;
-        Ok(TrainPlan {
-            optimizer,
-            epochs: self.epochs.or(cfg.epochs).unwrap_or(default_epochs),
-            batch_size: self.batch_size.or(cfg.batch_size).unwrap_or(32),
-            validation_split: self.validation_split.or(cfg.validation_split),
-            early_stopping: self.early_stopping.or(cfg.early_stopping),
-            seed: self.seed.or(cfg.seed).unwrap_or(0),
-            progress: console.progress(),
-        })
-    }
-
-    /// The requested loss, if any.
-    pub fn loss(&self, cfg: &FileConfig) -> Result<Option<Loss>> {
-        self.loss
-            .as_deref()
-            .or(cfg.loss.as_deref())
-            .map(str::parse::<Loss>)
-            .transpose()
-    }
-
-    /// The console for `--json` / `--quiet`.
-    pub fn console(&self) -> Console {
-        Console::new(self.json, self.quiet)
-    }
-}
 
 /// Arguments of `train`.
 #[derive(Args, Debug, Clone)]
@@ -155,44 +56,6 @@ pub struct TrainArgs {
     /// Optimiser, loss, schedule and output options.
     #[command(flatten)]
     pub training: TrainingArgs,
-}
-
-/// The data source of `train` or `finetune` from flags, else from the config file.
-pub fn data_source(
-    data: &DataArgs,
-    cfg: &FileConfig,
-    image: impl FnOnce() -> Result<ImageFolderOptions>,
-) -> Result<DataSource> {
-    let (csv, images) = if data.data.is_some() || data.images.is_some() {
-        (data.data.clone(), data.images.clone())
-    } else {
-        (cfg.data.clone(), cfg.images.clone())
-    };
-    match (csv, images) {
-        (Some(_), Some(_)) => Err(Error::Config(
-            "give either --data (CSV) or --images (folder), not both".into(),
-        )),
-        (Some(path), None) => {
-            let target = data
-                .target
-                .clone()
-                .or_else(|| cfg.target.clone())
-                .ok_or_else(|| {
-                    Error::Config(format!(
-                        "--target COLUMN is required with --data {}: name the column to predict",
-                        path.display()
-                    ))
-                })?;
-            Ok(DataSource::Csv { path, target })
-        }
-        (None, Some(dir)) => Ok(DataSource::Images {
-            dir,
-            options: image()?,
-        }),
-        (None, None) => Err(Error::Config(
-            "no training data: give --data FILE.csv --target COLUMN, or --images DIR".into(),
-        )),
-    }
 }
 
 /// Runs `train`.
