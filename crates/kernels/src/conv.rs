@@ -5,7 +5,7 @@
 //! the reshapes, so that no graph node is spent on views. [`Im2Col`] turns such rows into patch
 //! rows `[out_rows, k·k·channels]` (patch order: kernel row, kernel column, channel); the
 //! convolution is then a GEMM with the weight reshaped to `[k·k·channels, filters]`.
-//! [`Col2Im`] is the adjoint of [`Im2Col`] (it sums patches back into images); each is the
+//! `Col2Im` is the adjoint of [`Im2Col`] (it sums patches back into images); each is the
 //! other's backward pass, so convolutions built from them are differentiable to any order.
 
 use candle_core::backend::BackendStorage;

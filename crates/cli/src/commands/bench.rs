@@ -1,4 +1,4 @@
-//! `metalearn bench`: times the benchmark workloads (see [`metalearn::bench`]).
+//! `metalearn bench`: times the benchmark workloads (see [`metalearn::workloads`]).
 
 use clap::Args;
 

@@ -1,8 +1,8 @@
 //! Meta-learning algorithms behind one trait.
 //!
-//! Every algorithm sees the same pieces: a [`Network`], the meta-parameters
+//! Every algorithm sees the same pieces: a [`Network`](crate::nn::network::Network), the meta-parameters
 //! ([`MetaParams`]: the network's weights and, for Meta-SGD, learned per-parameter inner learning
-//! rates) and a batch of [`Task`]s. `meta_train_step` returns the meta-loss and the
+//! rates) and a batch of [`Task`](crate::tasks::Task)s. `meta_train_step` returns the meta-loss and the
 //! meta-gradient; the [`MetaLearner`](learner::MetaLearner) applies the outer optimiser.
 //!
 //! | algorithm | inner loop | meta-gradient |

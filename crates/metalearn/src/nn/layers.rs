@@ -1,4 +1,4 @@
-//! The reference forward pass of one layer in plain candle ops ([`apply_layer`]), and the
+//! The reference forward pass of one layer in plain candle ops (`apply_layer`), and the
 //! context a forward pass runs in ([`ForwardCtx`]: training or inference, batch-norm statistics,
 //! dropout masks, whether the backward pass must be differentiable). The CPU fast path
 //! (`fast_path.rs`) is tested against this path.
