@@ -7,10 +7,9 @@ use clap::Args;
 use serde_json::json;
 
 use metalearn::checkpoint::Checkpoint;
-use metalearn::error::{Error, Result};
+use metalearn::error::Result;
 use metalearn::eval::runs::{evaluate_runs, learner_for_ways, OneShotBenchmark, RunsOptions};
-use metalearn::experiment::resolve_model_path;
-use metalearn::experiment::ExperimentConfig;
+use metalearn::experiment::{resolve_model_path, stored_config};
 
 /// Arguments of `eval-runs`.
 #[derive(Args, Debug, Clone)]
@@ -41,17 +40,7 @@ pub fn run(args: &EvalRunsArgs) -> Result<()> {
     let mut learner = learner_for_ways(&ckpt, bench.ways())?;
     learner.set_test_time_shifts(args.test_time_shifts);
     // Preprocess as during meta-training: the filter is recorded in the experiment config.
-    let resample = ckpt
-        .section("experiment")
-        .filter(|v| !v.is_null())
-        .map(|v| serde_json::from_value::<ExperimentConfig>(v.clone()))
-        .transpose()
-        .map_err(|e| {
-            Error::Checkpoint(format!(
-                "{}: invalid experiment section: {e}",
-                path.display()
-            ))
-        })?
+    let resample = stored_config(&ckpt, &path)?
         .and_then(|c| c.task.resample)
         .unwrap_or_default();
     let steps = args

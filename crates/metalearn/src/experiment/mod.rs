@@ -8,5 +8,5 @@ mod build;
 mod saved;
 mod settings;
 
-pub use saved::{load_meta_model, resolve_model_path};
+pub use saved::{load_meta_model, resolve_model_path, stored_config};
 pub use settings::*;

@@ -40,8 +40,18 @@ pub fn load_meta_model(
     let path = resolve_model_path(path)?;
     let ckpt = Checkpoint::load(&path, device)?;
     let learner = MetaLearner::from_checkpoint(&ckpt)?;
-    let config: ExperimentConfig = ckpt
-        .section("experiment")
+    let config = stored_config(&ckpt, &path)?.ok_or_else(|| {
+        Error::Checkpoint(format!(
+            "{}: has no experiment configuration; it was not written by meta-train",
+            path.display()
+        ))
+    })?;
+    Ok((learner, config, path))
+}
+
+/// The experiment config a meta-train checkpoint (read from `path`) carries, if any.
+pub fn stored_config(ckpt: &Checkpoint, path: &Path) -> Result<Option<ExperimentConfig>> {
+    ckpt.section("experiment")
         .filter(|v| !v.is_null())
         .map(|v| serde_json::from_value(v.clone()))
         .transpose()
@@ -50,12 +60,5 @@ pub fn load_meta_model(
                 "{}: invalid experiment section: {e}",
                 path.display()
             ))
-        })?
-        .ok_or_else(|| {
-            Error::Checkpoint(format!(
-                "{}: has no experiment configuration; it was not written by meta-train",
-                path.display()
-            ))
-        })?;
-    Ok((learner, config, path))
+        })
 }
