@@ -50,7 +50,39 @@ fn main() -> ExitCode {
     }));
     // Usage errors exit with status 2 and --help / --version with 0, as clap decides.
     let cli = Cli::parse();
-    match run(&cli) {
+    #[cfg(feature = "mpi")]
+    let world = match metalearn::distributed::mpi::MpiWorld::init() {
+        Ok(world) => {
+            let world = std::sync::Arc::new(world);
+            metalearn::distributed::set_world(world.clone());
+            world
+        }
+        Err(error) => {
+            eprintln!("error: {}", error_chain(&error));
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = run(&cli);
+    #[cfg(feature = "mpi")]
+    {
+        use metalearn::distributed::Collective;
+        if let Err(error) = &outcome {
+            if world.size() > 1 {
+                // The other ranks may be waiting in a collective for this one: end them all.
+                eprintln!(
+                    "error (rank {} of {}): {}; ending every rank",
+                    world.rank(),
+                    world.size(),
+                    error_chain(error)
+                );
+                world.abort(1);
+            }
+        }
+        // The last handle: finalises MPI.
+        drop(metalearn::distributed::take_world());
+        drop(world);
+    }
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {}", error_chain(&error));

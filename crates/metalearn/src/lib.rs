@@ -33,6 +33,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod demos;
+pub mod distributed;
 pub mod error;
 pub mod eval;
 pub mod experiment;

@@ -459,12 +459,19 @@ fn validate(
     source: &dyn TaskSource,
     options: &MetaTrainOptions,
 ) -> Result<Summary> {
-    // A fixed seed, so every validation sees the same tasks and results are comparable.
+    // A fixed seed, so every validation sees the same tasks and results are comparable. Every
+    // rank draws every task (keeping the generator in step) and scores its share.
     let mut rng = ChaCha8Rng::seed_from_u64(options.seed ^ 0x9E37_79B9_7F4A_7C15);
-    let mut scores = Vec::with_capacity(options.validation_tasks);
-    for _ in 0..options.validation_tasks.max(1) {
+    let world = learner.collective();
+    let count = options.validation_tasks.max(1);
+    let mine = world.share(count);
+    let mut scores = vec![0.0; count];
+    for (i, score) in scores.iter_mut().enumerate() {
         let task = source.sample(Split::Validation, &mut rng)?;
-        scores.push(learner.evaluate_task(&task, None)?);
+        if mine.contains(&i) {
+            *score = learner.evaluate_task(&task, None)?;
+        }
     }
+    world.sum_in_place(&mut scores)?;
     Ok(summarize(&scores))
 }

@@ -57,6 +57,14 @@ pub struct BenchResult {
     pub fast_kernels: bool,
     /// Where the workload ran: `cpu` or `cuda`.
     pub device: String,
+    /// Processes the meta-batch was split across (1 without MPI).
+    pub ranks: usize,
+    /// Bytes each rank sent to collectives per timed iteration (the flat meta-gradient
+    /// buffer; 0 on one rank).
+    pub allreduce_bytes_per_iter: f64,
+    /// Milliseconds per timed iteration spent in collectives (waiting for the slowest rank
+    /// included).
+    pub comm_ms_per_iter: f64,
 }
 
 /// Default number of timed iterations of a workload (the peer scripts' defaults where they
@@ -88,6 +96,8 @@ pub fn run(workload: &str, iterations: usize, device: &Device) -> Result<BenchRe
     // GPU work is queued asynchronously: each iteration waits for the device so that its time
     // covers the work it launched (a no-op on the CPU).
     device.synchronize()?;
+    let world = crate::distributed::world();
+    let (bytes_before, seconds_before) = world.traffic();
     let mut times = Vec::with_capacity(iterations);
     let started = Instant::now();
     for _ in 0..iterations {
@@ -97,6 +107,7 @@ pub fn run(workload: &str, iterations: usize, device: &Device) -> Result<BenchRe
         times.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     let total = started.elapsed().as_secs_f64() * 1000.0;
+    let (bytes_after, seconds_after) = world.traffic();
     Ok(BenchResult {
         workload: workload.to_string(),
         iterations,
@@ -106,6 +117,9 @@ pub fn run(workload: &str, iterations: usize, device: &Device) -> Result<BenchRe
         threads: candle_core::utils::get_num_threads(),
         fast_kernels: crate::kernels::enabled() && device.is_cpu(),
         device: if device.is_cpu() { "cpu" } else { "cuda" }.to_string(),
+        ranks: world.size(),
+        allreduce_bytes_per_iter: (bytes_after - bytes_before) as f64 / iterations as f64,
+        comm_ms_per_iter: (seconds_after - seconds_before) * 1000.0 / iterations as f64,
     })
 }
 

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 const LIBRARY_LAYERS: &[&[&str]] = &[
     &["error"],
     &["fsutil"],
-    &["config", "kernels", "plot", "progress"],
+    &["config", "distributed", "kernels", "plot", "progress"],
     &["nn"],
     &["train"],
     &["checkpoint"],

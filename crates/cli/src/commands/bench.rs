@@ -48,7 +48,10 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
     for name in names {
         let iterations = args.iterations.unwrap_or_else(|| default_iterations(&name));
         let result = run(&name, iterations, &device)?;
-        print_result(&result, args.json);
+        // Under MPI every rank times the same split meta-step; rank 0 reports it.
+        if metalearn::distributed::world().is_root() {
+            print_result(&result, args.json);
+        }
     }
     Ok(())
 }

@@ -127,7 +127,9 @@ pub fn run(args: &MetaEvalArgs) -> Result<()> {
         return Err(Error::Config("--episodes must be >= 1".into()));
     }
     let steps = args.steps.unwrap_or(config.algorithm.eval_inner_steps);
-    let show_progress = !args.quiet && !args.json && crate::console::stderr_is_terminal();
+    // Under MPI the episodes are split across the ranks; rank 0 alone prints.
+    let root = metalearn::distributed::world().is_root();
+    let show_progress = root && !args.quiet && !args.json && crate::console::stderr_is_terminal();
     let bar = metalearn::progress::bar(episodes as u64, show_progress, "meta-evaluating");
     let summary = score_episodes(source.as_ref(), split, episodes, args.seed, steps, |task| {
         let score = learner.evaluate_task(task, Some(steps));
@@ -151,7 +153,7 @@ pub fn run(args: &MetaEvalArgs) -> Result<()> {
         "same_alphabet": config.task.same_group,
         "test_time_shifts": args.test_time_shifts,
     });
-    if !args.json {
+    if !args.json && root {
         println!(
             "{}: {metric} {:.4} ± {:.4} (95% CI) over {} new tasks, {}",
             config.algorithm.label(),
@@ -186,14 +188,14 @@ pub fn run(args: &MetaEvalArgs) -> Result<()> {
         bar.finish_and_clear();
         out["baseline_mean"] = json!(b.mean);
         out["baseline_ci95"] = json!(b.ci95);
-        if !args.json {
+        if !args.json && root {
             println!(
                 "transfer baseline: {metric} {:.4} ± {:.4} (joint training, then {steps} fine-tuning steps)",
                 b.mean, b.ci95
             );
         }
     }
-    if args.json {
+    if args.json && root {
         println!("{out}");
     }
     Ok(())

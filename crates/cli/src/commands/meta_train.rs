@@ -12,6 +12,15 @@ use metalearn::meta::learner::MetaLearner;
 use metalearn::meta_training::{meta_train, resume, MetaTrainOptions};
 use metalearn::train::optim::OptimizerConfig;
 
+/// Floating-point precision of a run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// 32-bit floats (the default: fast).
+    F32,
+    /// 64-bit floats.
+    F64,
+}
+
 /// Arguments of `meta-train`.
 #[derive(Args, Debug, Clone)]
 pub struct MetaTrainArgs {
@@ -40,6 +49,10 @@ pub struct MetaTrainArgs {
     /// Continue from OUT/latest.safetensors.
     #[arg(long)]
     pub resume: bool,
+    /// Floating-point precision of a new run's weights and arithmetic (a resumed run keeps its
+    /// checkpoint's): f32, or f64 for exact comparisons.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
     /// Print one JSON object with the results as the last line of stdout.
     #[arg(long)]
     pub json: bool,
@@ -93,7 +106,10 @@ pub fn run(args: &MetaTrainArgs, threads: Option<usize>) -> Result<()> {
             config.task_kind()?,
             OptimizerConfig::adam(config.training.outer_lr),
             config.training.seed,
-            DType::F32,
+            match args.precision {
+                Precision::F32 => DType::F32,
+                Precision::F64 => DType::F64,
+            },
             &device,
         )?;
         (learner, None)
@@ -101,17 +117,21 @@ pub fn run(args: &MetaTrainArgs, threads: Option<usize>) -> Result<()> {
     if let Some(t) = threads {
         learner.set_threads(t);
     }
+    // Under MPI: every rank starts from rank 0's state; rank 0 alone writes files and prints.
+    let world = learner.collective().clone();
+    learner.broadcast_state()?;
+    let root = world.is_root();
     let options = MetaTrainOptions {
         iterations: config.training.iterations,
         meta_batch: config.training.meta_batch,
         validate_every: config.training.validate_every,
         validation_tasks: config.training.validation_tasks,
         checkpoint_every: config.training.checkpoint_every,
-        out_dir: Some(out.clone()),
+        out_dir: root.then(|| out.clone()),
         seed: config.training.seed,
         outer_lr: config.training.outer_lr,
         schedule: config.training.schedule.clone(),
-        progress: !args.quiet && !args.json && crate::console::stderr_is_terminal(),
+        progress: root && !args.quiet && !args.json && crate::console::stderr_is_terminal(),
         experiment: serde_json::to_value(&config).expect("config serialises"),
     };
     let report = meta_train(&mut learner, source.as_ref(), &options, resumed.as_ref())?;
@@ -130,6 +150,12 @@ pub fn run(args: &MetaTrainArgs, threads: Option<usize>) -> Result<()> {
         summary["best_iteration"] = json!(iteration);
         summary[format!("best_val_{metric}")] = json!(best.mean);
         summary[format!("best_val_{metric}_ci95")] = json!(best.ci95);
+    }
+    if world.size() > 1 {
+        summary["ranks"] = json!(world.size());
+    }
+    if !root {
+        return Ok(());
     }
     if !args.json {
         println!(

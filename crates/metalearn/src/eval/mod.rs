@@ -68,7 +68,8 @@ pub fn meta_evaluate(
 }
 
 /// Draws `episodes` tasks of `split` with `seed`, scores each with `score` (which adapts with
-/// `steps` steps) and summarises; the same tasks for every model given the same seed.
+/// `steps` steps) and summarises; the same tasks for every model given the same seed. The
+/// episodes are split across the ranks of [`crate::distributed::world`].
 pub fn score_episodes(
     source: &dyn TaskSource,
     split: Split,
@@ -77,12 +78,19 @@ pub fn score_episodes(
     steps: usize,
     mut score: impl FnMut(&crate::tasks::Task) -> Result<f64>,
 ) -> Result<Summary> {
+    // Under MPI every rank draws every task (keeping the generator in step), scores its share,
+    // and the scores are gathered by a sum in which each rank fills its own places.
+    let world = crate::distributed::world();
+    let mine = world.share(episodes);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut scores = Vec::with_capacity(episodes);
-    for _ in 0..episodes {
+    let mut scores = vec![0.0; episodes];
+    for (i, slot) in scores.iter_mut().enumerate() {
         let task = source.sample(split, &mut rng)?;
-        scores.push(score(&task)?);
+        if mine.contains(&i) {
+            *slot = score(&task)?;
+        }
     }
+    world.sum_in_place(&mut scores)?;
     finite_summary(&scores, steps)
 }
 

@@ -1,10 +1,13 @@
 //! [`MetaLearner`]: a network, its meta-parameters, an algorithm and the outer optimiser, with
 //! checkpointing. This is the object the meta-training loop, evaluation and the CLI work with.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::json;
 
 use crate::checkpoint::Checkpoint;
+use crate::distributed::Collective;
 use crate::error::{Error, Result};
 use crate::meta::algorithm::{
     Adapted, AlgorithmConfig, AlgorithmKind, EvalState, MetaAlgorithm, MetaParams,
@@ -31,6 +34,7 @@ pub struct MetaLearner {
     iteration: u64,
     threads: usize,
     test_time_shifts: bool,
+    collective: Arc<dyn Collective>,
 }
 
 /// Worker threads for splitting a meta-batch of convolutional tasks: one per core.
@@ -107,6 +111,7 @@ impl MetaLearner {
             // threads costs more in allocator contention than it gains (measured on sinusoid MAML).
             threads: 1,
             test_time_shifts: false,
+            collective: crate::distributed::world(),
         })
     }
 
@@ -167,7 +172,11 @@ impl MetaLearner {
     /// One meta-training step on `tasks`: meta-gradient, then the outer optimiser. A non-finite
     /// meta-loss is an error and leaves the parameters unchanged.
     pub fn meta_train_step(&mut self, tasks: &[Task]) -> Result<f64> {
-        let step = self.parallel_meta_step(tasks)?;
+        let step = if self.collective.size() > 1 {
+            self.distributed_meta_step(tasks)?
+        } else {
+            self.parallel_meta_step(tasks)?
+        };
         if !step.loss.is_finite() {
             return Err(Error::NonFinite(format!(
                 "meta-loss became {} at iteration {}; parameters left at their last finite values. \
@@ -176,15 +185,168 @@ impl MetaLearner {
                 self.iteration + 1
             )));
         }
-        let mut all_vars = self.vars.clone();
-        if let Some(l) = &self.lr_vars {
-            all_vars.extend(l.iter().cloned());
-        }
+        let all_vars = self.all_vars();
         self.optimizer.step(&all_vars, &step.grads)?;
         self.network
             .fold_batch_stats(&mut self.buffers, step.batch_stats, |_| false)?;
         self.iteration += 1;
         Ok(step.loss)
+    }
+
+    /// The ranks this learner's meta-steps are split across (the process's
+    /// [`crate::distributed::world`] when it was made).
+    pub fn collective(&self) -> &Arc<dyn Collective> {
+        &self.collective
+    }
+
+    /// Splits later meta-steps across the ranks of `collective`.
+    pub fn set_collective(&mut self, collective: Arc<dyn Collective>) {
+        self.collective = collective;
+    }
+
+    /// Makes every rank's state rank 0's: weights, learned inner learning rates and batch-norm
+    /// statistics (one broadcast of one flat buffer).
+    pub fn broadcast_state(&mut self) -> Result<()> {
+        if self.collective.size() < 2 {
+            return Ok(());
+        }
+        let mut tensors: Vec<Tensor> = self
+            .all_vars()
+            .iter()
+            .map(|v| v.as_tensor().clone())
+            .collect();
+        let names = self.buffers.names().to_vec();
+        for name in &names {
+            tensors.push(self.buffers.get(name)?.clone());
+        }
+        let mut flat = Vec::new();
+        for t in &tensors {
+            flat.extend(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
+        }
+        self.collective.broadcast_in_place(&mut flat)?;
+        let mut at = 0;
+        let vars = self.all_vars();
+        for (i, t) in tensors.iter().enumerate() {
+            let n = t.elem_count();
+            let value = Tensor::from_vec(flat[at..at + n].to_vec(), t.shape(), t.device())?
+                .to_dtype(t.dtype())?;
+            at += n;
+            match vars.get(i) {
+                Some(var) => var.set(&value)?,
+                None => self.buffers.replace(&names[i - vars.len()], value)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Weights, then Meta-SGD's learning rates: the order of a meta-step's gradients.
+    fn all_vars(&self) -> Vec<Var> {
+        let mut all = self.vars.clone();
+        if let Some(l) = &self.lr_vars {
+            all.extend(l.iter().cloned());
+        }
+        all
+    }
+
+    /// The meta-step of a meta-batch split across the ranks: this rank's contiguous share of the
+    /// tasks (itself split across threads), then one sum over ranks of one flat buffer holding
+    /// the task-weighted loss and gradients, weighted as [`Self::parallel_meta_step`] weighs its
+    /// chunks. N ranks of one thread thus compute what one process of N threads does, up to the
+    /// order of the final sum. Batch-norm statistics, when the algorithm records any, are
+    /// gathered in rank order (a second collective) and folded in that order, as one process
+    /// folds its chunks'.
+    fn distributed_meta_step(&self, tasks: &[Task]) -> Result<crate::meta::MetaStep> {
+        let world = &self.collective;
+        let ranks = world.size();
+        if tasks.len() < ranks {
+            return Err(Error::Config(format!(
+                "a meta-batch of {} tasks cannot be split across {ranks} ranks: use \
+                 training.meta_batch >= {ranks}, or fewer ranks",
+                tasks.len()
+            )));
+        }
+        let share = world.share(tasks.len());
+        let weight = share.len() as f64 / tasks.len() as f64;
+        let local = self.parallel_meta_step(&tasks[share])?;
+        let vars = self.all_vars();
+        // Batch statistics as (index of the buffer, values), to gather below.
+        let names = self.buffers.names();
+        let mut stats: Vec<f64> = Vec::new();
+        let mut entries = 0usize;
+        for (name, stat) in &local.batch_stats {
+            let index = names.iter().position(|n| n == name).ok_or_else(|| {
+                Error::Shape(format!("batch statistics for `{name}`, which is no buffer"))
+            })?;
+            stats.push(index as f64);
+            stats.extend(stat.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
+            entries += 1;
+        }
+        let mut flat = vec![weight * local.loss];
+        flat.extend(local.grads.iter().map(|g| f64::from(u8::from(g.is_some()))));
+        for (g, var) in local.grads.iter().zip(&vars) {
+            match g {
+                Some(g) => flat.extend(
+                    g.affine(weight, 0.0)?
+                        .to_dtype(DType::F64)?
+                        .flatten_all()?
+                        .to_vec1::<f64>()?,
+                ),
+                None => flat.extend(std::iter::repeat_n(0.0, var.elem_count())),
+            }
+        }
+        // Each rank's count of statistics entries and values, in its own slot.
+        let sizes_at = flat.len();
+        flat.extend(std::iter::repeat_n(0.0, 2 * ranks));
+        flat[sizes_at + 2 * world.rank()] = entries as f64;
+        flat[sizes_at + 2 * world.rank() + 1] = stats.len() as f64;
+        world.sum_in_place(&mut flat)?;
+        let loss = flat[0];
+        let mut at = 1 + vars.len();
+        let mut grads = Vec::with_capacity(vars.len());
+        for (i, var) in vars.iter().enumerate() {
+            let n = var.elem_count();
+            let values = flat[at..at + n].to_vec();
+            at += n;
+            grads.push(if flat[1 + i] > 0.0 {
+                Some(Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?)
+            } else {
+                None
+            });
+        }
+        let sizes: Vec<(usize, usize)> = (0..ranks)
+            .map(|r| {
+                (
+                    flat[sizes_at + 2 * r] as usize,
+                    flat[sizes_at + 2 * r + 1] as usize,
+                )
+            })
+            .collect();
+        let slot = sizes.iter().map(|s| s.1).max().unwrap_or(0);
+        let mut batch_stats = Vec::new();
+        if slot > 0 {
+            stats.resize(slot, 0.0);
+            let all = crate::distributed::gather_all(world.as_ref(), &stats)?;
+            for (r, &(count, _)) in sizes.iter().enumerate() {
+                let mut at = r * slot;
+                for _ in 0..count {
+                    let name = &names[all[at] as usize];
+                    let like = self.buffers.get(name)?;
+                    let n = like.elem_count();
+                    let values = all[at + 1..at + 1 + n].to_vec();
+                    at += 1 + n;
+                    batch_stats.push((
+                        name.clone(),
+                        Tensor::from_vec(values, like.shape(), like.device())?
+                            .to_dtype(like.dtype())?,
+                    ));
+                }
+            }
+        }
+        Ok(crate::meta::MetaStep {
+            loss,
+            grads,
+            batch_stats,
+        })
     }
 
     /// Splits the meta-batch into one chunk per worker thread, runs the algorithm's step on each
