@@ -28,7 +28,7 @@ const LIBRARY_LAYERS: &[&[&str]] = &[
     &["meta"],
     &["eval"],
     &["meta_training"],
-    &["experiment", "transfer"],
+    &["experiment", "keras", "transfer"],
     &["demos", "workloads"],
 ];
 
