@@ -23,12 +23,12 @@ const LIBRARY_LAYERS: &[&[&str]] = &[
     &["train"],
     &["checkpoint"],
     &["sequential"],
-    &["data"],
+    &["data", "keras"],
     &["tasks"],
     &["meta"],
     &["eval"],
     &["meta_training"],
-    &["experiment", "keras", "transfer"],
+    &["experiment", "transfer"],
     &["demos", "workloads"],
 ];
 

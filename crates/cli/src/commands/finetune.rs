@@ -341,6 +341,12 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         num_classes: head.num_classes,
         image: old_info.image,
         source: ds.source.clone(),
+        // A kept head keeps the Keras form it came with.
+        keras_softmax: if new_head.is_some() {
+            None
+        } else {
+            old_info.keras_softmax
+        },
     };
     let mut summary = fit_and_save(&mut model, &ds, &head, &plan, &info, &out)?;
     summary.insert("command".into(), json!("finetune"));

@@ -11,7 +11,9 @@ pub mod data;
 pub mod demo;
 pub mod eval_runs;
 pub mod evaluate;
+pub mod export_keras;
 pub mod finetune;
+pub mod import_keras;
 pub mod inspect;
 pub mod meta_eval;
 pub mod meta_train;
@@ -83,6 +85,10 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Time the benchmark workloads (ms per iteration, peak memory).
     Bench(bench::BenchArgs),
+    /// Read a Keras model (.keras, .h5, .weights.h5) into a metalearn checkpoint.
+    ImportKeras(import_keras::ImportKerasArgs),
+    /// Write a checkpoint as a Keras file (.keras, .weights.h5 or legacy .h5).
+    ExportKeras(export_keras::ExportKerasArgs),
 }
 
 /// Runs the parsed command line.
@@ -102,6 +108,8 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Plot(args) => plot::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(args) => bench::run_bench(args),
+        Command::ImportKeras(args) => import_keras::run(args),
+        Command::ExportKeras(args) => export_keras::run(args),
     }
 }
 

@@ -143,6 +143,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         num_classes: head.num_classes,
         image,
         source: ds.source.clone(),
+        keras_softmax: None,
     };
     console.note(&format!(
         "training on {} examples from {}: {} parameters, {} epochs",

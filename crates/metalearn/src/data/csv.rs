@@ -45,6 +45,11 @@ pub fn load_csv_features(path: &Path, features: &[String]) -> Result<Tensor> {
     )?)
 }
 
+/// The column names of a CSV file's header, in file order.
+pub fn column_names(path: &Path) -> Result<Vec<String>> {
+    Ok(Table::open(path)?.header.clone())
+}
+
 /// Like [`load_csv`], but a categorical target is mapped through `class_names` (so that a test
 /// file gets the same class ids as the training file); a class not in the list is an error naming
 /// its line. With `None`, class names are taken from the file itself.

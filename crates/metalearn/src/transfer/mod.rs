@@ -6,10 +6,12 @@
 pub mod config;
 pub mod fit;
 pub mod head;
+pub mod imported;
 pub mod model_data;
 
 pub use fit::{fit_and_save, optimizer_from, FitReport, TrainPlan};
 pub use head::{detect_target, parse_hidden, plan_head, push_head, HeadPlan};
+pub use imported::import_keras;
 pub use model_data::{
     load_dataset, load_for_model, load_model, log_path, save_model, DataFiles, DataInfo,
     DataSource, ImageShape, OutputKind, TargetKind, DATA_SECTION,

@@ -118,6 +118,11 @@ pub struct DataInfo {
     /// The training data's origin.
     #[serde(default)]
     pub source: String,
+    /// For a classifier imported from Keras: whether its Keras form ended in a softmax (left
+    /// off here, where classifiers output logits). `None` (metalearn's own classifiers): a
+    /// Keras export adds one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keras_softmax: Option<bool>,
 }
 
 impl DataInfo {
@@ -176,7 +181,29 @@ pub fn load_for_model(
                     "this model was trained on images: give --images DIR, not --data".into(),
                 ));
             }
-            let x = crate::data::csv::load_csv_features(path, &info.feature_names)?;
+            // A model without stored feature names (imported from Keras) reads every column but
+            // the target, in file order.
+            let features = if info.feature_names.is_empty() {
+                let target = data.target.as_deref().unwrap_or(&info.target_name);
+                crate::data::csv::column_names(path)?
+                    .into_iter()
+                    .filter(|c| c != target)
+                    .collect()
+            } else {
+                info.feature_names.clone()
+            };
+            let expected: usize = model.architecture().input_shape.iter().product();
+            if info.feature_names.is_empty() && features.len() != expected {
+                return Err(Error::Shape(format!(
+                    "{}: this model (imported without feature names) reads its {expected} \
+                     features from the CSV columns in file order, but the file has {} columns \
+                     besides the target; give --target COLUMN to leave the label out, or a file \
+                     of {expected} feature columns",
+                    path.display(),
+                    features.len()
+                )));
+            }
+            let x = crate::data::csv::load_csv_features(path, &features)?;
             let y = if with_target {
                 let target = data.target.as_deref().unwrap_or(&info.target_name);
                 let ds = crate::data::csv::load_csv_with_classes(
