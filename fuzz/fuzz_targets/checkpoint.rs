@@ -10,8 +10,8 @@ use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
 use libfuzzer_sys::fuzz_target;
-use metalearn::cli::common::load_model;
-use metalearn::cli::inspect::describe;
+use metalearn::transfer::load_model;
+use metalearn::inspect::describe;
 use metalearn::eval::runs::learner_for_ways;
 use metalearn::experiment::ExperimentConfig;
 use metalearn::meta::learner::MetaLearner;

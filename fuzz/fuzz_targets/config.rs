@@ -4,8 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use metalearn::cli::common::parse_hidden;
-use metalearn::cli::config::FileConfig;
+use metalearn::transfer::parse_hidden;
+use metalearn::transfer::config::FileConfig;
 use metalearn::experiment::ExperimentConfig;
 use metalearn::Network;
 

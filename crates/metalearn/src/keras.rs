@@ -278,9 +278,18 @@ fn parse_config(config: &Value, shown: &str) -> Result<KerasModel> {
                 SUPPORTED_LAYERS.join(", ")
             )));
         }
+        // Keras 3 writes `batch_shape`; Keras 2 `batch_input_shape`, also on the first layer.
+        let declared = [&cfg["batch_shape"], &cfg["batch_input_shape"]]
+            .into_iter()
+            .find(|v| v.is_array());
         if class == "InputLayer" {
-            input_shape = Some(batch_shape(&cfg["batch_shape"], shown)?);
+            let shape = declared
+                .ok_or_else(|| Error::Data(format!("{shown}: the InputLayer gives no shape")))?;
+            input_shape = Some(batch_shape(shape, shown)?);
             continue;
+        }
+        if let (None, Some(shape)) = (&input_shape, declared) {
+            input_shape = Some(batch_shape(shape, shown)?);
         }
         if input_shape.is_none() {
             if let Some(shape) = layer["build_config"]["input_shape"].as_array() {
@@ -404,11 +413,22 @@ fn legacy_weights(
     shown: &str,
 ) -> Result<LayerWeights> {
     let attrs = group.attrs().map_err(|e| h5_error(shown, e))?;
-    let layer_names = attrs.get("layer_names").map(attr_strings).ok_or_else(|| {
-        Error::Data(format!(
-            "{shown}: no `layer_names` attribute; not a Keras weights file (.h5)"
-        ))
-    })?;
+    // Attributes over 64 KB are split by Keras 2 into `layer_names0`, `layer_names1`, ...
+    let layer_names = match attrs.get("layer_names") {
+        Some(value) => attr_strings(value),
+        None => {
+            let parts: Vec<String> = (0..)
+                .map_while(|i| attrs.get(&format!("layer_names{i}")).map(attr_strings))
+                .flatten()
+                .collect();
+            if parts.is_empty() {
+                return Err(Error::Data(format!(
+                    "{shown}: no `layer_names` attribute; not a Keras weights file (.h5)"
+                )));
+            }
+            parts
+        }
+    };
     let mut stored = Vec::new();
     for name in &layer_names {
         let layer_group = file.group(&format!("{prefix}{name}")).map_err(|_| {

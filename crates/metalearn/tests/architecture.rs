@@ -29,7 +29,7 @@ const LIBRARY_LAYERS: &[&[&str]] = &[
     &["eval"],
     &["meta_training"],
     &["experiment", "transfer"],
-    &["demos", "workloads"],
+    &["demos", "inspect", "workloads"],
 ];
 
 /// The command-line crate's top-level modules, the same way: console output, the argument groups

@@ -95,6 +95,20 @@ fn founding_model_in_every_format_predicts_like_keras() {
 }
 
 #[test]
+fn tf_keras_2_files_predict_like_keras() {
+    let dir = fixtures();
+    let full = Sequential::from_keras(dir.join("founding_tf2.h5")).unwrap();
+    assert_predicts_like_keras(&full, "founding_tf2", "founding_tf2.h5");
+    // Weights by order (names like `dense/kernel:0`), the architecture from a Keras 3 file.
+    let weights = import(
+        &dir.join("founding_tf2_model_weights.h5"),
+        Some(&dir.join("founding.keras")),
+    )
+    .unwrap();
+    assert_predicts_like_keras(&weights, "founding_tf2", "founding_tf2_model_weights.h5");
+}
+
+#[test]
 fn batch_norm_dropout_and_image_models_predict_like_keras() {
     let dir = fixtures();
     let tabular = Sequential::from_keras(dir.join("tabular.keras")).unwrap();
@@ -151,4 +165,51 @@ fn bad_files_get_clear_errors() {
         Some(&dir.join("image.keras")),
     );
     assert!(message.contains("another"), "{message}");
+}
+
+/// Damaged copies of every fixture (bytes overwritten, cut short) read or fail with an error:
+/// never a panic.
+#[test]
+fn damaged_files_fail_with_errors_not_panics() {
+    use rand::{Rng, SeedableRng};
+    let dir = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let arch = dir.join("founding.keras");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let mut failures = 0;
+    for name in [
+        "founding.keras",
+        "founding.h5",
+        "founding.weights.h5",
+        "founding_model_weights.h5",
+        "image.keras",
+    ] {
+        let original = std::fs::read(dir.join(name)).unwrap();
+        for round in 0..60 {
+            let mut bytes = original.clone();
+            if round % 3 == 0 {
+                bytes.truncate(rng.gen_range(0..bytes.len()));
+            } else {
+                for _ in 0..rng.gen_range(1..8) {
+                    let at = rng.gen_range(0..bytes.len());
+                    bytes[at] = rng.gen();
+                }
+            }
+            let path = tmp.path().join(name);
+            std::fs::write(&path, &bytes).unwrap();
+            for architecture in [None, Some(arch.as_path())] {
+                let outcome = std::panic::catch_unwind(|| import(&path, architecture).map(|_| ()));
+                match outcome {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        let message = e.to_string();
+                        assert!(!message.is_empty());
+                        failures += 1;
+                    }
+                    Err(_) => panic!("{name}, round {round}: the reader panicked"),
+                }
+            }
+        }
+    }
+    assert!(failures > 0, "no damaged file was refused");
 }
