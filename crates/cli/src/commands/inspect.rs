@@ -323,6 +323,7 @@ fn render(report: &Map<String, Value>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn numbers_and_dates_are_formatted_for_people() {
