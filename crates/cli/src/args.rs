@@ -23,6 +23,11 @@ pub struct DataArgs {
     /// Image folder with one sub-folder per class (instead of --data).
     #[arg(long, value_name = "DIR")]
     pub images: Option<PathBuf>,
+    /// The CSV's feature columns, in the model's order, for a model without stored feature
+    /// names (imported from Keras): comma-separated names. Default: every column but the target,
+    /// in file order.
+    #[arg(long, value_name = "A,B,...", value_delimiter = ',')]
+    pub features: Option<Vec<String>>,
 }
 
 impl DataArgs {
@@ -32,6 +37,7 @@ impl DataArgs {
             data: self.data.clone(),
             target: self.target.clone(),
             images: self.images.clone(),
+            features: self.features.clone(),
         }
     }
 }

@@ -249,6 +249,77 @@ fn exported_files_read_back_and_predict_like_the_keras_originals() {
 }
 
 #[test]
+fn compile_settings_and_named_features_come_along() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let source = fixtures().join("founding.keras");
+    run_ok_in(
+        &[
+            "import-keras",
+            source.to_str().unwrap(),
+            "--out",
+            "m.safetensors",
+        ],
+        Some(d),
+    );
+    let ckpt =
+        metalearn::Checkpoint::load(&d.join("m.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let compile = &ckpt.section("training").unwrap()["compile"];
+    assert_eq!(compile["loss"], "binary_cross_entropy", "{compile}");
+    let lr = compile["optimizer"]["lr"].as_f64().unwrap();
+    assert!(
+        (lr - 0.05).abs() < 1e-6,
+        "the Keras Adam's learning rate: {compile}"
+    );
+    // Feature columns by name, in any order in the file.
+    std::fs::write(
+        d.join("shuffled.csv"),
+        "b,label,a\n0,0,0\n1,1,0\n0,1,1\n1,0,1\n",
+    )
+    .unwrap();
+    run_ok_in(
+        &[
+            "predict",
+            "--model",
+            "m.safetensors",
+            "--data",
+            "shuffled.csv",
+            "--features",
+            "a,b",
+            "--out",
+            "p.csv",
+        ],
+        Some(d),
+    );
+    let probs: Vec<f64> = std::fs::read_to_string(d.join("p.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(3).unwrap().parse().unwrap())
+        .collect();
+    assert_close(
+        &probs,
+        &flat(&predictions()["founding"]["y"]),
+        "predict with --features",
+    );
+    let err = run_err_in(
+        &[
+            "predict",
+            "--model",
+            "m.safetensors",
+            "--data",
+            "shuffled.csv",
+            "--features",
+            "a",
+            "--out",
+            "q.csv",
+        ],
+        Some(d),
+    );
+    assert!(err.contains("--features names 1 columns"), "{err}");
+}
+
+#[test]
 fn bad_keras_input_is_refused_without_output() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

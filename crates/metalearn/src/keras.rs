@@ -791,6 +791,79 @@ fn push_activation(arch: &mut Architecture, name: &str, cfg: &Value, shown: &str
     Ok(())
 }
 
+/// The compile settings a Keras file records (`compile_config` of a `.keras` file,
+/// `training_config` of a legacy `.h5`), as far as metalearn has their like.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KerasCompile {
+    /// Optimiser: `sgd`, `adam` or `adamw`.
+    pub optimizer: String,
+    /// Its learning rate.
+    pub learning_rate: f64,
+    /// SGD's momentum, AdamW's weight decay (0 otherwise).
+    pub momentum: f64,
+    /// AdamW's weight decay.
+    pub weight_decay: f64,
+    /// The loss in Keras' snake-case name (`binary_crossentropy`, ...).
+    pub loss: String,
+    /// Whether the loss takes logits (`from_logits=True`).
+    pub from_logits: bool,
+}
+
+/// The compile settings of a full-model Keras file (`None` for weights-only files, models saved
+/// without compiling, and optimisers or losses metalearn lacks).
+pub fn compile_settings(path: &Path) -> Result<Option<KerasCompile>> {
+    let shown = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (optimizer, loss) = if bytes.starts_with(b"PK") {
+        let (config, _) = read_keras_zip(&bytes, &shown)?;
+        let compile = &config["compile_config"];
+        (compile["optimizer"].clone(), compile["loss"].clone())
+    } else {
+        let file = open_h5(bytes, &shown)?;
+        let attrs = file.root().attrs().map_err(|e| h5_error(&shown, e))?;
+        let Some(training) = attrs.get("training_config") else {
+            return Ok(None);
+        };
+        let training: Value = serde_json::from_str(&attr_string(training)).map_err(|e| {
+            Error::Data(format!(
+                "{shown}: the `training_config` attribute is not JSON: {e}"
+            ))
+        })?;
+        (
+            training["optimizer_config"].clone(),
+            training["loss"].clone(),
+        )
+    };
+    let class = optimizer["class_name"]
+        .as_str()
+        .or_else(|| optimizer.as_str())
+        .unwrap_or("")
+        .rsplit('>')
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if !matches!(class.as_str(), "sgd" | "adam" | "adamw") {
+        return Ok(None);
+    }
+    let cfg = &optimizer["config"];
+    let (loss_name, from_logits) = match &loss {
+        Value::String(name) => (name.clone(), false),
+        Value::Object(_) => (
+            snake_case(loss["class_name"].as_str().unwrap_or("")),
+            loss["config"]["from_logits"].as_bool().unwrap_or(false),
+        ),
+        _ => return Ok(None),
+    };
+    Ok(Some(KerasCompile {
+        learning_rate: cfg["learning_rate"].as_f64().unwrap_or(0.001),
+        momentum: cfg["momentum"].as_f64().unwrap_or(0.0),
+        weight_decay: cfg["weight_decay"].as_f64().unwrap_or(0.0),
+        optimizer: class,
+        loss: loss_name,
+        from_logits,
+    }))
+}
+
 // Keras files out.
 
 /// A Keras layer to write: class, name, config and weights in Keras layout.

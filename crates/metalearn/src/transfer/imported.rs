@@ -6,6 +6,9 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::nn::architecture::{Activation, Layer};
 use crate::sequential::Sequential;
+use crate::train::loss::Loss;
+use crate::train::metrics::Metric;
+use crate::train::optim::OptimizerConfig;
 use crate::transfer::{DataInfo, ImageShape, OutputKind, TargetKind};
 
 /// Reads a Keras file (see [`crate::keras`]) and describes its output. A final softmax is left
@@ -76,5 +79,35 @@ pub fn import_keras(path: &Path, architecture: Option<&Path>) -> Result<(Sequent
         source: format!("keras:{}", path.display()),
         keras_softmax: (output == OutputKind::ClassLogits).then_some(softmax),
     };
+    // Compile as the Keras file was, where metalearn has the optimiser and the loss fits the
+    // output as stored here (classifiers as logits).
+    let mut model = model;
+    if let Some(compile) = crate::keras::compile_settings(path).ok().flatten() {
+        let loss = match (info.output, compile.loss.as_str()) {
+            (OutputKind::Probability, "binary_crossentropy") if !compile.from_logits => {
+                Some(Loss::BinaryCrossEntropy)
+            }
+            (
+                OutputKind::ClassLogits,
+                "sparse_categorical_crossentropy" | "categorical_crossentropy",
+            ) => Some(Loss::CategoricalCrossEntropy),
+            (OutputKind::Value, "mse" | "mean_squared_error") => Some(Loss::Mse),
+            _ => None,
+        };
+        if let Some(loss) = loss {
+            let optimizer = OptimizerConfig::from_name(
+                &compile.optimizer,
+                compile.learning_rate,
+                compile.weight_decay,
+                compile.momentum,
+            )?;
+            let metrics = if loss == Loss::Mse {
+                vec![Metric::Mae]
+            } else {
+                vec![Metric::Accuracy]
+            };
+            model.compile(optimizer, loss, &metrics)?;
+        }
+    }
     Ok((model, info))
 }

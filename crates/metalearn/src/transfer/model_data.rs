@@ -23,6 +23,9 @@ pub struct DataFiles {
     pub target: Option<String>,
     /// Image folder with one sub-folder per class.
     pub images: Option<PathBuf>,
+    /// Feature columns for a model without stored feature names (else every column but the
+    /// target, in file order).
+    pub features: Option<Vec<String>>,
 }
 
 /// Name of the checkpoint section that describes the data a model was trained on.
@@ -183,17 +186,26 @@ pub fn load_for_model(
             }
             // A model without stored feature names (imported from Keras) reads every column but
             // the target, in file order.
-            let features = if info.feature_names.is_empty() {
-                let target = data.target.as_deref().unwrap_or(&info.target_name);
-                crate::data::csv::column_names(path)?
-                    .into_iter()
-                    .filter(|c| c != target)
-                    .collect()
-            } else {
-                info.feature_names.clone()
-            };
+            let features =
+                if let (true, Some(named)) = (info.feature_names.is_empty(), &data.features) {
+                    named.iter().map(|n| n.trim().to_string()).collect()
+                } else if info.feature_names.is_empty() {
+                    let target = data.target.as_deref().unwrap_or(&info.target_name);
+                    crate::data::csv::column_names(path)?
+                        .into_iter()
+                        .filter(|c| c != target)
+                        .collect()
+                } else {
+                    info.feature_names.clone()
+                };
             let expected: usize = model.architecture().input_shape.iter().product();
             if info.feature_names.is_empty() && features.len() != expected {
+                if data.features.is_some() {
+                    return Err(Error::Shape(format!(
+                        "--features names {} columns, but the model reads {expected} features",
+                        features.len()
+                    )));
+                }
                 return Err(Error::Shape(format!(
                     "{}: this model (imported without feature names) reads its {expected} \
                      features from the CSV columns in file order, but the file has {} columns \
