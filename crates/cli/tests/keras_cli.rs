@@ -263,7 +263,7 @@ fn compile_settings_and_named_features_come_along() {
         Some(d),
     );
     let ckpt =
-        metalearn::Checkpoint::load(&d.join("m.safetensors"), &candle_core::Device::Cpu).unwrap();
+        metalearn::Checkpoint::load(d.join("m.safetensors"), &candle_core::Device::Cpu).unwrap();
     let compile = &ckpt.section("training").unwrap()["compile"];
     assert_eq!(compile["loss"], "binary_cross_entropy", "{compile}");
     let lr = compile["optimizer"]["lr"].as_f64().unwrap();
