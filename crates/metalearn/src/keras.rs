@@ -257,15 +257,19 @@ fn attr_string(value: &hdf5_pure::AttrValue) -> String {
 /// The Sequential config of a `.keras` config.json or a legacy `model_config`.
 fn parse_config(config: &Value, shown: &str) -> Result<KerasModel> {
     let class = config["class_name"].as_str().unwrap_or("");
-    if class != "Sequential" {
+    let functional = matches!(class, "Functional" | "Model");
+    if class != "Sequential" && !functional {
         return Err(Error::Config(format!(
-            "{shown}: a `{class}` model; metalearn reads Sequential models (a plain chain of \
-             layers); rebuild it as keras.Sequential"
+            "{shown}: a `{class}` model; metalearn reads Sequential models and functional \
+             models that are a plain chain of layers"
         )));
     }
     let layers = config["config"]["layers"]
         .as_array()
         .ok_or_else(|| Error::Data(format!("{shown}: the model config has no `layers` list")))?;
+    if functional {
+        check_chain(layers, shown)?;
+    }
     let mut input_shape = None;
     let mut out = Vec::new();
     for layer in layers {
@@ -313,6 +317,62 @@ fn parse_config(config: &Value, shown: &str) -> Result<KerasModel> {
         input_shape,
         layers: out,
     })
+}
+
+/// Fails unless every layer of a functional config takes its one input from the layer listed
+/// before it (a plain chain, as a Sequential model is).
+fn check_chain(layers: &[Value], shown: &str) -> Result<()> {
+    let mut previous: Option<&str> = None;
+    for layer in layers {
+        let name = layer["config"]["name"].as_str().unwrap_or("?");
+        let class = layer["class_name"].as_str().unwrap_or("?");
+        let nodes = layer["inbound_nodes"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        // Keras 3: [{"args": [tensor with keras_history [name, 0, 0]]}]; Keras 2: [[[name, 0, 0, {}]]].
+        let sources: Vec<&str> = nodes
+            .iter()
+            .flat_map(|node| match node {
+                Value::Object(_) => node["args"]
+                    .as_array()
+                    .map(|args| {
+                        args.iter()
+                            .flat_map(|a| match a {
+                                Value::Array(list) => list.iter().collect::<Vec<_>>(),
+                                other => vec![other],
+                            })
+                            .filter_map(|a| a["config"]["keras_history"][0].as_str())
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default(),
+                Value::Array(inputs) => inputs.iter().filter_map(|i| i[0].as_str()).collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        let chained = match previous {
+            None => class == "InputLayer" && sources.is_empty(),
+            Some(before) => sources == [before],
+        };
+        if !chained {
+            return Err(Error::Config(format!(
+                "{shown}: layer `{name}` ({class}) takes its input from {}, not from the layer \
+                 before it{}; metalearn reads functional models that are a plain chain of layers",
+                if sources.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    sources
+                        .iter()
+                        .map(|s| format!("`{s}`"))
+                        .collect::<Vec<_>>()
+                        .join(" and ")
+                },
+                previous.map(|p| format!(" (`{p}`)")).unwrap_or_default()
+            )));
+        }
+        previous = Some(name);
+    }
+    Ok(())
 }
 
 /// `[null, d1, d2, ...]` → `[d1, d2, ...]`.

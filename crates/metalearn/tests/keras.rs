@@ -95,6 +95,21 @@ fn founding_model_in_every_format_predicts_like_keras() {
 }
 
 #[test]
+fn functional_chains_are_read_and_other_graphs_refused() {
+    let dir = fixtures();
+    let chain = Sequential::from_keras(dir.join("functional.keras")).unwrap();
+    assert_predicts_like_keras(&chain, "functional", "functional.keras");
+    let err = Sequential::from_keras(dir.join("residual.keras"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("(Add)") && err.contains("plain chain"),
+        "{err}"
+    );
+}
+
+#[test]
 fn tf_keras_2_files_predict_like_keras() {
     let dir = fixtures();
     let full = Sequential::from_keras(dir.join("founding_tf2.h5")).unwrap();
