@@ -12,7 +12,8 @@
 //!   `layer_names` attribute and one group per layer whose `weight_names` attribute gives the
 //!   datasets, matched to the layers with weights by order.
 //!
-//! Layers: InputLayer, Dense (with every activation metalearn has), Conv2D (square kernels,
+//! Models: `Sequential`, or functional models that are a plain chain of layers. Layers:
+//! InputLayer, Dense (with every activation metalearn has), Conv2D (square kernels,
 //! `valid` or odd-kernel stride-1 `same` padding), BatchNormalization, MaxPooling2D, Flatten,
 //! Dropout, Activation, ReLU and Softmax. Keras images are channels-last; the imported model
 //! takes metalearn's `[channels, height, width]`, with its convolution kernels (HWIO → OIHW)
