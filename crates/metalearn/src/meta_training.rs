@@ -19,7 +19,7 @@ use serde_json::json;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::eval::{summarize, Summary};
+use crate::eval::{scores_across_ranks, summarize, Summary};
 use crate::meta::learner::MetaLearner;
 use crate::tasks::{Split, TaskSource};
 
@@ -459,19 +459,14 @@ fn validate(
     source: &dyn TaskSource,
     options: &MetaTrainOptions,
 ) -> Result<Summary> {
-    // A fixed seed, so every validation sees the same tasks and results are comparable. Every
-    // rank draws every task (keeping the generator in step) and scores its share.
-    let mut rng = ChaCha8Rng::seed_from_u64(options.seed ^ 0x9E37_79B9_7F4A_7C15);
-    let world = learner.collective();
-    let count = options.validation_tasks.max(1);
-    let mine = world.share(count);
-    let mut scores = vec![0.0; count];
-    for (i, score) in scores.iter_mut().enumerate() {
-        let task = source.sample(Split::Validation, &mut rng)?;
-        if mine.contains(&i) {
-            *score = learner.evaluate_task(&task, None)?;
-        }
-    }
-    world.sum_in_place(&mut scores)?;
+    // A fixed seed, so every validation sees the same tasks and results are comparable.
+    let scores = scores_across_ranks(
+        learner.collective().as_ref(),
+        source,
+        Split::Validation,
+        options.validation_tasks.max(1),
+        options.seed ^ 0x9E37_79B9_7F4A_7C15,
+        |task| learner.evaluate_task(task, None),
+    )?;
     Ok(summarize(&scores))
 }

@@ -8,6 +8,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::distributed::Collective;
 use crate::error::{Error, Result};
 use crate::meta::learner::MetaLearner;
 use crate::tasks::{Split, TaskSource};
@@ -78,9 +79,22 @@ pub fn score_episodes(
     steps: usize,
     mut score: impl FnMut(&crate::tasks::Task) -> Result<f64>,
 ) -> Result<Summary> {
-    // Under MPI every rank draws every task (keeping the generator in step), scores its share,
-    // and the scores are gathered by a sum in which each rank fills its own places.
     let world = crate::distributed::world();
+    let scores = scores_across_ranks(world.as_ref(), source, split, episodes, seed, &mut score)?;
+    finite_summary(&scores, steps)
+}
+
+/// The scores of `episodes` tasks of `split` drawn with `seed`, split across the ranks of
+/// `world`: every rank draws every task (keeping the generator in step) and scores its share,
+/// and a sum in which each rank fills its own places gathers them.
+pub fn scores_across_ranks(
+    world: &dyn Collective,
+    source: &dyn TaskSource,
+    split: Split,
+    episodes: usize,
+    seed: u64,
+    mut score: impl FnMut(&crate::tasks::Task) -> Result<f64>,
+) -> Result<Vec<f64>> {
     let mine = world.share(episodes);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut scores = vec![0.0; episodes];
@@ -91,7 +105,7 @@ pub fn score_episodes(
         }
     }
     world.sum_in_place(&mut scores)?;
-    finite_summary(&scores, steps)
+    Ok(scores)
 }
 
 /// Summarises scores, refusing non-finite ones (adaptation that diverged) with advice.

@@ -1,6 +1,4 @@
-//! Names Keras uses: a layer class's name in weight files, activations by name.
-
-use crate::nn::architecture::Activation;
+//! The name Keras gives a layer class in weight files.
 
 /// Keras' name for a class in weight files: `MaxPooling2D` → `max_pooling2d`.
 pub(super) fn snake_case(class: &str) -> String {
@@ -17,17 +15,6 @@ pub(super) fn snake_case(class: &str) -> String {
         out.push(c.to_ascii_lowercase());
     }
     out
-}
-
-/// The Keras name of an activation.
-pub(super) fn activation_name(activation: Activation) -> &'static str {
-    match activation {
-        Activation::Relu => "relu",
-        Activation::Sigmoid => "sigmoid",
-        Activation::Tanh => "tanh",
-        Activation::Softmax => "softmax",
-        Activation::Linear => "linear",
-    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use super::names::{activation_name, snake_case};
+use super::names::snake_case;
 use crate::error::{Error, Result};
 use crate::nn::architecture::{Activation, Architecture, Layer};
 use crate::nn::params::ParamSet;
@@ -111,56 +111,10 @@ fn architecture_of(architecture: Option<&Path>, shown: &str) -> Result<KerasMode
         let (config, _) = read_keras_zip(&bytes, &arch_shown)?;
         return parse_config(&config, &arch_shown);
     }
+    // A metalearn checkpoint: the Keras config its export would write.
     let ckpt = crate::checkpoint::Checkpoint::load(path, &Device::Cpu)?;
-    Ok(keras_model_of(&ckpt.architecture))
-}
-
-/// The Keras layers a metalearn architecture corresponds to (for weights-only files).
-fn keras_model_of(arch: &Architecture) -> KerasModel {
-    let mut layers = Vec::new();
-    let class_config = |class: &str, config: Value| KerasLayer {
-        class: class.into(),
-        name: String::new(),
-        config,
-    };
-    for named in &arch.layers {
-        let (class, config) = match &named.layer {
-            Layer::Dense { units } => ("Dense", serde_json::json!({"units": units})),
-            Layer::Conv2d {
-                filters,
-                kernel_size,
-                stride,
-                padding,
-            } => (
-                "Conv2D",
-                serde_json::json!({"filters": filters, "kernel_size": [kernel_size, kernel_size],
-                    "strides": [stride, stride], "padding": if *padding == 0 { "valid" } else { "same" }}),
-            ),
-            Layer::BatchNorm { momentum, eps } => (
-                "BatchNormalization",
-                serde_json::json!({"momentum": 1.0 - momentum, "epsilon": eps}),
-            ),
-            Layer::MaxPool2d { size } => (
-                "MaxPooling2D",
-                serde_json::json!({"pool_size": [size, size]}),
-            ),
-            Layer::Flatten => ("Flatten", serde_json::json!({})),
-            Layer::Dropout { rate } => ("Dropout", serde_json::json!({"rate": rate})),
-            Layer::Activation { activation } => (
-                "Activation",
-                serde_json::json!({"activation": activation_name(*activation)}),
-            ),
-        };
-        layers.push(class_config(class, config));
-    }
-    let input_shape = match arch.input_shape.as_slice() {
-        [c, h, w] => vec![*h, *w, *c],
-        other => other.to_vec(),
-    };
-    KerasModel {
-        input_shape,
-        layers,
-    }
+    let model = Sequential::from_checkpoint(&ckpt)?;
+    parse_config(&super::write::keras_config(&model, false)?, &arch_shown)
 }
 
 /// `config.json` and `model.weights.h5` of a `.keras` zip.
@@ -779,18 +733,14 @@ fn pair(value: &Value) -> Option<(usize, usize)> {
 }
 
 fn activation_of(name: &str, layer: &str, shown: &str) -> Result<Activation> {
-    Ok(match name {
-        "relu" => Activation::Relu,
-        "sigmoid" => Activation::Sigmoid,
-        "tanh" => Activation::Tanh,
-        "softmax" => Activation::Softmax,
-        "linear" | "" => Activation::Linear,
-        other => {
-            return Err(Error::Config(format!(
-                "{shown}: layer `{layer}` uses the activation `{other}`; metalearn has relu, \
-                 sigmoid, tanh, softmax and linear"
-            )))
-        }
+    if name.is_empty() {
+        return Ok(Activation::Linear);
+    }
+    name.parse().map_err(|_| {
+        Error::Config(format!(
+            "{shown}: layer `{layer}` uses the activation `{name}`; metalearn has relu, \
+             sigmoid, tanh, softmax and linear"
+        ))
     })
 }
 
@@ -799,7 +749,7 @@ fn push_activation(arch: &mut Architecture, name: &str, cfg: &Value, shown: &str
     let activation = activation_of(cfg["activation"].as_str().unwrap_or("linear"), name, shown)?;
     if activation != Activation::Linear {
         arch.push_named(
-            &format!("{name}_{}", activation_name(activation)),
+            &format!("{name}_{}", Layer::activation(activation).kind()),
             Layer::activation(activation),
         )?;
     }

@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::Tensor;
 use serde_json::Value;
 
-use super::names::{activation_name, snake_case};
+use super::names::snake_case;
 use crate::error::{Error, Result};
 use crate::nn::architecture::Layer;
 use crate::sequential::Sequential;
@@ -57,20 +57,8 @@ impl KerasFormat {
 /// logits; Keras classifiers usually end in probabilities).
 pub fn export(model: &Sequential, path: &Path, final_softmax: bool) -> Result<()> {
     let format = KerasFormat::of(path)?;
-    let mut layers = export_layers(model)?;
-    if final_softmax {
-        layers.push(ExportLayer {
-            class: "Activation",
-            name: unique_name(&layers, "softmax"),
-            config: serde_json::json!({"activation": "softmax"}),
-            weights: Vec::new(),
-        });
-    }
-    let input = match model.architecture().input_shape.as_slice() {
-        [c, h, w] => vec![*h, *w, *c],
-        other => other.to_vec(),
-    };
-    let config = sequential_config(&input, &layers);
+    let layers = keras_layers(model, final_softmax)?;
+    let config = sequential_config(&keras_input(model), &layers);
     let bytes = match format {
         KerasFormat::Weights => weights_h5(&layers)?,
         KerasFormat::LegacyH5 => legacy_h5(&layers, &config)?,
@@ -97,6 +85,36 @@ pub fn export(model: &Sequential, path: &Path, final_softmax: bool) -> Result<()
         }
     };
     crate::fsutil::atomic_write(path, &bytes)
+}
+
+/// The model's layers in Keras form, with a final softmax when asked.
+fn keras_layers(model: &Sequential, final_softmax: bool) -> Result<Vec<ExportLayer>> {
+    let mut layers = export_layers(model)?;
+    if final_softmax {
+        layers.push(ExportLayer {
+            class: "Activation",
+            name: unique_name(&layers, "softmax"),
+            config: serde_json::json!({"activation": "softmax"}),
+            weights: Vec::new(),
+        });
+    }
+    Ok(layers)
+}
+
+/// The input shape in Keras order (images channels-last).
+fn keras_input(model: &Sequential) -> Vec<usize> {
+    match model.architecture().input_shape.as_slice() {
+        [c, h, w] => vec![*h, *w, *c],
+        other => other.to_vec(),
+    }
+}
+
+/// The Keras `config.json` of `model`, as `export` writes it.
+pub(super) fn keras_config(model: &Sequential, final_softmax: bool) -> Result<Value> {
+    Ok(sequential_config(
+        &keras_input(model),
+        &keras_layers(model, final_softmax)?,
+    ))
 }
 
 /// The Keras version the written files declare (the format is that of Keras 3).
@@ -237,10 +255,10 @@ fn export_layers(model: &Sequential) -> Result<Vec<ExportLayer>> {
                 config: serde_json::json!({"rate": rate}),
                 weights: Vec::new(),
             },
-            Layer::Activation { activation } => ExportLayer {
+            Layer::Activation { .. } => ExportLayer {
                 class: "Activation",
                 name,
-                config: serde_json::json!({"activation": activation_name(*activation)}),
+                config: serde_json::json!({"activation": named.layer.kind()}),
                 weights: Vec::new(),
             },
         };
