@@ -212,5 +212,28 @@ fn layer_description(layer: &Layer) -> String {
         Layer::Flatten => "flatten".into(),
         Layer::Dropout { rate } => format!("dropout, rate {rate}"),
         Layer::Activation { .. } => layer.kind().into(),
+        Layer::TokenEmbedding {
+            vocab_size,
+            hidden,
+            max_positions,
+            ..
+        } => format!(
+            "token_embedding, vocabulary {vocab_size}, width {hidden}, {max_positions} positions"
+        ),
+        Layer::TransformerBlock {
+            heads,
+            intermediate,
+            lora_rank,
+            ..
+        } => {
+            let lora = if *lora_rank > 0 {
+                format!(", LoRA rank {lora_rank}")
+            } else {
+                String::new()
+            };
+            format!("transformer_block, {heads} heads, feed-forward {intermediate}{lora}")
+        }
+        Layer::SequencePool { mode } => format!("sequence_pool, {mode:?}").to_lowercase(),
+        Layer::L2Normalize => "l2_normalize".into(),
     }
 }

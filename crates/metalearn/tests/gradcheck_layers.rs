@@ -804,3 +804,146 @@ fn gradient_check_catches_candles_max_pool2d_scaling() -> Result<()> {
     );
     Ok(())
 }
+
+// ---- text encoder layers ----------------------------------------------------------------------
+
+/// A tiny BERT-style encoder: token embedding → transformer block(s) → pooling → L2 → dense.
+fn encoder_arch(
+    seq: usize,
+    pooling: metalearn::nn::architecture::Pooling,
+    lora_rank: usize,
+) -> Architecture {
+    let mut a = Architecture::new(&[seq]);
+    a.push(Layer::TokenEmbedding {
+        vocab_size: 11,
+        hidden: 8,
+        max_positions: 7,
+        type_vocab_size: 2,
+        pad_id: 0,
+        eps: 1e-5,
+    });
+    a.push(Layer::TransformerBlock {
+        heads: 2,
+        intermediate: 12,
+        eps: 1e-5,
+        lora_rank,
+        lora_alpha: 4.0,
+    });
+    a.push(Layer::SequencePool { mode: pooling });
+    a.push(Layer::L2Normalize);
+    a.push(Layer::dense(3));
+    a
+}
+
+/// Checks an encoder case. Token ids are not differentiable: the objective reads fixed ids
+/// (with padding at the end of two rows) and ignores its input argument, so the input's
+/// gradient is zero on both sides.
+fn run_encoder(label: &str, arch: Architecture, seed: u64) -> Result<()> {
+    metalearn::runtime::init();
+    let net = Network::build(&arch)?;
+    let params = common::generic_params(&net, seed);
+    let ids = Tensor::from_vec(
+        vec![
+            2.0f64, 5.0, 7.0, 3.0, 0.0, 0.0, //
+            4.0, 9.0, 10.0, 1.0, 6.0, 8.0, //
+            3.0, 3.0, 0.0, 0.0, 0.0, 0.0,
+        ],
+        (3, 6),
+        &Device::Cpu,
+    )?;
+    let target = Tensor::from_vec(vec![0.0f64, 2.0, 1.0], 3, &Device::Cpu)?;
+    let f = |p: &ParamSet, _x: &Tensor| {
+        let out = net.forward(p, &ids, &mut ForwardCtx::train())?;
+        Loss::CategoricalCrossEntropy.compute(&out, &target)
+    };
+    let dummy = Tensor::zeros(1, DType::F64, &Device::Cpu)?;
+    let point = Point::new(&params, &dummy);
+    let first = check_gradient(label, &f, &point)?;
+    let second = check_hessian_vector_product(label, &f, &point, 7)?;
+    eprintln!(
+        "{label}: worst relative error {first:.1e} (first order), {second:.1e} (second order)"
+    );
+    Ok(())
+}
+
+#[test]
+fn token_embedding_transformer_block_mean_pooling() -> Result<()> {
+    use metalearn::nn::architecture::Pooling;
+    run_encoder(
+        "encoder, mean pooling",
+        encoder_arch(6, Pooling::Mean, 0),
+        21,
+    )
+}
+
+#[test]
+fn transformer_block_with_lora_and_cls_pooling() -> Result<()> {
+    use metalearn::nn::architecture::Pooling;
+    run_encoder(
+        "encoder with LoRA, CLS pooling",
+        encoder_arch(6, Pooling::Cls, 2),
+        22,
+    )
+}
+
+#[test]
+fn transformer_max_pooling() -> Result<()> {
+    use metalearn::nn::architecture::Pooling;
+    run_encoder("encoder, max pooling", encoder_arch(6, Pooling::Max, 0), 23)
+}
+
+#[test]
+fn transformer_block_on_continuous_input() -> Result<()> {
+    // Without a token embedding there is no padding: the block sees every position, and the
+    // gradient with respect to the input is checked too.
+    run(Case::new(
+        "transformer block → mean pool → dense, mse",
+        arch(
+            &[3, 4],
+            &[
+                Layer::TransformerBlock {
+                    heads: 2,
+                    intermediate: 6,
+                    eps: 1e-5,
+                    lora_rank: 0,
+                    lora_alpha: 16.0,
+                },
+                Layer::SequencePool {
+                    mode: metalearn::nn::architecture::Pooling::Mean,
+                },
+                Layer::dense(2),
+            ],
+        ),
+        2,
+        Loss::Mse,
+        24,
+    ))
+}
+
+#[test]
+fn padding_does_not_change_an_encoding() -> Result<()> {
+    // The same tokens padded to two lengths give the same pooled output, and the fused GELU of
+    // the first-order path agrees with the exact one.
+    use metalearn::nn::architecture::Pooling;
+    metalearn::runtime::init();
+    let net = Network::build(&encoder_arch(7, Pooling::Mean, 0))?;
+    let params = common::generic_params(&net, 5);
+    let short = Tensor::from_vec(vec![2.0f64, 5.0, 7.0], (1, 3), &Device::Cpu)?;
+    let long = Tensor::from_vec(
+        vec![2.0f64, 5.0, 7.0, 0.0, 0.0, 0.0, 0.0],
+        (1, 7),
+        &Device::Cpu,
+    )?;
+    let a = common::values(&net.forward(&params, &short, &mut ForwardCtx::train())?);
+    let b = common::values(&net.forward(&params, &long, &mut ForwardCtx::train())?);
+    let c =
+        common::values(&net.forward(&params, &long, &mut ForwardCtx::eval(None).first_order())?);
+    for ((x, y), z) in a.iter().zip(&b).zip(&c) {
+        ensure!(
+            (x - y).abs() < 1e-12,
+            "padding changed the output: {x} vs {y}"
+        );
+        ensure!((x - z).abs() < 1e-9, "fused GELU differs: {x} vs {z}");
+    }
+    Ok(())
+}

@@ -149,6 +149,16 @@ fn export_layers(model: &Sequential) -> Result<Vec<ExportLayer>> {
         let layer_name = named.name.as_str();
         let p = |n: &str| params.get(&format!("{layer_name}.{n}"));
         let layer = match &named.layer {
+            Layer::TokenEmbedding { .. }
+            | Layer::TransformerBlock { .. }
+            | Layer::SequencePool { .. }
+            | Layer::L2Normalize => {
+                return Err(Error::Config(format!(
+                    "layer `{name}` ({}) is part of a text encoder, which has no Keras Sequential \
+                     equivalent; export text models as metalearn checkpoints",
+                    named.layer.kind()
+                )))
+            }
             Layer::Dense { units } => {
                 let fan_in: usize = shape.iter().product();
                 let mut kernel = values(p("weight")?)?;

@@ -129,6 +129,7 @@ impl MetaAlgorithm for ProtoNet {
             let mut ctx = ForwardCtx {
                 mode: Mode::Train,
                 differentiable_backward: false,
+                token_mask: None,
                 running_stats: None,
                 batch_stats: Some(&mut stats),
                 rng: None,

@@ -85,6 +85,74 @@ pub enum Layer {
         /// Which function.
         activation: Activation,
     },
+    /// Token embeddings of a BERT-style text encoder. Input: `[seq]` token ids (stored as
+    /// numbers of the network's float type), output `[seq, hidden]`: layer-norm of word +
+    /// position + token-type-0 embeddings. Positions holding `pad_id` are padding: they are
+    /// masked out of attention and pooling in the layers that follow.
+    TokenEmbedding {
+        /// Rows of the word-embedding table.
+        vocab_size: usize,
+        /// Width of every embedding.
+        hidden: usize,
+        /// Rows of the position-embedding table (the longest sequence the model reads).
+        max_positions: usize,
+        /// Rows of the token-type table (segment A / B); only type 0 is used.
+        type_vocab_size: usize,
+        /// Token id of `[PAD]`.
+        pad_id: u32,
+        /// Layer-norm epsilon.
+        eps: f64,
+    },
+    /// One post-norm transformer encoder block, as in BERT: multi-head self-attention over the
+    /// non-padding positions, residual, layer norm; then a GELU feed-forward layer, residual,
+    /// layer norm. Input and output `[seq, hidden]`.
+    TransformerBlock {
+        /// Attention heads (`hidden` must be a multiple).
+        heads: usize,
+        /// Width of the feed-forward layer.
+        intermediate: usize,
+        /// Layer-norm epsilon.
+        eps: f64,
+        /// Rank of LoRA adapters on the query and value projections (0: none). With adapters
+        /// the projection is `x (W + A B · alpha / rank)`, with `A` random and `B` zero at start.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        lora_rank: usize,
+        /// LoRA scale numerator (`alpha / rank` multiplies the adapter).
+        #[serde(
+            default = "default_lora_alpha",
+            skip_serializing_if = "is_default_lora_alpha"
+        )]
+        lora_alpha: f64,
+    },
+    /// Pools `[seq, hidden]` to `[hidden]` over the non-padding positions.
+    SequencePool {
+        /// How positions are combined.
+        mode: Pooling,
+    },
+    /// Scales every example to unit Euclidean norm over its last dimension.
+    L2Normalize,
+}
+
+/// How a [`Layer::SequencePool`] combines the positions of a sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// Mean over the non-padding positions (sentence-transformers' default).
+    Mean,
+    /// The first position (`[CLS]`).
+    Cls,
+    /// Element-wise maximum over the non-padding positions.
+    Max,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+fn default_lora_alpha() -> f64 {
+    16.0
+}
+fn is_default_lora_alpha(a: &f64) -> bool {
+    *a == default_lora_alpha()
 }
 
 fn one() -> usize {
@@ -172,6 +240,10 @@ impl Layer {
                 Activation::Softmax => "softmax",
                 Activation::Linear => "linear",
             },
+            Layer::TokenEmbedding { .. } => "token_embedding",
+            Layer::TransformerBlock { .. } => "transformer_block",
+            Layer::SequencePool { .. } => "sequence_pool",
+            Layer::L2Normalize => "l2_normalize",
         }
     }
 
@@ -179,7 +251,11 @@ impl Layer {
     pub fn has_params(&self) -> bool {
         matches!(
             self,
-            Layer::Dense { .. } | Layer::Conv2d { .. } | Layer::BatchNorm { .. }
+            Layer::Dense { .. }
+                | Layer::Conv2d { .. }
+                | Layer::BatchNorm { .. }
+                | Layer::TokenEmbedding { .. }
+                | Layer::TransformerBlock { .. }
         )
     }
 }

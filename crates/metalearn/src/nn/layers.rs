@@ -11,6 +11,7 @@ use crate::error::Result;
 use crate::nn::architecture::{Activation, Layer, NamedLayer};
 use crate::nn::ops;
 use crate::nn::params::ParamSet;
+use crate::nn::transformer;
 
 /// Whether the network runs in training mode (batch statistics, dropout) or inference mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +39,9 @@ pub struct ForwardCtx<'a> {
     /// backward passes are exact but return constants. On by default: turn it off with
     /// [`ForwardCtx::first_order`] where only first-order gradients (or none) are taken.
     pub differentiable_backward: bool,
+    /// The padding mask of the token batch being encoded (`[batch, seq]`, 1 for tokens and 0
+    /// for padding): set by a token-embedding layer, read by transformer blocks and pooling.
+    pub token_mask: Option<Tensor>,
 }
 
 impl<'a> ForwardCtx<'a> {
@@ -49,6 +53,7 @@ impl<'a> ForwardCtx<'a> {
             batch_stats: None,
             rng: None,
             differentiable_backward: true,
+            token_mask: None,
         }
     }
     /// Inference mode using the given running statistics (or batch statistics when `None`).
@@ -59,6 +64,7 @@ impl<'a> ForwardCtx<'a> {
             batch_stats: None,
             rng: None,
             differentiable_backward: true,
+            token_mask: None,
         }
     }
 
@@ -92,7 +98,46 @@ pub(crate) fn apply_layer(
         Layer::Flatten => h.flatten_from(lead)?,
         Layer::Dropout { rate } => dropout(h, *rate, ctx)?,
         Layer::Activation { activation } => activate(h, *activation)?,
+        Layer::TokenEmbedding { pad_id, eps, .. } => {
+            let (embedded, mask) = transformer::token_embedding(h, &p, *pad_id, *eps, batched)?;
+            ctx.token_mask = Some(mask);
+            embedded
+        }
+        Layer::TransformerBlock {
+            heads,
+            eps,
+            lora_rank,
+            lora_alpha,
+            ..
+        } => {
+            let options = transformer::BlockOptions {
+                heads: *heads,
+                eps: *eps,
+                lora_rank: *lora_rank,
+                lora_alpha: *lora_alpha,
+                batched,
+                differentiable: ctx.differentiable_backward,
+            };
+            transformer::transformer_block(h, &token_mask(h, ctx)?, &p, &options)?
+        }
+        Layer::SequencePool { mode } => transformer::sequence_pool(h, &token_mask(h, ctx)?, *mode)?,
+        Layer::L2Normalize => transformer::l2_normalize(h)?,
     })
+}
+
+/// The padding mask set by the token embedding, or all ones when the forward pass started
+/// after it (for example on stored encoder activations).
+fn token_mask(h: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+    let lead = &h.dims()[..h.rank() - 1];
+    match &ctx.token_mask {
+        Some(mask) if mask.dims() == lead => Ok(mask.clone()),
+        Some(mask) => Err(crate::error::Error::Shape(format!(
+            "padding mask of shape {:?} does not fit activations of shape {:?}",
+            mask.dims(),
+            h.dims()
+        ))),
+        None => Ok(Tensor::ones(lead, h.dtype(), h.device())?),
+    }
 }
 
 fn dense(x: &Tensor, w: &Tensor, b: &Tensor, batched: bool) -> Result<Tensor> {

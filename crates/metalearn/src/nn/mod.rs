@@ -7,3 +7,4 @@ pub mod layers;
 pub mod network;
 pub mod ops;
 pub mod params;
+mod transformer;

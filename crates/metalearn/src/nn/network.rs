@@ -35,6 +35,11 @@ pub enum Init {
         /// Inputs per output.
         fan_in: usize,
     },
+    /// Normal with mean 0 and the given standard deviation (BERT initialises with 0.02).
+    Normal {
+        /// Standard deviation.
+        std: f64,
+    },
 }
 
 /// Description of one parameter tensor.
@@ -185,6 +190,107 @@ impl Network {
                     shape
                 }
                 Layer::Activation { .. } => shape,
+                Layer::TokenEmbedding {
+                    vocab_size,
+                    hidden,
+                    max_positions,
+                    type_vocab_size,
+                    pad_id,
+                    eps,
+                } => {
+                    if shape.len() != 1 {
+                        return Err(bad(format!(
+                            "token embedding needs [sequence length] token ids as input, got {shape:?}"
+                        )));
+                    }
+                    if *vocab_size == 0 || *hidden == 0 || *type_vocab_size == 0 {
+                        return Err(bad(
+                            "vocab_size, hidden and type_vocab_size must be > 0".into()
+                        ));
+                    }
+                    if shape[0] > *max_positions {
+                        return Err(bad(format!(
+                            "input length {} exceeds max_positions {max_positions}",
+                            shape[0]
+                        )));
+                    }
+                    if *pad_id as usize >= *vocab_size {
+                        return Err(bad(format!(
+                            "pad_id {pad_id} is not below vocab_size {vocab_size}"
+                        )));
+                    }
+                    check_eps(*eps).map_err(bad)?;
+                    let normal = Init::Normal { std: 0.02 };
+                    params.push(spec("word", vec![*vocab_size, *hidden], normal));
+                    params.push(spec("position", vec![*max_positions, *hidden], normal));
+                    params.push(spec("token_type", vec![*type_vocab_size, *hidden], normal));
+                    params.push(spec("norm_gamma", vec![*hidden], Init::Ones));
+                    params.push(spec("norm_beta", vec![*hidden], Init::Zeros));
+                    vec![shape[0], *hidden]
+                }
+                Layer::TransformerBlock {
+                    heads,
+                    intermediate,
+                    eps,
+                    lora_rank,
+                    ..
+                } => {
+                    let [_, hidden] = shape[..] else {
+                        return Err(bad(format!(
+                            "transformer block needs [sequence, hidden] input, got {shape:?}"
+                        )));
+                    };
+                    if *heads == 0 || hidden % heads != 0 || *intermediate == 0 {
+                        return Err(bad(format!(
+                            "needs heads > 0 dividing the hidden size {hidden} and intermediate > 0, got heads {heads}, intermediate {intermediate}"
+                        )));
+                    }
+                    check_eps(*eps).map_err(bad)?;
+                    let normal = Init::Normal { std: 0.02 };
+                    for proj in ["q", "k", "v", "o"] {
+                        params.push(spec(
+                            &format!("{proj}_weight"),
+                            vec![hidden, hidden],
+                            normal,
+                        ));
+                        params.push(spec(&format!("{proj}_bias"), vec![hidden], Init::Zeros));
+                    }
+                    params.push(spec("attn_norm_gamma", vec![hidden], Init::Ones));
+                    params.push(spec("attn_norm_beta", vec![hidden], Init::Zeros));
+                    params.push(spec("ff1_weight", vec![hidden, *intermediate], normal));
+                    params.push(spec("ff1_bias", vec![*intermediate], Init::Zeros));
+                    params.push(spec("ff2_weight", vec![*intermediate, hidden], normal));
+                    params.push(spec("ff2_bias", vec![hidden], Init::Zeros));
+                    params.push(spec("ff_norm_gamma", vec![hidden], Init::Ones));
+                    params.push(spec("ff_norm_beta", vec![hidden], Init::Zeros));
+                    if *lora_rank > 0 {
+                        for proj in ["q", "v"] {
+                            params.push(spec(
+                                &format!("{proj}_lora_a"),
+                                vec![hidden, *lora_rank],
+                                Init::GlorotUniform {
+                                    fan_in: hidden,
+                                    fan_out: *lora_rank,
+                                },
+                            ));
+                            params.push(spec(
+                                &format!("{proj}_lora_b"),
+                                vec![*lora_rank, hidden],
+                                Init::Zeros,
+                            ));
+                        }
+                    }
+                    shape
+                }
+                Layer::SequencePool { .. } => {
+                    let [_, hidden] = shape[..] else {
+                        return Err(bad(format!(
+                            "sequence pooling needs [sequence, hidden] input, got {shape:?}"
+                        )));
+                    };
+                    vec![hidden]
+                }
+                Layer::L2Normalize => shape,
             };
             shapes.push(shape.clone());
         }
@@ -199,6 +305,14 @@ impl Network {
     /// The architecture this network was built from.
     pub fn architecture(&self) -> &Architecture {
         &self.arch
+    }
+
+    /// Whether the network reads token ids (its first layer is a token embedding).
+    pub fn reads_tokens(&self) -> bool {
+        matches!(
+            self.arch.layers.first().map(|l| &l.layer),
+            Some(Layer::TokenEmbedding { .. })
+        )
     }
 
     /// Output shape of one example (without the batch dimension).
@@ -300,7 +414,18 @@ impl Network {
                 )))
             }
         };
-        if x.dims()[lead..] != self.arch.input_shape[..] {
+        if self.reads_tokens() {
+            // Token ids: a batch is padded to its longest member, which may be shorter than
+            // the longest sequence the model reads.
+            let length = x.dims()[lead];
+            if length == 0 || length > self.arch.input_shape[0] {
+                return Err(Error::Shape(format!(
+                    "token batch of shape {:?}: sequences must have 1 to {} tokens",
+                    x.dims(),
+                    self.arch.input_shape[0]
+                )));
+            }
+        } else if x.dims()[lead..] != self.arch.input_shape[..] {
             return Err(Error::Shape(format!(
                 "input of shape {:?} does not fit examples of shape {:?}",
                 x.dims(),
@@ -334,6 +459,16 @@ impl Network {
     }
 }
 
+fn check_eps(eps: f64) -> std::result::Result<(), String> {
+    if eps.is_finite() && eps > 0.0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "layer-norm eps must be a positive number, got {eps}"
+        ))
+    }
+}
+
 fn dims_text(dims: &[usize]) -> String {
     dims.iter()
         .map(|d| d.to_string())
@@ -359,6 +494,10 @@ fn init_set(
             }
             Init::HeNormal { fan_in } => {
                 let normal = Normal::new(0.0, (2.0 / fan_in as f64).sqrt()).expect("valid std");
+                (0..n).map(|_| normal.sample(rng)).collect()
+            }
+            Init::Normal { std } => {
+                let normal = Normal::new(0.0, std).expect("valid std");
                 (0..n).map(|_| normal.sample(rng)).collect()
             }
         };

@@ -360,6 +360,7 @@ impl Sequential {
         let mut ctx = ForwardCtx {
             mode: Mode::Train,
             differentiable_backward: false,
+            token_mask: None,
             running_stats: None,
             batch_stats: Some(&mut batch_stats),
             rng: Some(rng),

@@ -1,0 +1,272 @@
+//! The reference forward passes of the text-encoder layers (BERT-style): token embeddings,
+//! a post-norm transformer block with a padding mask, sequence pooling and L2 normalisation.
+//!
+//! Everything is written in candle primitives whose backward passes are themselves
+//! differentiable (layer norm from means and square roots, softmax from `nn::ops`, GELU from
+//! `erf`), so second-order meta-gradients through an encoder are exact. Activations are
+//! `[batch, seq, hidden]`, or `[tasks, batch, seq, hidden]` in task-batched mode, where every
+//! parameter carries a leading task dimension.
+
+use candle_core::{DType, Tensor, D};
+
+use crate::error::{Error, Result};
+use crate::nn::architecture::Pooling;
+use crate::nn::ops;
+
+/// Large negative score added to attention logits of padding positions: after the softmax
+/// their weight is exactly zero in f32 and f64.
+const MASKED_SCORE: f64 = -1e9;
+
+/// Parameters of one layer, looked up by their short name.
+pub(crate) type ParamOf<'a> = dyn Fn(&str) -> Result<&'a Tensor> + 'a;
+
+/// Token embeddings: `ids` is `[batch, seq]` (or `[tasks, batch, seq]`) of token ids stored as
+/// floats. Returns the layer-normed embeddings and the padding mask (1 for tokens, 0 for
+/// padding) in the float type of the parameters.
+pub(crate) fn token_embedding(
+    ids: &Tensor,
+    p: &ParamOf,
+    pad_id: u32,
+    eps: f64,
+    batched: bool,
+) -> Result<(Tensor, Tensor)> {
+    let word = p("word")?;
+    let dtype = word.dtype();
+    let seq = ids.dim(D::Minus1)?;
+    let vocab = word.dim(D::Minus2)?;
+    let positions = p("position")?;
+    let max_positions = positions.dim(D::Minus2)?;
+    if seq > max_positions {
+        return Err(Error::Shape(format!(
+            "a sequence of {seq} tokens is longer than the model's {max_positions} positions"
+        )));
+    }
+    let mask = ids.ne(pad_id as f64)?.to_dtype(dtype)?;
+    let flat_ids = ids.flatten_all()?.to_dtype(DType::U32)?;
+    let max_id = flat_ids.max(0)?.to_scalar::<u32>()?;
+    if max_id as usize >= vocab {
+        return Err(Error::Shape(format!(
+            "token id {max_id} is outside the vocabulary of {vocab} embeddings"
+        )));
+    }
+    let h = if batched {
+        // Gather from each task's own table: offset the ids of task t by t · vocab.
+        let tasks = ids.dim(0)?;
+        let hidden = word.dim(D::Minus1)?;
+        let per_task = flat_ids.elem_count() / tasks;
+        let offsets: Vec<u32> = (0..tasks)
+            .flat_map(|t| std::iter::repeat_n((t * vocab) as u32, per_task))
+            .collect();
+        let offsets = Tensor::from_vec(offsets, flat_ids.shape(), ids.device())?;
+        let table = word.reshape((tasks * vocab, hidden))?;
+        let words = table.index_select(&flat_ids.add(&offsets)?, 0)?;
+        let mut dims = ids.dims().to_vec();
+        dims.push(hidden);
+        let words = words.reshape(dims)?;
+        let pos = positions.narrow(1, 0, seq)?.unsqueeze(1)?; // [T, 1, seq, hidden]
+        let token_type = p("token_type")?.narrow(1, 0, 1)?.unsqueeze(1)?; // [T, 1, 1, hidden]
+        words.broadcast_add(&pos)?.broadcast_add(&token_type)?
+    } else {
+        let hidden = word.dim(1)?;
+        let mut dims = ids.dims().to_vec();
+        dims.push(hidden);
+        let words = word.index_select(&flat_ids, 0)?.reshape(dims)?;
+        let pos = positions.narrow(0, 0, seq)?;
+        let token_type = p("token_type")?.narrow(0, 0, 1)?;
+        words.broadcast_add(&pos)?.broadcast_add(&token_type)?
+    };
+    let h = layer_norm(&h, p("norm_gamma")?, p("norm_beta")?, eps, batched)?;
+    Ok((h, mask))
+}
+
+/// Options of one transformer block's forward pass.
+pub(crate) struct BlockOptions {
+    pub heads: usize,
+    pub eps: f64,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub batched: bool,
+    /// Whether the backward pass must itself be differentiable (GELU then uses `erf`, not
+    /// candle's fused GELU, whose derivative is written with rounded constants).
+    pub differentiable: bool,
+}
+
+/// One post-norm encoder block over `h` with padding `mask` (`[.., batch, seq]`).
+pub(crate) fn transformer_block(
+    h: &Tensor,
+    mask: &Tensor,
+    p: &ParamOf,
+    opt: &BlockOptions,
+) -> Result<Tensor> {
+    let b = opt.batched;
+    let projection = |name: &str, x: &Tensor| -> Result<Tensor> {
+        let y = linear(
+            x,
+            p(&format!("{name}_weight"))?,
+            p(&format!("{name}_bias"))?,
+            b,
+        )?;
+        if opt.lora_rank == 0 || !(name == "q" || name == "v") {
+            return Ok(y);
+        }
+        let a = p(&format!("{name}_lora_a"))?;
+        let up = p(&format!("{name}_lora_b"))?;
+        let low = matmul_last(x, a, b)?;
+        let delta = matmul_last(&low, up, b)?;
+        Ok(y.add(&delta.affine(opt.lora_alpha / opt.lora_rank as f64, 0.0)?)?)
+    };
+    let q = split_heads(&projection("q", h)?, opt.heads)?;
+    let k = split_heads(&projection("k", h)?, opt.heads)?;
+    let v = split_heads(&projection("v", h)?, opt.heads)?;
+    let head_dim = q.dim(D::Minus1)?;
+    let scores = q
+        .matmul(&k.transpose(D::Minus2, D::Minus1)?.contiguous()?)?
+        .affine(1.0 / (head_dim as f64).sqrt(), 0.0)?;
+    // mask [.., batch, seq] → additive bias [.., batch, 1, 1, seq]
+    let bias = mask
+        .affine(-MASKED_SCORE, MASKED_SCORE)?
+        .unsqueeze(D::Minus2)?
+        .unsqueeze(D::Minus2)?;
+    let weights = ops::softmax(&scores.broadcast_add(&bias)?)?;
+    let context = merge_heads(&weights.matmul(&v)?)?;
+    let attended = linear(&context, p("o_weight")?, p("o_bias")?, b)?;
+    let h = layer_norm(
+        &attended.add(h)?,
+        p("attn_norm_gamma")?,
+        p("attn_norm_beta")?,
+        opt.eps,
+        b,
+    )?;
+    let inner = linear(&h, p("ff1_weight")?, p("ff1_bias")?, b)?;
+    let inner = if opt.differentiable {
+        gelu(&inner)?
+    } else {
+        inner.gelu_erf()?
+    };
+    let out = linear(&inner, p("ff2_weight")?, p("ff2_bias")?, b)?;
+    layer_norm(
+        &out.add(&h)?,
+        p("ff_norm_gamma")?,
+        p("ff_norm_beta")?,
+        opt.eps,
+        b,
+    )
+}
+
+/// Pools `[.., batch, seq, hidden]` to `[.., batch, hidden]` over the positions where `mask`
+/// is 1.
+pub(crate) fn sequence_pool(h: &Tensor, mask: &Tensor, mode: Pooling) -> Result<Tensor> {
+    let seq_dim = h.rank() - 2;
+    let m = mask.unsqueeze(D::Minus1)?;
+    Ok(match mode {
+        Pooling::Mean => {
+            let count = m.sum(seq_dim)?.affine(1.0, 0.0)?;
+            // A sequence of padding only (not produced by the tokenizer) pools to zeros.
+            let count = count.maximum(1e-9)?;
+            h.broadcast_mul(&m)?.sum(seq_dim)?.broadcast_div(&count)?
+        }
+        Pooling::Cls => h.narrow(seq_dim, 0, 1)?.squeeze(seq_dim)?,
+        Pooling::Max => {
+            let bias = m.affine(-MASKED_SCORE, MASKED_SCORE)?;
+            h.broadcast_add(&bias)?.max(seq_dim)?
+        }
+    })
+}
+
+/// Divides every vector of the last dimension by its Euclidean norm (zero vectors stay zero).
+pub(crate) fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    // The tiny constant plays the part of PyTorch's `max(norm, 1e-12)`: it changes no norm
+    // above 1e-12 and keeps the square root differentiable at zero.
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .affine(1.0, 1e-24)?
+        .sqrt()?;
+    Ok(x.broadcast_div(&norm)?)
+}
+
+/// `x W + b` over the last dimension of `x`; `W` is `[in, out]` (`[tasks, in, out]` batched).
+fn linear(x: &Tensor, w: &Tensor, bias: &Tensor, batched: bool) -> Result<Tensor> {
+    let y = matmul_last(x, w, batched)?;
+    if batched {
+        let tasks = bias.dim(0)?;
+        let mut shape = vec![1usize; y.rank()];
+        shape[0] = tasks;
+        shape[y.rank() - 1] = bias.dim(1)?;
+        Ok(y.broadcast_add(&bias.reshape(shape)?)?)
+    } else {
+        Ok(y.broadcast_add(bias)?)
+    }
+}
+
+/// `x W` over the last dimension of `x`, as one matrix product over all leading positions.
+fn matmul_last(x: &Tensor, w: &Tensor, batched: bool) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let input = dims[dims.len() - 1];
+    let output = w.dim(D::Minus1)?;
+    let mut out_dims = dims.clone();
+    *out_dims.last_mut().expect("rank ≥ 1") = output;
+    let y = if batched {
+        let tasks = dims[0];
+        let rows = x.elem_count() / (tasks * input);
+        x.reshape((tasks, rows, input))?.matmul(w)?
+    } else {
+        let rows = x.elem_count() / input;
+        x.reshape((rows, input))?.matmul(w)?
+    };
+    Ok(y.reshape(out_dims)?)
+}
+
+/// `[.., seq, hidden]` → `[.., heads, seq, hidden / heads]`.
+fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let r = dims.len();
+    let mut split = dims[..r - 1].to_vec();
+    split.extend([heads, dims[r - 1] / heads]);
+    Ok(x.reshape(split)?.transpose(r - 2, r - 1)?.contiguous()?)
+}
+
+/// `[.., heads, seq, head_dim]` → `[.., seq, heads · head_dim]`.
+fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let r = dims.len();
+    let x = x.transpose(r - 3, r - 2)?.contiguous()?;
+    let mut merged = dims[..r - 3].to_vec();
+    merged.extend([dims[r - 2], dims[r - 3] * dims[r - 1]]);
+    Ok(x.reshape(merged)?)
+}
+
+/// Layer norm over the last dimension, with scale and shift.
+fn layer_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    batched: bool,
+) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&var.affine(1.0, eps)?.sqrt()?)?;
+    let (gamma, beta) = if batched {
+        let mut shape = vec![1usize; x.rank()];
+        shape[0] = gamma.dim(0)?;
+        shape[x.rank() - 1] = gamma.dim(1)?;
+        (
+            gamma.reshape(shape.as_slice())?,
+            beta.reshape(shape.as_slice())?,
+        )
+    } else {
+        (gamma.clone(), beta.clone())
+    };
+    Ok(normed.broadcast_mul(&gamma)?.broadcast_add(&beta)?)
+}
+
+/// The exact GELU, `x · Φ(x) = x/2 · (1 + erf(x / √2))`.
+fn gelu(x: &Tensor) -> Result<Tensor> {
+    let cdf = x
+        .affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?
+        .erf()?
+        .affine(0.5, 0.5)?;
+    Ok(x.mul(&cdf)?)
+}
