@@ -48,6 +48,7 @@ pub mod plot;
 pub mod progress;
 pub mod sequential;
 pub mod tasks;
+pub mod text;
 
 pub use metalearn_kernels::runtime;
 pub mod train;

@@ -23,7 +23,7 @@ const LIBRARY_LAYERS: &[&[&str]] = &[
     &["train"],
     &["checkpoint"],
     &["sequential"],
-    &["data", "keras"],
+    &["data", "keras", "text"],
     &["tasks"],
     &["meta"],
     &["eval"],

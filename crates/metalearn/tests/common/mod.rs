@@ -12,6 +12,8 @@ use rand_distr::{Distribution, StandardNormal};
 
 use metalearn::{Network, ParamSet};
 
+pub mod text_model;
+
 /// A seeded random generator.
 pub fn rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)
