@@ -190,3 +190,16 @@ pub fn data_source(
         )),
     }
 }
+
+/// The text side of a command: a sentence encoder and the CSV column holding the text.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TextArgs {
+    /// Sentence encoder to build on: a Hugging Face / sentence-transformers folder
+    /// (config.json, model.safetensors, tokenizer.json). Makes `train` a text classifier.
+    #[arg(long, value_name = "DIR")]
+    pub encoder: Option<PathBuf>,
+    /// The CSV column holding the text (default for a text model: the column it was trained
+    /// on).
+    #[arg(long, value_name = "COLUMN")]
+    pub text_column: Option<String>,
+}

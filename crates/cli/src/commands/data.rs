@@ -1,11 +1,13 @@
-//! `metalearn data fetch omniglot`: downloads the Omniglot archives and the one-shot benchmark
-//! runs, verifying checksums, and unpacks the runs for `eval-runs`.
+//! `metalearn data fetch omniglot|clinc150`: downloads the Omniglot archives and the one-shot
+//! benchmark runs (unpacked for `eval-runs`), or the CLINC150 intent data (written as CSV files),
+//! verifying checksums.
 
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use serde_json::json;
 
+use metalearn::data::clinc150::{clinc150_files, write_clinc150_csvs, CLINC150_BASE_URL};
 use metalearn::data::fetch::{
     extract_zip, fetch_files, omniglot_files, FetchOptions, Verification, OMNIGLOT_BASE_URL,
 };
@@ -29,15 +31,16 @@ pub enum DataAction {
 /// Arguments of `data fetch`.
 #[derive(Args, Debug, Clone)]
 pub struct FetchArgs {
-    /// The data set: omniglot.
-    #[arg(value_parser = ["omniglot"])]
+    /// The data set: omniglot, or clinc150 (downloaded, then written as train.csv, val.csv and
+    /// test.csv with columns text,intent,domain; out-of-scope rows have intent `oos`).
+    #[arg(value_parser = ["omniglot", "clinc150"])]
     pub dataset: String,
-    /// Folder to download into (created if needed).
-    #[arg(long, value_name = "DIR", default_value = "data/omniglot")]
-    pub dir: PathBuf,
-    /// Where the files are published (the repository's python/ folder).
-    #[arg(long, value_name = "URL", default_value = OMNIGLOT_BASE_URL)]
-    pub base_url: String,
+    /// Folder to download into (created if needed) [default: data/DATASET].
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Where the files are published [default: the data set's public repository].
+    #[arg(long, value_name = "URL")]
+    pub base_url: Option<String>,
     /// Fetch only these files (repeatable), e.g. --only images_background_small1.zip.
     #[arg(long, value_name = "FILE")]
     pub only: Vec<String>,
@@ -60,12 +63,30 @@ pub fn run(args: &DataArgs) -> Result<()> {
 }
 
 fn run_fetch(args: &FetchArgs) -> Result<()> {
-    let mut files = omniglot_files();
+    let clinc = args.dataset == "clinc150";
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("data").join(&args.dataset));
+    let base_url = args.base_url.clone().unwrap_or_else(|| {
+        if clinc {
+            CLINC150_BASE_URL
+        } else {
+            OMNIGLOT_BASE_URL
+        }
+        .to_string()
+    });
+    let mut files = if clinc {
+        clinc150_files()
+    } else {
+        omniglot_files()
+    };
     if !args.only.is_empty() {
         let known: Vec<String> = files.iter().map(|f| f.file_name().to_string()).collect();
         if let Some(bad) = args.only.iter().find(|o| !known.contains(o)) {
             return Err(Error::Config(format!(
-                "--only {bad}: not an Omniglot file; choose from {}",
+                "--only {bad}: not a file of {}; choose from {}",
+                args.dataset,
                 known.join(", ")
             )));
         }
@@ -75,7 +96,7 @@ fn run_fetch(args: &FetchArgs) -> Result<()> {
         progress: !args.quiet && !args.json && crate::console::stderr_is_terminal(),
         ..FetchOptions::default()
     };
-    let fetched = fetch_files(&args.base_url, &args.dir, &files, &options)?;
+    let fetched = fetch_files(&base_url, &dir, &files, &options)?;
     let mut extracted = None;
     for file in &fetched {
         let action = if file.downloaded {
@@ -94,7 +115,7 @@ fn run_fetch(args: &FetchArgs) -> Result<()> {
             println!("{}: {action}; {check}", file.path.display());
         }
         if file.name == "all_runs.zip" && !args.no_extract {
-            let dest = args.dir.join("all_runs");
+            let dest = dir.join("all_runs");
             let count = extract_zip(&file.path, &dest)?;
             if !args.json {
                 println!(
@@ -106,13 +127,28 @@ fn run_fetch(args: &FetchArgs) -> Result<()> {
             extracted = Some(dest);
         }
     }
+    let mut csv_files = Vec::new();
+    if clinc && fetched.len() == files.len() && files.len() == clinc150_files().len() {
+        let counts = write_clinc150_csvs(&dir, &dir)?;
+        for (name, in_scope, out_of_scope) in &counts.files {
+            if !args.json {
+                println!(
+                    "wrote {}: {in_scope} in-scope rows, {out_of_scope} out-of-scope rows \
+                     (columns text,intent,domain)",
+                    dir.join(name).display()
+                );
+            }
+            csv_files.push(dir.join(name).display().to_string());
+        }
+    }
     if args.json {
         println!(
             "{}",
             json!({
+                "csv_files": csv_files,
                 "command": "data fetch",
                 "dataset": args.dataset,
-                "dir": args.dir.display().to_string(),
+                "dir": dir.display().to_string(),
                 "files": fetched,
                 "runs_folder": extracted.map(|p| p.display().to_string()),
             })

@@ -7,11 +7,14 @@ use serde_json::json;
 
 use crate::args::DataArgs;
 use crate::console::{format_scores, scores_to_report, Console};
+use metalearn::checkpoint::Checkpoint;
+use metalearn::data::text::load_labelled_texts;
 use metalearn::error::{Error, Result};
 use metalearn::sequential::Sequential;
 use metalearn::train::loss::Loss;
 use metalearn::train::metrics::Metric;
 use metalearn::train::optim::OptimizerConfig;
+use metalearn::transfer::text::{score_texts, TextClassifier};
 use metalearn::transfer::{load_for_model, load_model, DataInfo, OutputKind};
 
 /// Arguments of `evaluate`.
@@ -26,6 +29,9 @@ pub struct EvaluateArgs {
     /// Examples per forward pass.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub batch_size: usize,
+    /// Text models: the CSV column holding the text (default: the one it was trained on).
+    #[arg(long, value_name = "COLUMN")]
+    pub text_column: Option<String>,
     /// Print one JSON object with the loss and metrics as the last line of stdout.
     #[arg(long)]
     pub json: bool,
@@ -51,6 +57,9 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
     if args.batch_size == 0 {
         return Err(Error::Config("--batch-size must be at least 1".into()));
     }
+    if let Some(model) = text_model(&args.model)? {
+        return run_text(args, &model, &console);
+    }
     let (mut model, info) = load_model(&args.model)?;
     ensure_compiled(&mut model, &info)?;
     let (x, y, n) = load_for_model(&info, &model, &args.data.files(), true)?;
@@ -60,6 +69,55 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
     summary.insert("command".into(), json!("evaluate"));
     summary.insert("examples".into(), json!(n));
     summary.insert("model".into(), json!(args.model.display().to_string()));
+    console.finish(&summary);
+    Ok(())
+}
+
+/// The text classifier in a checkpoint, or `None` for other models.
+fn text_model(path: &std::path::Path) -> Result<Option<TextClassifier>> {
+    let ckpt = Checkpoint::load(path, &candle_core::Device::Cpu)?;
+    if !TextClassifier::is_text_checkpoint(&ckpt) {
+        return Ok(None);
+    }
+    TextClassifier::from_checkpoint(&ckpt)
+        .map(Some)
+        .map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))
+}
+
+/// `evaluate` of a text model: accuracy (the unknown label as one more class), closed-set
+/// accuracy, in-scope accuracy and out-of-scope recall and precision.
+fn run_text(args: &EvaluateArgs, model: &TextClassifier, console: &Console) -> Result<()> {
+    let data = args.data.data.as_ref().ok_or_else(|| {
+        Error::Config("--data FILE.csv is required: the labelled texts to score".into())
+    })?;
+    let section = model.section();
+    let text_column = args.text_column.as_deref().unwrap_or(&section.text_column);
+    let label_column = args.data.target.as_deref().unwrap_or(&section.label_column);
+    let texts = load_labelled_texts(data, text_column, Some(label_column))?;
+    let scores = score_texts(model, &texts, args.batch_size)?;
+    let mut line = format!(
+        "{} texts: accuracy {:.4}, closed-set accuracy {:.4}",
+        scores.rows, scores.accuracy, scores.closed_accuracy
+    );
+    if let Some(recall) = scores.oos_recall {
+        line.push_str(&format!(
+            ", in-scope accuracy {:.4}, out-of-scope recall {recall:.4}, precision {}",
+            scores.in_scope_accuracy,
+            scores
+                .oos_precision
+                .map_or("n/a".to_string(), |p| format!("{p:.4}"))
+        ));
+    }
+    console.line(&line);
+    let mut summary = serde_json::Map::new();
+    summary.insert("command".into(), json!("evaluate"));
+    summary.insert("examples".into(), json!(scores.rows));
+    summary.insert("model".into(), json!(args.model.display().to_string()));
+    if let serde_json::Value::Object(fields) =
+        serde_json::to_value(&scores).expect("scores serialise")
+    {
+        summary.extend(fields);
+    }
     console.finish(&summary);
     Ok(())
 }

@@ -60,7 +60,7 @@ pub fn apply_threads(threads: Option<usize>) {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Train a model on a CSV file (MLP) or an image folder (Conv-4) and save a checkpoint.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Fine-tune a checkpoint on new data: all layers, some frozen, a new head or a linear probe.
     Finetune(finetune::FinetuneArgs),
     /// Print the loss and metrics of a checkpoint on labelled data.

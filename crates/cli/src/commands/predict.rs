@@ -9,8 +9,11 @@ use serde_json::json;
 
 use crate::args::DataArgs;
 use crate::console::Console;
+use metalearn::checkpoint::Checkpoint;
+use metalearn::data::text::load_labelled_texts;
 use metalearn::error::{Error, Result};
 use metalearn::nn::ops;
+use metalearn::transfer::text::TextClassifier;
 use metalearn::transfer::{load_for_model, load_model, DataInfo, OutputKind};
 
 /// Arguments of `predict`.
@@ -29,6 +32,10 @@ pub struct PredictArgs {
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub batch_size: usize,
     /// Print one JSON object with a summary as the last line of stdout.
+    /// Text models: the CSV column holding the text (default: the one it was trained on).
+    #[arg(long, value_name = "COLUMN")]
+    pub text_column: Option<String>,
+    /// Print one JSON object with the results as the last line of stdout.
     #[arg(long)]
     pub json: bool,
 }
@@ -99,6 +106,12 @@ pub fn run(args: &PredictArgs) -> Result<()> {
     if args.batch_size == 0 {
         return Err(Error::Config("--batch-size must be at least 1".into()));
     }
+    let ckpt = Checkpoint::load(&args.model, &candle_core::Device::Cpu)?;
+    if TextClassifier::is_text_checkpoint(&ckpt) {
+        let model = TextClassifier::from_checkpoint(&ckpt)
+            .map_err(|e| Error::Checkpoint(format!("{}: {e}", args.model.display())))?;
+        return run_text(args, &model, &console);
+    }
     let (model, info) = load_model(&args.model)?;
     let (x, _, n) = load_for_model(&info, &model, &args.data.files(), false)?;
     let output = model.predict(&x, args.batch_size)?;
@@ -118,6 +131,57 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         ]
         .into_iter()
         .collect(),
+    );
+    Ok(())
+}
+
+/// `predict` of a text model: one row per text with the predicted label (the unknown label
+/// below the stored threshold), its confidence and the best known class.
+fn run_text(args: &PredictArgs, model: &TextClassifier, console: &Console) -> Result<()> {
+    let data = args.data.data.as_ref().ok_or_else(|| {
+        Error::Config("--data FILE.csv is required: the texts to classify".into())
+    })?;
+    let text_column = args
+        .text_column
+        .as_deref()
+        .unwrap_or(&model.section().text_column);
+    let texts = load_labelled_texts(data, text_column, None)?;
+    let predictions = model.predict(&texts.text_refs(), args.batch_size)?;
+    let csv_error = |e: csv::Error| Error::Data(format!("cannot format predictions: {e}"));
+    let mut writer = csv::Writer::from_writer(Vec::new());
+    writer
+        .write_record(["prediction", "confidence", "best_class"])
+        .map_err(csv_error)?;
+    for p in &predictions {
+        writer
+            .write_record([
+                p.label.as_str(),
+                &format!("{:.6}", p.confidence),
+                &p.best_class,
+            ])
+            .map_err(csv_error)?;
+    }
+    let bytes = writer
+        .into_inner()
+        .map_err(|e| Error::Data(format!("cannot format predictions: {e}")))?;
+    metalearn::fsutil::atomic_write(&args.out, &bytes)?;
+    console.line(&format!(
+        "wrote {} predictions to {}",
+        predictions.len(),
+        args.out.display()
+    ));
+    console.finish(
+        json!({
+            "command": "predict",
+            "predictions": predictions.len(),
+            "out": args.out.display().to_string(),
+            "unknown": predictions
+                .iter()
+                .filter(|p| model.unknown().is_some_and(|u| u.label == p.label))
+                .count(),
+        })
+        .as_object()
+        .expect("object"),
     );
     Ok(())
 }

@@ -6,13 +6,14 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::json;
 
-use crate::args::{data_source, DataArgs, TrainingArgs};
+use crate::args::{data_source, DataArgs, TextArgs, TrainingArgs};
 use crate::console::format_scores;
 use metalearn::data::image_folder::ImageFolderOptions;
 use metalearn::error::{Error, Result};
 use metalearn::nn::architecture::{Activation, Architecture};
 use metalearn::sequential::Sequential;
 use metalearn::transfer::config::load_for;
+use metalearn::transfer::text::{train_text_and_save, TextMethod, TextRunSettings, TextTrainPlan};
 use metalearn::transfer::{
     fit_and_save, load_dataset, parse_hidden, plan_head, push_head, DataInfo, DataSource,
     ImageShape,
@@ -56,10 +57,44 @@ pub struct TrainArgs {
     /// Optimiser, loss, schedule and output options.
     #[command(flatten)]
     pub training: TrainingArgs,
+    /// Text classification on a pre-trained encoder.
+    #[command(flatten)]
+    pub text: TextArgs,
+    /// Text models: how to transfer: linear-probe (frozen encoder, logistic regression),
+    /// prototype (nearest class mean, no training), finetune (linear probe, then encoder and
+    /// head together) or lora (linear probe, then LoRA adapters and head) [default:
+    /// linear-probe].
+    #[arg(long, value_name = "METHOD")]
+    pub method: Option<String>,
+    /// Text models: draw this many training rows per class (the few-shot protocol; the draw
+    /// follows --seed).
+    #[arg(long, value_name = "K")]
+    pub shots_per_class: Option<usize>,
+    /// Text models: rows with this label are out of scope: not a class; a rejection threshold
+    /// on the model's confidence is chosen on --validation-data and stored in the model.
+    #[arg(long, value_name = "LABEL")]
+    pub unknown_label: Option<String>,
+    /// Text models: labelled validation CSV (same columns), scored after training.
+    #[arg(long, value_name = "FILE")]
+    pub validation_data: Option<PathBuf>,
+    /// Text models with --method finetune: train only the top N transformer blocks.
+    #[arg(long, value_name = "N")]
+    pub top_layers: Option<usize>,
+    /// Text models with --method lora: the adapters' rank [default: 8].
+    #[arg(long, value_name = "R")]
+    pub lora_rank: Option<usize>,
 }
 
 /// Runs `train`.
 pub fn run(args: &TrainArgs) -> Result<()> {
+    if args.text.encoder.is_some() {
+        return run_text(args);
+    }
+    if let Some(flag) = text_only_flag(args) {
+        return Err(Error::Config(format!(
+            "{flag} applies to text models; add --encoder DIR and --text-column COLUMN"
+        )));
+    }
     let console = args.training.console();
     let cfg = load_for(args.training.config.as_deref(), "train")?;
     let plan = args.training.plan(&cfg, DEFAULT_EPOCHS, &console)?;
@@ -167,6 +202,118 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         summary["train_seconds"].as_f64().unwrap_or(0.0),
         summary["log"].as_str().unwrap_or_default()
     ));
+    console.finish(&summary);
+    Ok(())
+}
+
+/// The first text-only flag given without --encoder.
+fn text_only_flag(args: &TrainArgs) -> Option<&'static str> {
+    [
+        (args.text.text_column.is_some(), "--text-column"),
+        (args.method.is_some(), "--method"),
+        (args.shots_per_class.is_some(), "--shots-per-class"),
+        (args.unknown_label.is_some(), "--unknown-label"),
+        (args.validation_data.is_some(), "--validation-data"),
+        (args.top_layers.is_some(), "--top-layers"),
+        (args.lora_rank.is_some(), "--lora-rank"),
+    ]
+    .into_iter()
+    .find(|(given, _)| *given)
+    .map(|(_, flag)| flag)
+}
+
+/// `train --encoder`: a text classifier on a pre-trained sentence encoder.
+fn run_text(args: &TrainArgs) -> Result<()> {
+    let console = args.training.console();
+    let encoder = args.text.encoder.clone().expect("checked by the caller");
+    let data = args.data.data.clone().ok_or_else(|| {
+        Error::Config("--data FILE.csv is required with --encoder: the labelled texts".into())
+    })?;
+    let text_column = args.text.text_column.clone().ok_or_else(|| {
+        Error::Config(
+            "--text-column COLUMN is required with --encoder: the column holding the text".into(),
+        )
+    })?;
+    let label_column = args.data.target.clone().ok_or_else(|| {
+        Error::Config(
+            "--target COLUMN is required with --encoder: the column holding the label".into(),
+        )
+    })?;
+    let out = args
+        .out
+        .clone()
+        .ok_or_else(|| Error::Config("--out PATH is required: where to save the model".into()))?;
+    let training = &args.training;
+    let mut plan = TextTrainPlan::default();
+    if let Some(method) = &args.method {
+        plan.method = method.parse()?;
+    }
+    if !plan.method.trains_encoder() {
+        for (given, flag) in [
+            (training.epochs.is_some(), "--epochs"),
+            (training.lr.is_some(), "--lr"),
+            (training.batch_size.is_some(), "--batch-size"),
+            (args.top_layers.is_some(), "--top-layers"),
+            (args.lora_rank.is_some(), "--lora-rank"),
+        ] {
+            if given {
+                return Err(Error::Config(format!(
+                    "{flag} applies when the encoder trains (--method finetune or lora), not to \
+                     --method {}",
+                    plan.method.name()
+                )));
+            }
+        }
+    }
+    if plan.method == TextMethod::Lora {
+        plan.lr = 5e-4;
+    }
+    plan.epochs = training.epochs.unwrap_or(plan.epochs);
+    plan.batch_size = training.batch_size.unwrap_or(plan.batch_size);
+    plan.lr = training.lr.unwrap_or(plan.lr);
+    plan.weight_decay = training.weight_decay.unwrap_or(plan.weight_decay);
+    plan.top_layers = args.top_layers;
+    plan.lora_rank = args.lora_rank.unwrap_or(plan.lora_rank);
+    plan.seed = training.seed.unwrap_or(0);
+    if plan.epochs == 0 || plan.batch_size == 0 || plan.lora_rank == 0 {
+        return Err(Error::Config(
+            "--epochs, --batch-size and --lora-rank must be at least 1".into(),
+        ));
+    }
+    let settings = TextRunSettings {
+        encoder,
+        data,
+        text_column,
+        label_column,
+        shots_per_class: args.shots_per_class,
+        unknown_label: args.unknown_label.clone(),
+        validation: args.validation_data.clone(),
+        plan,
+        out: out.clone(),
+    };
+    let report = train_text_and_save(&settings, &mut |line| console.note(line))?;
+    let mut summary = serde_json::Map::new();
+    summary.insert("command".into(), json!("train"));
+    if let serde_json::Value::Object(fields) =
+        serde_json::to_value(&report).expect("report serialises")
+    {
+        summary.extend(fields);
+    }
+    console.line(&format!(
+        "trained a {}-class text classifier ({}) on {} rows in {:.1} s",
+        report.train.classes, report.train.method, report.train.rows, report.seconds
+    ));
+    if let Some(val) = &report.validation {
+        let mut line = format!(
+            "validation: accuracy {:.4}, in-scope accuracy {:.4}",
+            val.accuracy, val.in_scope_accuracy
+        );
+        if let Some(recall) = val.oos_recall {
+            line.push_str(&format!(", out-of-scope recall {recall:.4}"));
+        }
+        console.line(&line);
+    }
+    console.line(&format!("saved {}", out.display()));
     console.finish(&summary);
     Ok(())
 }

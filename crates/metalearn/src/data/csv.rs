@@ -37,12 +37,31 @@ pub fn load_csv_features(path: &Path, features: &[String]) -> Result<Tensor> {
         .iter()
         .map(|name| table.column_index(name, "feature"))
         .collect::<Result<Vec<_>>>()?;
-    let parsed = table.read_rows(&columns, None)?;
+    let parsed = table.read_rows(&columns, &[])?;
     Ok(Tensor::from_vec(
         parsed.features,
         (parsed.rows, columns.len()),
         &Device::Cpu,
     )?)
+}
+
+/// The cells of the named text columns, row by row (`rows[i][j]` is column `columns[j].0` of
+/// data row `i`), with the line each row starts on. `columns[j].1` is the column's role in
+/// messages (`text`, `label`). Missing columns are errors that list the
+/// columns and suggest the closest name; empty cells and invalid UTF-8 name their line.
+pub fn load_text_columns(path: &Path, columns: &[(&str, &str)]) -> Result<Vec<(u64, Vec<String>)>> {
+    let table = Table::open(path)?;
+    let indices = columns
+        .iter()
+        .map(|(name, role)| table.column_index(name, role))
+        .collect::<Result<Vec<_>>>()?;
+    let parsed = table.read_rows(&[], &indices)?;
+    let width = indices.len().max(1);
+    Ok(parsed
+        .targets
+        .chunks(width)
+        .map(|cells| (cells[0].0, cells.iter().map(|(_, c)| c.clone()).collect()))
+        .collect())
 }
 
 /// The column names of a CSV file's header, in file order.
@@ -69,7 +88,7 @@ pub fn load_csv_with_classes(
             table.file
         )));
     }
-    let parsed = table.read_rows(&columns, Some(target_index))?;
+    let parsed = table.read_rows(&columns, &[target_index])?;
     let target_name = table.header[target_index].clone();
     let (y, class_names) = match class_names {
         Some(names) => (
@@ -105,7 +124,7 @@ struct ParsedRows {
     rows: usize,
     /// Row-major `[rows, columns]`.
     features: Vec<f32>,
-    /// The target cell of each row with its line.
+    /// The text cells of each row (the target, or text columns) with the row's line.
     targets: Vec<(u64, String)>,
 }
 
@@ -199,8 +218,9 @@ impl Table {
         )))
     }
 
-    /// Reads every data row: `columns` are parsed as finite numbers, `target` is kept as text.
-    fn read_rows(&self, columns: &[usize], target: Option<usize>) -> Result<ParsedRows> {
+    /// Reads every data row: `columns` are parsed as finite numbers, the cells of
+    /// `text_columns` are kept as text (one entry of `targets` per cell, row by row).
+    fn read_rows(&self, columns: &[usize], text_columns: &[usize]) -> Result<ParsedRows> {
         let file = &self.file;
         let mut reader = reader(&self.bytes);
         let mut record = ::csv::ByteRecord::new();
@@ -247,7 +267,7 @@ impl Table {
                     ))
                 })?);
             }
-            if let Some(t) = target {
+            for &t in text_columns {
                 let cell = self.cell(&record, t, line)?;
                 parsed.targets.push((line, cell.to_string()));
             }

@@ -8,10 +8,12 @@
 
 pub mod augment;
 pub mod classes;
+pub mod clinc150;
 pub mod csv;
 pub mod fetch;
 pub mod image_folder;
 pub mod omniglot;
+pub mod text;
 
 use candle_core::{DType, Device, Tensor};
 

@@ -8,6 +8,7 @@ pub mod fit;
 pub mod head;
 pub mod imported;
 pub mod model_data;
+pub mod text;
 
 pub use fit::{fit_and_save, optimizer_from, FitReport, TrainPlan};
 pub use head::{detect_target, parse_hidden, plan_head, push_head, HeadPlan};

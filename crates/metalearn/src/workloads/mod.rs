@@ -21,12 +21,15 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+
+mod text;
 use crate::meta::learner::MetaLearner;
 use crate::meta::{AlgorithmConfig, AlgorithmKind};
 use crate::nn::architecture::{Activation, Architecture};
 use crate::tasks::sinusoid::SinusoidTasks;
 use crate::tasks::{Split, Task, TaskKind, TaskSource};
 use crate::train::optim::OptimizerConfig;
+pub use text::{run_text, TextInput, TEXT_WORKLOADS};
 
 /// The benchmark workloads, by name.
 pub const WORKLOADS: [&str; 6] = [
@@ -65,6 +68,14 @@ pub struct BenchResult {
     /// Milliseconds per timed iteration spent in collectives (waiting for the slowest rank
     /// included).
     pub comm_ms_per_iter: f64,
+    /// Median of the iterations, in milliseconds.
+    pub median_ms: f64,
+    /// Text workloads: sentences encoded (or trained on) per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sentences_per_sec: Option<f64>,
+    /// Text workloads: sentences per iteration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sentences_per_iter: Option<usize>,
 }
 
 /// Default number of timed iterations of a workload (the peer scripts' defaults where they
@@ -73,6 +84,9 @@ pub fn default_iterations(workload: &str) -> usize {
     match workload {
         "maml-sine" | "maml-sine-5" => 500,
         "adapt-protonet-conv4" => 50,
+        "encode-minilm" => 3,
+        "encode-minilm-single" => 200,
+        "finetune-minilm" => 10,
         _ => 5,
     }
 }
@@ -81,6 +95,8 @@ pub fn default_iterations(workload: &str) -> usize {
 struct Prepared {
     step: Box<dyn FnMut() -> Result<()>>,
     warmup: usize,
+    /// Sentences one iteration handles (text workloads).
+    sentences: Option<usize>,
 }
 
 /// Runs `workload` for `iterations` timed iterations (after a short warm-up) on `device`.
@@ -89,7 +105,17 @@ pub fn run(workload: &str, iterations: usize, device: &Device) -> Result<BenchRe
     if iterations == 0 {
         return Err(Error::Config("--iterations must be at least 1".into()));
     }
-    let mut prepared = prepare(workload, device)?;
+    let prepared = prepare(workload, device)?;
+    time_prepared(workload, prepared, iterations, device)
+}
+
+/// Times a prepared workload.
+fn time_prepared(
+    workload: &str,
+    mut prepared: Prepared,
+    iterations: usize,
+    device: &Device,
+) -> Result<BenchResult> {
     for _ in 0..prepared.warmup {
         (prepared.step)()?;
     }
@@ -108,10 +134,16 @@ pub fn run(workload: &str, iterations: usize, device: &Device) -> Result<BenchRe
     }
     let total = started.elapsed().as_secs_f64() * 1000.0;
     let (bytes_after, seconds_after) = world.traffic();
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let ms_per_iter = total / iterations as f64;
     Ok(BenchResult {
+        median_ms: sorted[sorted.len() / 2],
+        sentences_per_sec: prepared.sentences.map(|n| n as f64 * 1000.0 / ms_per_iter),
+        sentences_per_iter: prepared.sentences,
         workload: workload.to_string(),
         iterations,
-        ms_per_iter: total / iterations as f64,
+        ms_per_iter,
         min_ms: times.iter().cloned().fold(f64::INFINITY, f64::min),
         peak_rss_mb: crate::runtime::peak_rss_mb(),
         threads: candle_core::utils::get_num_threads(),
@@ -201,6 +233,7 @@ fn protonet_episode(device: &Device) -> Result<Prepared> {
                 .map(|_| ())
         }),
         warmup: 1,
+        sentences: None,
     })
 }
 
@@ -225,6 +258,7 @@ fn maml_conv4(first_order: bool, device: &Device) -> Result<Prepared> {
     Ok(Prepared {
         step: Box::new(move || learner.meta_train_step(&tasks).map(|_| ())),
         warmup: 1,
+        sentences: None,
     })
 }
 
@@ -244,6 +278,7 @@ fn maml_sine(steps: usize, device: &Device) -> Result<Prepared> {
             learner.meta_train_step(&batch).map(|_| ())
         }),
         warmup: 20,
+        sentences: None,
     })
 }
 
@@ -266,6 +301,7 @@ fn adapt_protonet(device: &Device) -> Result<Prepared> {
             Ok(())
         }),
         warmup: 3,
+        sentences: None,
     })
 }
 

@@ -1,0 +1,269 @@
+//! A text classifier: a sentence encoder with a dense head over its embedding, the class
+//! names, and the out-of-scope rule (a label answered when the top probability is below a
+//! threshold). Saved as one self-contained checkpoint: architecture, weights, the tokenizer's
+//! JSON, the base encoder's name and SHA-256, classes and threshold, so `predict` needs nothing
+//! else.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::nn::architecture::Architecture;
+use crate::nn::network::{ForwardCtx, Network};
+use crate::nn::ops;
+use crate::nn::params::ParamSet;
+use crate::text::{EncoderSource, TextTokenizer};
+
+/// Name of the checkpoint section that holds the text side of a model.
+pub const TEXT_SECTION: &str = "text";
+
+/// Layer name of the classification head.
+pub const HEAD: &str = "head";
+
+/// How queries outside the known classes are answered.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UnknownRule {
+    /// The label answered (`oos` in CLINC150).
+    pub label: String,
+    /// A query whose top class probability is below this is answered with `label`.
+    pub threshold: f64,
+}
+
+/// The checkpoint's `text` section.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TextSection {
+    /// The tokenizer.json text.
+    pub tokenizer: String,
+    /// The longest sequence the model reads.
+    pub max_length: usize,
+    /// The padding token id.
+    pub pad_id: u32,
+    /// The encoder the model was built on.
+    pub encoder: EncoderSource,
+    /// Class names by class id.
+    pub classes: Vec<String>,
+    /// The out-of-scope rule, when the model has one.
+    #[serde(default)]
+    pub unknown: Option<UnknownRule>,
+    /// The transfer method that trained it.
+    pub method: String,
+    /// The CSV column the texts were read from.
+    pub text_column: String,
+    /// The CSV column the labels were read from.
+    pub label_column: String,
+}
+
+/// A sentence encoder with a classification head.
+#[derive(Clone, Debug)]
+pub struct TextClassifier {
+    pub(crate) network: Network,
+    pub(crate) params: ParamSet,
+    pub(crate) tokenizer: TextTokenizer,
+    pub(crate) section: TextSection,
+}
+
+/// One prediction.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TextPrediction {
+    /// The predicted label (the unknown label below the threshold).
+    pub label: String,
+    /// The top class probability.
+    pub confidence: f64,
+    /// The best known class, even when the answer is the unknown label.
+    pub best_class: String,
+}
+
+impl TextClassifier {
+    /// Assembles a classifier; the architecture must read tokens and end in the head.
+    pub fn new(
+        architecture: Architecture,
+        params: ParamSet,
+        tokenizer: TextTokenizer,
+        section: TextSection,
+    ) -> Result<Self> {
+        let network = Network::build(&architecture)?;
+        if !network.reads_tokens()
+            || architecture.layers.last().map(|l| l.name.as_str()) != Some(HEAD)
+        {
+            return Err(Error::Config(
+                "a text classifier reads token ids and ends in a layer named `head`".into(),
+            ));
+        }
+        if network.output_shape() != [section.classes.len()] {
+            return Err(Error::Shape(format!(
+                "the head has {:?} outputs for {} classes",
+                network.output_shape(),
+                section.classes.len()
+            )));
+        }
+        Ok(Self {
+            network,
+            params,
+            tokenizer,
+            section,
+        })
+    }
+
+    /// The network.
+    pub fn network(&self) -> &Network {
+        &self.network
+    }
+
+    /// The weights.
+    pub fn params(&self) -> &ParamSet {
+        &self.params
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    /// Class names by id.
+    pub fn classes(&self) -> &[String] {
+        &self.section.classes
+    }
+
+    /// The out-of-scope rule, if any.
+    pub fn unknown(&self) -> Option<&UnknownRule> {
+        self.section.unknown.as_ref()
+    }
+
+    /// Sets the out-of-scope rule.
+    pub fn set_unknown(&mut self, rule: Option<UnknownRule>) {
+        self.section.unknown = rule;
+    }
+
+    /// The checkpoint's text section (encoder, method, columns).
+    pub fn section(&self) -> &TextSection {
+        &self.section
+    }
+
+    /// Index of the first layer of the head (everything before it is the encoder).
+    pub fn head_index(&self) -> usize {
+        self.network.architecture().layers.len() - 1
+    }
+
+    /// Class probabilities `[texts, classes]` (inference mode), in batches of `batch_size`
+    /// sorted by length.
+    pub fn probabilities(&self, texts: &[&str], batch_size: usize) -> Result<Tensor> {
+        let logits =
+            self.forward_sorted(texts, batch_size, self.network.architecture().layers.len())?;
+        ops::softmax(&logits)
+    }
+
+    /// Encoder outputs `[texts, dim]` (the head's input).
+    pub fn embed(&self, texts: &[&str], batch_size: usize) -> Result<Tensor> {
+        self.forward_sorted(texts, batch_size, self.head_index())
+    }
+
+    /// Runs the first `layers` layers on the texts, longest first in batches, and returns the
+    /// rows in the texts' order, as f32.
+    fn forward_sorted(&self, texts: &[&str], batch_size: usize, layers: usize) -> Result<Tensor> {
+        let (sequences, _) = self.tokenizer.encode_each(texts)?;
+        let dtype = self.params.tensors()[0].dtype();
+        let mut order: Vec<usize> = (0..sequences.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(sequences[i].len()));
+        let mut rows: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
+        for chunk in order.chunks(batch_size.max(1)) {
+            let refs: Vec<&[u32]> = chunk.iter().map(|&i| sequences[i].as_slice()).collect();
+            let ids = self.tokenizer.pad(&refs).to_tensor(dtype, &Device::Cpu)?;
+            let mut ctx = ForwardCtx::eval(None).first_order();
+            let out = self
+                .network
+                .forward_layers(&self.params, &ids, &mut ctx, layers)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
+            for (&i, row) in chunk.iter().zip(out) {
+                rows[i] = Some(row);
+            }
+        }
+        let width = rows.first().and_then(|r| r.as_ref()).map_or(0, |r| r.len());
+        let flat: Vec<f32> = rows
+            .into_iter()
+            .flat_map(|r| r.expect("every row"))
+            .collect();
+        Ok(Tensor::from_vec(flat, (texts.len(), width), &Device::Cpu)?)
+    }
+
+    /// Predicts a label for every text; below the threshold of the unknown rule the answer is
+    /// its label.
+    pub fn predict(&self, texts: &[&str], batch_size: usize) -> Result<Vec<TextPrediction>> {
+        let probabilities = self.probabilities(texts, batch_size)?;
+        let best = probabilities.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        let top = probabilities.max(D::Minus1)?.to_vec1::<f32>()?;
+        Ok(best
+            .iter()
+            .zip(top)
+            .map(|(&class, confidence)| {
+                let best_class = self.section.classes[class as usize].clone();
+                let label = match &self.section.unknown {
+                    Some(rule) if (confidence as f64) < rule.threshold => rule.label.clone(),
+                    _ => best_class.clone(),
+                };
+                TextPrediction {
+                    label,
+                    confidence: confidence as f64,
+                    best_class,
+                }
+            })
+            .collect())
+    }
+
+    /// The classifier as a checkpoint.
+    pub fn to_checkpoint(&self) -> Result<Checkpoint> {
+        let mut ckpt = Checkpoint::new(
+            self.network.architecture().clone(),
+            self.params.detach(),
+            ParamSet::new(),
+        );
+        ckpt.provenance.data = Some(self.section.encoder.name.clone());
+        ckpt.sections.insert(
+            TEXT_SECTION.into(),
+            serde_json::to_value(&self.section).expect("text section serialises"),
+        );
+        Ok(ckpt)
+    }
+
+    /// Saves the classifier to one checkpoint file, atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.to_checkpoint()?.save(path)
+    }
+
+    /// Whether a checkpoint holds a text model.
+    pub fn is_text_checkpoint(ckpt: &Checkpoint) -> bool {
+        ckpt.section(TEXT_SECTION).is_some()
+    }
+
+    /// Reads a classifier saved by [`TextClassifier::save`].
+    pub fn load(path: &Path) -> Result<Self> {
+        let ckpt = Checkpoint::load(path, &Device::Cpu)?;
+        Self::from_checkpoint(&ckpt)
+            .map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))
+    }
+
+    /// Rebuilds a classifier from a loaded checkpoint.
+    pub fn from_checkpoint(ckpt: &Checkpoint) -> Result<Self> {
+        let section = ckpt.section(TEXT_SECTION).ok_or_else(|| {
+            Error::Checkpoint(
+                "this checkpoint holds no text model (no `text` section); text commands need a \
+                 model trained with --encoder"
+                    .into(),
+            )
+        })?;
+        let section: TextSection = serde_json::from_value(section.clone()).map_err(|e| {
+            Error::Checkpoint(format!("the checkpoint's `text` section is invalid ({e})"))
+        })?;
+        let tokenizer =
+            TextTokenizer::from_json(&section.tokenizer, section.max_length, section.pad_id)?;
+        Self::new(
+            ckpt.architecture.clone(),
+            ckpt.params.clone(),
+            tokenizer,
+            section,
+        )
+    }
+}

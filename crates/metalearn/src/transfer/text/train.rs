@@ -1,0 +1,530 @@
+//! Training a text classifier on a pre-trained encoder, by one of the transfer methods:
+//!
+//! - `linear-probe`: the encoder frozen, a logistic-regression head fitted on its embeddings
+//!   (cross-entropy plus an L2 penalty `|W|² / (2 C n)`, as scikit-learn's `C`);
+//! - `prototype`: no training; the head holds each class's mean embedding, normalised, so the
+//!   logits are scaled cosine similarities (nearest prototype);
+//! - `finetune`: the linear probe first, then the whole encoder (or its top N blocks) and the
+//!   head trained together with AdamW (LP-FT: a fitted head keeps the first steps from
+//!   wrecking the pre-trained features);
+//! - `lora`: like `finetune`, but only low-rank adapters on the attention's query and value
+//!   projections and the head are trained.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::data::text::LabelledTexts;
+use crate::error::{Error, Result};
+use crate::nn::architecture::{Architecture, Layer};
+use crate::nn::network::{ForwardCtx, Network};
+use crate::nn::params::ParamSet;
+use crate::text::TextEncoder;
+use crate::train::loss::Loss;
+use crate::train::optim::{Optimizer, OptimizerConfig};
+use crate::transfer::text::model::{TextClassifier, TextSection, HEAD};
+
+/// How a text classifier is trained on the encoder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TextMethod {
+    /// Frozen encoder, logistic-regression head.
+    LinearProbe,
+    /// Frozen encoder, nearest class prototype (no training).
+    Prototype,
+    /// Linear probe, then encoder (or its top blocks) and head trained together.
+    Finetune,
+    /// Linear probe, then LoRA adapters and head trained together.
+    Lora,
+}
+
+impl TextMethod {
+    /// Every method, by its command-line name.
+    pub const ALL: [(&'static str, TextMethod); 4] = [
+        ("linear-probe", TextMethod::LinearProbe),
+        ("prototype", TextMethod::Prototype),
+        ("finetune", TextMethod::Finetune),
+        ("lora", TextMethod::Lora),
+    ];
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, m)| *m == self)
+            .map(|(n, _)| *n)
+            .expect("listed")
+    }
+
+    /// Whether the encoder's weights change.
+    pub fn trains_encoder(self) -> bool {
+        matches!(self, TextMethod::Finetune | TextMethod::Lora)
+    }
+}
+
+impl std::str::FromStr for TextMethod {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .iter()
+            .find(|(n, _)| *n == s)
+            .map(|(_, m)| *m)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|(n, _)| *n).collect();
+                Error::Config(format!(
+                    "unknown text method `{s}`{}; choose one of: {}",
+                    crate::config::suggest::did_you_mean(s, &names),
+                    names.join(", ")
+                ))
+            })
+    }
+}
+
+/// Settings of a text-classifier training run.
+#[derive(Clone, Debug)]
+pub struct TextTrainPlan {
+    /// The transfer method.
+    pub method: TextMethod,
+    /// Passes over the training texts when the encoder trains.
+    pub epochs: usize,
+    /// Texts per step when the encoder trains.
+    pub batch_size: usize,
+    /// Learning rate of the encoder (or the adapters); linear decay to zero over the run.
+    pub lr: f64,
+    /// Learning rate of the head while the encoder trains.
+    pub head_lr: f64,
+    /// AdamW weight decay of the encoder's weights.
+    pub weight_decay: f64,
+    /// With `finetune`: train only the top N transformer blocks (and the head).
+    pub top_layers: Option<usize>,
+    /// With `lora`: the adapters' rank.
+    pub lora_rank: usize,
+    /// Inverse L2 strength of the logistic-regression head (scikit-learn's `C`).
+    pub c: f64,
+    /// Full-batch optimisation steps of the logistic-regression head.
+    pub head_steps: usize,
+    /// Seed of shuffling and of adapter initialisation.
+    pub seed: u64,
+}
+
+impl Default for TextTrainPlan {
+    fn default() -> Self {
+        Self {
+            method: TextMethod::LinearProbe,
+            epochs: 4,
+            batch_size: 16,
+            lr: 2e-5,
+            head_lr: 1e-3,
+            weight_decay: 0.01,
+            top_layers: None,
+            lora_rank: 8,
+            c: 10.0,
+            head_steps: 500,
+            seed: 0,
+        }
+    }
+}
+
+/// What a training run did.
+#[derive(Clone, Debug, Serialize)]
+pub struct TextTrainReport {
+    /// The method.
+    pub method: String,
+    /// Training texts (out-of-scope rows left out).
+    pub rows: usize,
+    /// Classes.
+    pub classes: usize,
+    /// Training texts longer than the model reads (cut).
+    pub truncated: usize,
+    /// Mean training loss of each encoder epoch.
+    pub epoch_losses: Vec<f64>,
+    /// Parameters that were trained.
+    pub trained_parameters: usize,
+    /// Wall time of the whole run, in seconds.
+    pub seconds: f64,
+}
+
+/// Texts and class ids of the in-scope training rows.
+fn in_scope(train: &LabelledTexts, classes: &[String]) -> (Vec<usize>, Vec<u32>) {
+    let mut rows = Vec::new();
+    let mut ids = Vec::new();
+    for (i, label) in train.labels.iter().enumerate() {
+        if let Ok(c) = classes.binary_search(label) {
+            rows.push(i);
+            ids.push(c as u32);
+        }
+    }
+    (rows, ids)
+}
+
+/// Trains a classifier of `train`'s classes (sorted; rows labelled `unknown` are not a class).
+pub fn train_text_classifier(
+    encoder: &TextEncoder,
+    train: &LabelledTexts,
+    unknown: Option<&str>,
+    plan: &TextTrainPlan,
+    text_column: &str,
+    label_column: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(TextClassifier, TextTrainReport)> {
+    let started = Instant::now();
+    let classes = train.classes(unknown);
+    if classes.len() < 2 {
+        return Err(Error::Data(format!(
+            "{}: column `{label_column}` has {} class(es) besides the unknown label; a \
+             classifier needs at least 2",
+            train.file,
+            classes.len()
+        )));
+    }
+    let (rows, ids) = in_scope(train, &classes);
+    let texts: Vec<&str> = rows.iter().map(|&i| train.texts[i].as_str()).collect();
+    progress(&format!(
+        "embedding {} training texts with the frozen encoder",
+        texts.len()
+    ));
+    let embedded = encoder.embed(&texts, 32)?;
+    let features = embedded.vectors.to_dtype(DType::F32)?;
+    let (weight, bias) = match plan.method {
+        TextMethod::Prototype => prototype_head(&features, &ids, classes.len())?,
+        _ => {
+            progress(&format!(
+                "fitting a logistic-regression head (C = {}, {} steps)",
+                plan.c, plan.head_steps
+            ));
+            logistic_regression(&features, &ids, classes.len(), plan.c, plan.head_steps)?
+        }
+    };
+
+    let mut arch = encoder.network().architecture().clone();
+    if plan.method == TextMethod::Lora {
+        for layer in &mut arch.layers {
+            if let Layer::TransformerBlock { lora_rank, .. } = &mut layer.layer {
+                *lora_rank = plan.lora_rank;
+            }
+        }
+    }
+    arch.push_named(HEAD, Layer::dense(classes.len()))?;
+    let network = Network::build(&arch)?;
+    let dtype = encoder.dtype();
+    let fresh = network.init_params(plan.seed, &Device::Cpu, dtype)?;
+    let mut params = ParamSet::new();
+    for (name, tensor) in fresh.iter() {
+        let value = if let Some(t) = encoder.params().try_get(name) {
+            t.clone()
+        } else if name == "head.weight" {
+            weight.to_dtype(dtype)?
+        } else if name == "head.bias" {
+            bias.to_dtype(dtype)?
+        } else {
+            tensor.clone() // LoRA adapters: A random, B zero.
+        };
+        params.insert(name.clone(), value)?;
+    }
+
+    let mut epoch_losses = Vec::new();
+    let mut trained_parameters = weight.elem_count() + bias.elem_count();
+    if plan.method.trains_encoder() {
+        let trainable = trainable_names(&arch, plan)?;
+        let mut trainer = TextTrainer::new(network.clone(), params, &trainable, plan)?;
+        trained_parameters = trainer.trained_parameters();
+        let (sequences, _) = encoder.tokenizer().encode_each(&texts)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(plan.seed);
+        let steps_per_epoch = sequences.len().div_ceil(plan.batch_size.max(1));
+        let total_steps = (steps_per_epoch * plan.epochs).max(1);
+        let mut order: Vec<usize> = (0..sequences.len()).collect();
+        for epoch in 0..plan.epochs {
+            order.shuffle(&mut rng);
+            let mut sum = 0.0;
+            for chunk in order.chunks(plan.batch_size.max(1)) {
+                let fraction = trainer.steps() as f64 / total_steps as f64;
+                trainer.set_lr_scale(1.0 - fraction);
+                let refs: Vec<&[u32]> = chunk.iter().map(|&i| sequences[i].as_slice()).collect();
+                let batch_ids = encoder
+                    .tokenizer()
+                    .pad(&refs)
+                    .to_tensor(dtype, &Device::Cpu)?;
+                let targets: Vec<f32> = chunk.iter().map(|&i| ids[i] as f32).collect();
+                let targets =
+                    Tensor::from_vec(targets, chunk.len(), &Device::Cpu)?.to_dtype(dtype)?;
+                sum += trainer.step(&batch_ids, &targets)? * chunk.len() as f64;
+            }
+            let mean = sum / sequences.len() as f64;
+            progress(&format!(
+                "epoch {}/{}: loss {mean:.4}",
+                epoch + 1,
+                plan.epochs
+            ));
+            epoch_losses.push(mean);
+        }
+        params = trainer.params()?;
+    }
+
+    let section = TextSection {
+        tokenizer: encoder.tokenizer().json().to_string(),
+        max_length: encoder.tokenizer().max_length(),
+        pad_id: encoder.tokenizer().pad_id(),
+        encoder: encoder.source().clone(),
+        classes: classes.clone(),
+        unknown: None,
+        method: plan.method.name().to_string(),
+        text_column: text_column.to_string(),
+        label_column: label_column.to_string(),
+    };
+    let classifier = TextClassifier::new(arch, params, encoder.tokenizer().clone(), section)?;
+    let report = TextTrainReport {
+        method: plan.method.name().to_string(),
+        rows: texts.len(),
+        classes: classes.len(),
+        truncated: embedded.truncated,
+        epoch_losses,
+        trained_parameters,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok((classifier, report))
+}
+
+/// The parameter names a run trains.
+fn trainable_names(arch: &Architecture, plan: &TextTrainPlan) -> Result<Vec<String>> {
+    let network = Network::build(arch)?;
+    let blocks: Vec<&str> = arch
+        .layers
+        .iter()
+        .filter(|l| matches!(l.layer, Layer::TransformerBlock { .. }))
+        .map(|l| l.name.as_str())
+        .collect();
+    if let Some(top) = plan.top_layers {
+        if top == 0 || top > blocks.len() {
+            return Err(Error::Config(format!(
+                "--top-layers {top}: the encoder has {} transformer blocks; choose 1 to {}",
+                blocks.len(),
+                blocks.len()
+            )));
+        }
+    }
+    let trained_blocks: &[&str] = match plan.top_layers {
+        Some(top) => &blocks[blocks.len() - top..],
+        None => &blocks,
+    };
+    Ok(network
+        .param_specs()
+        .iter()
+        .map(|s| s.name.clone())
+        .filter(|name| {
+            let layer = name.split('.').next().unwrap_or_default();
+            if layer == HEAD {
+                return true;
+            }
+            match plan.method {
+                TextMethod::Lora => name.contains("_lora_"),
+                _ => plan.top_layers.is_none() || trained_blocks.contains(&layer),
+            }
+        })
+        .collect())
+}
+
+/// The nearest-prototype head: column `c` is class `c`'s mean embedding, normalised and scaled
+/// so that the logits are cosine similarities divided by a temperature of 0.05.
+fn prototype_head(features: &Tensor, ids: &[u32], classes: usize) -> Result<(Tensor, Tensor)> {
+    let (n, dim) = features.dims2()?;
+    let rows = features.to_vec2::<f32>()?;
+    let mut sums = vec![vec![0f64; dim]; classes];
+    for (row, &c) in rows.iter().zip(ids) {
+        for (s, v) in sums[c as usize].iter_mut().zip(row) {
+            *s += *v as f64;
+        }
+    }
+    debug_assert_eq!(rows.len(), n);
+    let mut weight = vec![0f32; dim * classes];
+    for (c, sum) in sums.iter().enumerate() {
+        let norm = sum.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
+        for (d, v) in sum.iter().enumerate() {
+            weight[d * classes + c] = (v / norm / 0.05) as f32;
+        }
+    }
+    Ok((
+        Tensor::from_vec(weight, (dim, classes), &Device::Cpu)?,
+        Tensor::zeros(classes, DType::F32, &Device::Cpu)?,
+    ))
+}
+
+/// Multinomial logistic regression on fixed features: mean cross-entropy plus
+/// `|W|² / (2 C n)`, full-batch Adam from zero.
+pub fn logistic_regression(
+    features: &Tensor,
+    ids: &[u32],
+    classes: usize,
+    c: f64,
+    steps: usize,
+) -> Result<(Tensor, Tensor)> {
+    if !(c.is_finite() && c > 0.0) {
+        return Err(Error::Config(format!(
+            "C must be a positive number, got {c}"
+        )));
+    }
+    let (n, dim) = features.dims2()?;
+    let targets = Tensor::from_vec(
+        ids.iter().map(|&i| i as f32).collect::<Vec<_>>(),
+        n,
+        &Device::Cpu,
+    )?;
+    let weight = Var::zeros((dim, classes), DType::F32, &Device::Cpu)?;
+    let bias = Var::zeros(classes, DType::F32, &Device::Cpu)?;
+    let vars = [weight.clone(), bias.clone()];
+    let mut opt = Optimizer::new(OptimizerConfig::adam(0.05), 2)?;
+    let penalty = 1.0 / (2.0 * c * n as f64);
+    for _ in 0..steps {
+        let logits = features
+            .matmul(weight.as_tensor())?
+            .broadcast_add(bias.as_tensor())?;
+        let loss = Loss::CategoricalCrossEntropy
+            .compute(&logits, &targets)?
+            .add(&weight.as_tensor().sqr()?.sum_all()?.affine(penalty, 0.0)?)?;
+        let grads = loss.backward()?;
+        let g: Vec<Option<Tensor>> = vars.iter().map(|v| grads.get(v).cloned()).collect();
+        opt.step(&vars, &g)?;
+    }
+    Ok((weight.as_tensor().clone(), bias.as_tensor().clone()))
+}
+
+/// One optimiser step at a time on a text network: the encoder's trainable weights with
+/// AdamW, the head with Adam at its own learning rate; frozen weights stay plain tensors.
+pub struct TextTrainer {
+    network: Network,
+    frozen: ParamSet,
+    names: Vec<String>,
+    encoder_vars: Vec<Var>,
+    head_vars: Vec<Var>,
+    encoder_opt: Optimizer,
+    head_opt: Optimizer,
+    base_lr: (f64, f64),
+    order: Vec<String>,
+}
+
+impl TextTrainer {
+    /// A trainer of the parameters named in `trainable`.
+    pub fn new(
+        network: Network,
+        params: ParamSet,
+        trainable: &[String],
+        plan: &TextTrainPlan,
+    ) -> Result<Self> {
+        let mut frozen = ParamSet::new();
+        let mut names = Vec::new();
+        let mut encoder_vars = Vec::new();
+        let mut head_vars = Vec::new();
+        let mut head_names = Vec::new();
+        for (name, tensor) in params.iter() {
+            if !trainable.contains(name) {
+                frozen.insert(name.clone(), tensor.clone())?;
+            } else if name.starts_with("head.") {
+                head_names.push(name.clone());
+                head_vars.push(Var::from_tensor(tensor)?);
+            } else {
+                names.push(name.clone());
+                encoder_vars.push(Var::from_tensor(tensor)?);
+            }
+        }
+        names.extend(head_names);
+        let encoder_opt = Optimizer::new(
+            OptimizerConfig::adamw(plan.lr, plan.weight_decay),
+            encoder_vars.len(),
+        )?;
+        let head_opt = Optimizer::new(OptimizerConfig::adam(plan.head_lr), head_vars.len())?;
+        Ok(Self {
+            network,
+            frozen,
+            names,
+            encoder_vars,
+            head_vars,
+            encoder_opt,
+            head_opt,
+            base_lr: (plan.lr, plan.head_lr),
+            order: params.names().to_vec(),
+        })
+    }
+
+    /// Number of trained values.
+    pub fn trained_parameters(&self) -> usize {
+        self.encoder_vars
+            .iter()
+            .chain(&self.head_vars)
+            .map(|v| v.elem_count())
+            .sum()
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.head_opt.steps()
+    }
+
+    /// Scales both learning rates (for a schedule).
+    pub fn set_lr_scale(&mut self, scale: f64) {
+        self.encoder_opt.set_lr(self.base_lr.0 * scale);
+        self.head_opt.set_lr(self.base_lr.1 * scale);
+    }
+
+    /// The current parameters, in the network's order.
+    pub fn params(&self) -> Result<ParamSet> {
+        let trained = ParamSet::from_vars(
+            &self.names,
+            &self
+                .encoder_vars
+                .iter()
+                .chain(&self.head_vars)
+                .cloned()
+                .collect::<Vec<_>>(),
+        )?;
+        let mut out = ParamSet::new();
+        for name in &self.order {
+            let t = match trained.try_get(name) {
+                Some(t) => t.detach(),
+                None => self.frozen.get(name)?.clone(),
+            };
+            out.insert(name.clone(), t)?;
+        }
+        Ok(out)
+    }
+
+    /// One step on a batch of token ids `[batch, length]` with class ids `[batch]`; returns
+    /// the batch's mean cross-entropy. A non-finite loss stops with an error and changes
+    /// nothing.
+    pub fn step(&mut self, ids: &Tensor, targets: &Tensor) -> Result<f64> {
+        let mut params = self.frozen.clone();
+        for (name, var) in self
+            .names
+            .iter()
+            .zip(self.encoder_vars.iter().chain(&self.head_vars))
+        {
+            params.insert(name.clone(), var.as_tensor().clone())?;
+        }
+        let mut ctx = ForwardCtx::train().first_order();
+        let logits = self.network.forward(&params, ids, &mut ctx)?;
+        let loss = Loss::CategoricalCrossEntropy.compute(&logits, targets)?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !value.is_finite() {
+            return Err(Error::NonFinite(format!(
+                "the training loss became {value} at step {}; lower the learning rate",
+                self.steps() + 1
+            )));
+        }
+        let grads = loss.backward()?;
+        let g: Vec<Option<Tensor>> = self
+            .encoder_vars
+            .iter()
+            .map(|v| grads.get(v).cloned())
+            .collect();
+        self.encoder_opt.step(&self.encoder_vars, &g)?;
+        let g: Vec<Option<Tensor>> = self
+            .head_vars
+            .iter()
+            .map(|v| grads.get(v).cloned())
+            .collect();
+        self.head_opt.step(&self.head_vars, &g)?;
+        Ok(value)
+    }
+}
