@@ -62,7 +62,7 @@ pub enum Command {
     /// Train a model on a CSV file (MLP) or an image folder (Conv-4) and save a checkpoint.
     Train(Box<train::TrainArgs>),
     /// Fine-tune a checkpoint on new data: all layers, some frozen, a new head or a linear probe.
-    Finetune(finetune::FinetuneArgs),
+    Finetune(Box<finetune::FinetuneArgs>),
     /// Print the loss and metrics of a checkpoint on labelled data.
     Evaluate(evaluate::EvaluateArgs),
     /// Write a checkpoint's predictions for new data to a CSV file.
