@@ -67,6 +67,7 @@ pub mod pool;
 pub mod pooled_norm;
 pub mod runtime;
 pub(crate) mod small_gemm;
+pub mod transformer;
 pub(crate) mod winograd;
 
 use std::cell::RefCell;

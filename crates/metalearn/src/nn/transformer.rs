@@ -99,6 +99,9 @@ pub(crate) fn transformer_block(
     opt: &BlockOptions,
 ) -> Result<Tensor> {
     let b = opt.batched;
+    if let Some(out) = fused_block(h, mask, p, opt)? {
+        return Ok(out);
+    }
     let projection = |name: &str, x: &Tensor| -> Result<Tensor> {
         let y = linear(
             x,
@@ -151,6 +154,66 @@ pub(crate) fn transformer_block(
         opt.eps,
         b,
     )
+}
+
+/// The block through the fused CPU kernel (`metalearn_kernels::transformer`), when it applies:
+/// kernels on, f32 on the CPU, no task dimension, no adapters, and no gradient wanted through
+/// any input (the kernel has no backward pass).
+fn fused_block(
+    h: &Tensor,
+    mask: &Tensor,
+    p: &ParamOf,
+    opt: &BlockOptions,
+) -> Result<Option<Tensor>> {
+    if !crate::kernels::enabled()
+        || opt.batched
+        || opt.lora_rank > 0
+        || !h.device().is_cpu()
+        || h.dtype() != DType::F32
+        || h.rank() != 3
+        || h.track_op()
+    {
+        return Ok(None);
+    }
+    const NAMES: [&str; 16] = [
+        "q_weight",
+        "q_bias",
+        "k_weight",
+        "k_bias",
+        "v_weight",
+        "v_bias",
+        "o_weight",
+        "o_bias",
+        "attn_norm_gamma",
+        "attn_norm_beta",
+        "ff1_weight",
+        "ff1_bias",
+        "ff2_weight",
+        "ff2_bias",
+        "ff_norm_gamma",
+        "ff_norm_beta",
+    ];
+    let mut weights = Vec::with_capacity(NAMES.len());
+    for name in NAMES {
+        let w = p(name)?;
+        if w.track_op() || w.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        weights.push(w);
+    }
+    let (batch, seq, hidden) = h.dims3()?;
+    let shape = metalearn_kernels::transformer::BlockShape {
+        batch,
+        seq,
+        hidden,
+        heads: opt.heads,
+        intermediate: p("ff1_weight")?.dim(1)?,
+        eps: opt.eps,
+    };
+    let weights: [&Tensor; 16] = weights.try_into().expect("16 weights");
+    Ok(Some(metalearn_kernels::transformer::encoder_block(
+        h, mask, weights, shape,
+    )?))
 }
 
 /// Pools `[.., batch, seq, hidden]` to `[.., batch, hidden]` over the positions where `mask`
