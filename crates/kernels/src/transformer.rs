@@ -99,6 +99,10 @@ pub fn encoder_block(
     Tensor::from_vec(out, (batch, seq, hidden), &Device::Cpu)
 }
 
+/// Products with at most this many rows (a few short sentences) skip the `gemm` crate's
+/// packing and thread pool: each thread multiplies its own slice of columns in place.
+const SMALL_ROWS: usize = 48;
+
 /// `x [rows, k] · w [k, n] + bias`, on every thread.
 fn affine(x: &[f32], w: &[f32], bias: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
     let mut out = vec![0f32; rows * n];
@@ -107,6 +111,30 @@ fn affine(x: &[f32], w: &[f32], bias: &[f32], rows: usize, k: usize, n: usize) -
             row.copy_from_slice(bias);
         }
     });
+    if rows <= SMALL_ROWS {
+        // Column slices of 64 values (whole vectors), one or more per thread.
+        let threads = rayon::current_num_threads().max(1);
+        let width = n.div_ceil(threads).div_ceil(64) * 64;
+        let dst = SendPtr(out.as_mut_ptr());
+        (0..n.div_ceil(width)).into_par_iter().for_each(|part| {
+            let first = part * width;
+            let cols = width.min(n - first);
+            let dst = &dst;
+            // Safety: each part writes its own columns of `out`; `x` and `w` are read-only and
+            // hold rows·k and k·n values.
+            unsafe {
+                crate::gemm::gemm_into(
+                    (rows, cols, k),
+                    dst.0.add(first),
+                    n,
+                    true,
+                    (x.as_ptr(), k, 1),
+                    (w.as_ptr().add(first), n, 1),
+                );
+            }
+        });
+        return out;
+    }
     // Safety: the slices hold rows·k, k·n and rows·n values, row-major.
     unsafe {
         gemm::gemm(
@@ -133,6 +161,11 @@ fn affine(x: &[f32], w: &[f32], bias: &[f32], rows: usize, k: usize, n: usize) -
     }
     out
 }
+
+/// A raw pointer that threads may share because each writes a disjoint part.
+struct SendPtr(*mut f32);
+// Safety: see the users: every thread writes only its own columns.
+unsafe impl Sync for SendPtr {}
 
 /// Masked multi-head attention: per sequence and head, `softmax(q kᵀ / √d + mask) v`.
 fn attention(q: &[f32], k: &[f32], v: &[f32], mask: &[f32], shape: BlockShape) -> Vec<f32> {
@@ -294,4 +327,74 @@ pub fn exp(x: f32) -> f32 {
                     + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
     p * scale
+}
+
+/// Token embeddings for inference: `layer_norm(word[id] + position[p] + token_type[0])` for
+/// every token of `ids` (`[batch, seq]` of ids), f32 tables on the CPU.
+pub fn embed_tokens(
+    ids: &[u32],
+    seq: usize,
+    tables: [&Tensor; 5],
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let (vocab, hidden) = tables[0].dims2()?;
+    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        return Err(candle_core::Error::Msg(format!(
+            "token id {bad} is outside the vocabulary of {vocab} embeddings"
+        )));
+    }
+    let tensors: Vec<Tensor> = tables
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<_>>()?;
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices: Vec<&[f32]> = Vec::with_capacity(5);
+    for (storage, layout) in &guards {
+        match &**storage {
+            Storage::Cpu(cpu) => {
+                slices.push(contiguous_slice::<f32>(cpu, layout, "token embedding")?)
+            }
+            _ => {
+                return Err(candle_core::Error::Msg(
+                    "token embedding: the fused kernel runs on the CPU only".into(),
+                ))
+            }
+        }
+    }
+    let [word, position, token_type, gamma, beta] = slices[..] else {
+        unreachable!("5 tables")
+    };
+    if position.len() < seq * hidden {
+        return Err(candle_core::Error::Msg(format!(
+            "a sequence of {seq} tokens is longer than the model's {} positions",
+            position.len() / hidden
+        )));
+    }
+    let mut out = vec![0f32; ids.len() * hidden];
+    let eps = eps as f32;
+    out.par_chunks_mut(hidden * 64)
+        .enumerate()
+        .for_each(|(block, rows)| {
+            for (r, row) in rows.chunks_exact_mut(hidden).enumerate() {
+                let token = block * 64 + r;
+                let id = ids[token] as usize;
+                let pos = token % seq;
+                let w = &word[id * hidden..(id + 1) * hidden];
+                let p = &position[pos * hidden..(pos + 1) * hidden];
+                vectorized!({
+                    for (((o, a), b), c) in row.iter_mut().zip(w).zip(p).zip(&token_type[..hidden])
+                    {
+                        *o = a + b + c;
+                    }
+                    let mean = sum(row.iter().copied()) / hidden as f32;
+                    let var = sum(row.iter().map(|a| (a - mean) * (a - mean))) / hidden as f32;
+                    let inv = 1.0 / (var + eps).sqrt();
+                    for ((a, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+                        *a = (*a - mean) * inv * g + b;
+                    }
+                })
+            }
+        });
+    drop(guards);
+    Tensor::from_vec(out, (ids.len() / seq.max(1), seq, hidden), &Device::Cpu)
 }

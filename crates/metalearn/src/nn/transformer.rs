@@ -43,6 +43,9 @@ pub(crate) fn token_embedding(
     }
     let mask = ids.ne(pad_id as f64)?.to_dtype(dtype)?;
     let flat_ids = ids.flatten_all()?.to_dtype(DType::U32)?;
+    if let Some(h) = fused_embedding(&flat_ids, seq, p, eps, batched)? {
+        return Ok((h, mask));
+    }
     let max_id = flat_ids.max(0)?.to_scalar::<u32>()?;
     if max_id as usize >= vocab {
         return Err(Error::Shape(format!(
@@ -77,6 +80,33 @@ pub(crate) fn token_embedding(
     };
     let h = layer_norm(&h, p("norm_gamma")?, p("norm_beta")?, eps, batched)?;
     Ok((h, mask))
+}
+
+/// The token embedding through the fused CPU kernel, when it applies (kernels on, f32 tables
+/// on the CPU that need no gradient, no task dimension).
+fn fused_embedding(
+    flat_ids: &Tensor,
+    seq: usize,
+    p: &ParamOf,
+    eps: f64,
+    batched: bool,
+) -> Result<Option<Tensor>> {
+    if !crate::kernels::enabled() || batched || !flat_ids.device().is_cpu() {
+        return Ok(None);
+    }
+    let mut tables = Vec::with_capacity(5);
+    for name in ["word", "position", "token_type", "norm_gamma", "norm_beta"] {
+        let t = p(name)?;
+        if t.track_op() || t.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        tables.push(t);
+    }
+    let ids = flat_ids.to_vec1::<u32>()?;
+    let tables: [&Tensor; 5] = tables.try_into().expect("5 tables");
+    Ok(Some(metalearn_kernels::transformer::embed_tokens(
+        &ids, seq, tables, eps,
+    )?))
 }
 
 /// Options of one transformer block's forward pass.

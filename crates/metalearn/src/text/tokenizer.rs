@@ -132,10 +132,17 @@ impl TextTokenizer {
         if texts.is_empty() {
             return Ok((Vec::new(), 0));
         }
-        let encodings = self
-            .inner
-            .encode_batch_fast(texts.to_vec(), true)
-            .map_err(|e| Error::Data(format!("cannot tokenise a batch: {e}")))?;
+        let encodings = if texts.len() == 1 {
+            // One text: no batch padding, and no parallel loop to start.
+            vec![self
+                .inner
+                .encode_fast(texts[0], true)
+                .map_err(|e| Error::Data(format!("cannot tokenise {:?}: {e}", texts[0])))?]
+        } else {
+            self.inner
+                .encode_batch_fast(texts.to_vec(), true)
+                .map_err(|e| Error::Data(format!("cannot tokenise a batch: {e}")))?
+        };
         let mut truncated = 0;
         let sequences = encodings
             .iter()
