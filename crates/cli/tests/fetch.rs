@@ -417,3 +417,82 @@ fn runs_archives_unpack_below_the_target_only() {
     assert!(!dir.path().join("unpacked/escaped.txt").exists());
     assert!(!dir.path().join("escaped.txt").exists());
 }
+
+/// Runs `metalearn data fetch clinc150` against `base` into `dir`.
+fn fetch_clinc(base: &str, dir: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_metalearn"))
+        .args(["data", "fetch", "clinc150", "--dir"])
+        .arg(dir)
+        .args(["--base-url", base, "--json"])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn clinc150_fetch_refuses_a_file_with_another_md5() {
+    let body =
+        br#"{"train": [], "val": [], "test": [], "oos_train": [], "oos_val": [], "oos_test": []}"#;
+    let actual = md5_hex(body);
+    let (base, _served, server) = serve(
+        HashMap::from([("data_full.json".to_string(), Route::full(body.to_vec()))]),
+        1,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("clinc150");
+    let out = fetch_clinc(&base, &target);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("data_full.json")
+            && stderr.contains("30c29dc6ab78edf3b5dfa640be204cde")
+            && stderr.contains(&actual),
+        "{stderr}"
+    );
+    assert!(listing(&target).is_empty(), "{:?}", listing(&target));
+    server.join().unwrap();
+}
+
+#[test]
+fn clinc150_fetch_writes_the_csv_files() {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/clinc150");
+    let (Ok(full), Ok(domains)) = (
+        std::fs::read(shared.join("data_full.json")),
+        std::fs::read(shared.join("domains.json")),
+    ) else {
+        println!(
+            "shared CLINC150 data not found at {}; the CSV conversion is checked by the \
+             library tests on small files",
+            shared.display()
+        );
+        return;
+    };
+    let (base, _served, server) = serve(
+        HashMap::from([
+            ("data_full.json".to_string(), Route::full(full)),
+            ("domains.json".to_string(), Route::full(domains)),
+        ]),
+        2,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("clinc150");
+    let out = fetch_clinc(&base, &target);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.join().unwrap();
+    for (name, rows) in [
+        ("train.csv", 15_100),
+        ("val.csv", 3_100),
+        ("test.csv", 5_500),
+    ] {
+        let text = std::fs::read_to_string(target.join(name)).unwrap();
+        let mut reader = csv::Reader::from_reader(text.as_bytes());
+        assert_eq!(reader.headers().unwrap(), vec!["text", "intent", "domain"]);
+        let records: Vec<csv::StringRecord> = reader.records().map(|r| r.unwrap()).collect();
+        assert_eq!(records.len(), rows, "{name}");
+        let oos = records.iter().filter(|r| &r[1] == "oos").count();
+        assert_eq!(oos, if name == "test.csv" { 1_000 } else { 100 }, "{name}");
+    }
+}

@@ -250,3 +250,32 @@ fn minilm_matches_sentence_transformers() -> Result<()> {
     ensure!(worst < 1e-5, "embeddings differ by up to {worst}");
     Ok(())
 }
+
+/// The fused inference kernels (token embedding, encoder block) against the reference candle
+/// path, on a padded batch of sentences of different lengths, one by one and in batches.
+#[test]
+fn fused_kernels_match_the_reference_path() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let encoder = tiny(dir.path());
+    let texts = [
+        "what is my bank balance ?",
+        "play music",
+        "how do i reset my router today",
+        "a",
+        "set an alarm for tomorrow , call mom",
+    ];
+    for batch in [1, 2, 5] {
+        let fast = metalearn::kernels::with_kernels(true, || encoder.embed(&texts, batch))?;
+        let reference = metalearn::kernels::with_kernels(false, || encoder.embed(&texts, batch))?;
+        let gap = (fast.vectors - reference.vectors)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        ensure!(
+            gap < 1e-5,
+            "batch {batch}: fused and reference differ by {gap}"
+        );
+    }
+    Ok(())
+}

@@ -9,6 +9,7 @@ pub mod adapt;
 pub mod bench;
 pub mod data;
 pub mod demo;
+pub mod embed;
 pub mod eval_runs;
 pub mod evaluate;
 pub mod export_keras;
@@ -59,7 +60,8 @@ pub fn apply_threads(threads: Option<usize>) {
 /// The commands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Train a model on a CSV file (MLP) or an image folder (Conv-4) and save a checkpoint.
+    /// Train a model on a CSV file (MLP), an image folder (Conv-4), or texts on a pre-trained
+    /// sentence encoder (--encoder), and save a checkpoint.
     Train(Box<train::TrainArgs>),
     /// Fine-tune a checkpoint on new data: all layers, some frozen, a new head or a linear probe.
     Finetune(Box<finetune::FinetuneArgs>),
@@ -75,7 +77,9 @@ pub enum Command {
     MetaEval(meta_eval::MetaEvalArgs),
     /// Adapt a meta-trained model to your own support set and predict a query set.
     Adapt(adapt::AdaptArgs),
-    /// Download public data sets (Omniglot) with checksum verification.
+    /// Write sentence embeddings of a CSV column with a pre-trained encoder.
+    Embed(embed::EmbedArgs),
+    /// Download public data sets (Omniglot, CLINC150) with checksum verification.
     Data(data::DataArgs),
     /// Score a meta-trained model on the official Omniglot one-shot benchmark (20 runs).
     EvalRuns(eval_runs::EvalRunsArgs),
@@ -108,6 +112,7 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Plot(args) => plot::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(args) => bench::run_bench(args),
+        Command::Embed(args) => embed::run(args),
         Command::ImportKeras(args) => import_keras::run(args),
         Command::ExportKeras(args) => export_keras::run(args),
     }

@@ -4,7 +4,7 @@
 //! | --- | --- |
 //! | `encode-minilm` | embedding every given sentence at batch 32 (sorted by length, each batch padded to its longest member, as sentence-transformers does) |
 //! | `encode-minilm-single` | embedding one sentence (the next of the first 200, in turn) |
-//! | `finetune-minilm` | one fine-tuning step on 32 sentences: forward, cross-entropy of a 150-class head, backward through the whole encoder, AdamW |
+//! | `finetune-minilm` | one fine-tuning step on 32 sentences: forward, cross-entropy of a 150-class head, backward through the whole encoder, AdamW on every weight but the word-embedding table (as `train --method finetune`) |
 
 use std::path::PathBuf;
 
@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::nn::architecture::Layer;
 use crate::nn::network::Network;
 use crate::text::TextEncoder;
+use crate::transfer::text::train::WORD_TABLE;
 use crate::transfer::text::{TextTrainPlan, TextTrainer};
 
 /// The text workloads, by name.
@@ -92,7 +93,13 @@ fn finetune_step(encoder: TextEncoder, input: &TextInput) -> Result<Prepared> {
     for (name, tensor) in encoder.params().iter() {
         params.replace(name, tensor.clone())?;
     }
-    let trainable: Vec<String> = params.names().to_vec();
+    // As `train --method finetune` does: everything but the word-embedding table.
+    let trainable: Vec<String> = params
+        .names()
+        .iter()
+        .filter(|n| n.as_str() != WORD_TABLE)
+        .cloned()
+        .collect();
     let mut trainer = TextTrainer::new(network, params, &trainable, &TextTrainPlan::default())?;
     let (sequences, _) = encoder
         .tokenizer()

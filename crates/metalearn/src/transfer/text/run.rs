@@ -45,6 +45,9 @@ pub struct TextRunReport {
     pub train: TextTrainReport,
     /// Rows drawn per class (`None`: every row).
     pub shots_per_class: Option<usize>,
+    /// The drawn rows: 0-based indices of data rows of the training file, in draw order
+    /// (`None`: every row), so that other tools can train on the same draw.
+    pub drawn_rows: Option<Vec<usize>>,
     /// The chosen rejection threshold.
     pub threshold: Option<f64>,
     /// Scores on the validation data (with the threshold).
@@ -75,9 +78,11 @@ pub fn train_text_and_save(
         Some(&settings.label_column),
     )?;
     let unknown = settings.unknown_label.as_deref();
+    let mut drawn_rows = None;
     if let Some(k) = settings.shots_per_class {
         let rows = draw_shots(&train, k, settings.plan.seed, unknown)?;
         train = train.select(&rows);
+        drawn_rows = Some(rows);
         progress(&format!(
             "drew {k} examples per class with seed {}: {} rows",
             settings.plan.seed,
@@ -121,6 +126,7 @@ pub fn train_text_and_save(
     Ok(TextRunReport {
         train: report,
         shots_per_class: settings.shots_per_class,
+        drawn_rows,
         threshold,
         validation,
         seconds: started.elapsed().as_secs_f64(),

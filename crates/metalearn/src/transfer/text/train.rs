@@ -4,9 +4,11 @@
 //!   (cross-entropy plus an L2 penalty `|W|² / (2 C n)`, as scikit-learn's `C`);
 //! - `prototype`: no training; the head holds each class's mean embedding, normalised, so the
 //!   logits are scaled cosine similarities (nearest prototype);
-//! - `finetune`: the linear probe first, then the whole encoder (or its top N blocks) and the
-//!   head trained together with AdamW (LP-FT: a fitted head keeps the first steps from
-//!   wrecking the pre-trained features);
+//! - `finetune`: the linear probe first, then the encoder (or its top N blocks) and the head
+//!   trained together with AdamW (LP-FT: a fitted head keeps the first steps from wrecking the
+//!   pre-trained features). The word-embedding table stays frozen: a few-shot set touches a
+//!   few hundred of its 30,522 rows, and updating (and decaying) all of them every step cost
+//!   more than the rest of the step;
 //! - `lora`: like `finetune`, but only low-rank adapters on the attention's query and value
 //!   projections and the head are trained.
 
@@ -288,6 +290,9 @@ pub fn train_text_classifier(
     Ok((classifier, report))
 }
 
+/// The word-embedding table, which fine-tuning leaves frozen.
+pub const WORD_TABLE: &str = "embeddings.word";
+
 /// The parameter names a run trains.
 fn trainable_names(arch: &Architecture, plan: &TextTrainPlan) -> Result<Vec<String>> {
     let network = Network::build(arch)?;
@@ -321,6 +326,7 @@ fn trainable_names(arch: &Architecture, plan: &TextTrainPlan) -> Result<Vec<Stri
             }
             match plan.method {
                 TextMethod::Lora => name.contains("_lora_"),
+                _ if name == WORD_TABLE => false,
                 _ => plan.top_layers.is_none() || trained_blocks.contains(&layer),
             }
         })

@@ -1,0 +1,354 @@
+//! Text commands end to end on a tiny random BERT in the Hugging Face layout: `train --encoder`
+//! by every method, `evaluate` and `predict` of the self-contained checkpoint (the encoder
+//! folder deleted first), out-of-scope rejection, `embed`, and the errors for bad input.
+
+mod common;
+
+use std::path::Path;
+
+use common::cli::{last_json, metalearn_in, run_err_in, run_ok_in};
+use common::text_model::write_tiny_encoder;
+
+/// Three intents written with the tiny vocabulary, plus out-of-scope rows.
+const ROWS: &[(&str, &str)] = &[
+    ("what is my bank balance", "balance"),
+    ("my bank balance", "balance"),
+    ("what is the balance", "balance"),
+    ("balance of my bank", "balance"),
+    ("is my balance today", "balance"),
+    ("play music", "music"),
+    ("play a song", "music"),
+    ("play the songs", "music"),
+    ("music on", "music"),
+    ("play music today", "music"),
+    ("set alarm for tomorrow", "alarm"),
+    ("set an alarm", "alarm"),
+    ("alarm for today", "alarm"),
+    ("set the alarm", "alarm"),
+    ("alarm tomorrow", "alarm"),
+    ("order pizza", "oos"),
+    ("freeze my credit card", "oos"),
+    ("turn off lights", "oos"),
+];
+
+fn write_csv(path: &Path, rows: &[(&str, &str)]) {
+    let mut text = String::from("text,intent\n");
+    for (t, l) in rows {
+        text.push_str(&format!("{t},{l}\n"));
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_encoder(&dir.path().join("encoder"), 3, 16);
+        write_csv(&dir.path().join("train.csv"), ROWS);
+        write_csv(&dir.path().join("val.csv"), ROWS);
+        Self { dir }
+    }
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+    fn train(&self, out: &str, extra: &[&str]) -> serde_json::Value {
+        let (encoder, data) = (self.path("encoder"), self.path("train.csv"));
+        let mut args = vec![
+            "train",
+            "--encoder",
+            &encoder,
+            "--data",
+            &data,
+            "--text-column",
+            "text",
+            "--target",
+            "intent",
+            "--out",
+            out,
+            "--json",
+        ];
+        args.extend(extra);
+        last_json(&run_ok_in(&args, None))
+    }
+}
+
+#[test]
+fn linear_probe_trains_evaluates_and_predicts_without_the_encoder_folder() {
+    let s = Setup::new();
+    let model = s.path("probe.safetensors");
+    let report = s.train(
+        &model,
+        &[
+            "--unknown-label",
+            "oos",
+            "--validation-data",
+            &s.path("val.csv"),
+        ],
+    );
+    assert_eq!(report["train"]["classes"], 3);
+    assert_eq!(report["train"]["rows"], 15, "oos rows are not a class");
+    assert!(report["threshold"].as_f64().is_some());
+    // The checkpoint carries the tokenizer and the encoder's weights.
+    std::fs::remove_dir_all(s.dir.path().join("encoder")).unwrap();
+    let eval = last_json(&run_ok_in(
+        &[
+            "evaluate",
+            "--model",
+            &model,
+            "--data",
+            &s.path("val.csv"),
+            "--json",
+        ],
+        None,
+    ));
+    let closed = eval["closed_accuracy"].as_f64().unwrap();
+    assert!(
+        closed >= 0.8,
+        "a linear probe fits 15 training rows: {closed}"
+    );
+    for key in ["accuracy", "in_scope_accuracy", "oos_recall"] {
+        assert!(
+            eval[key].as_f64().is_some(),
+            "evaluate reports {key}: {eval}"
+        );
+    }
+    let out = s.path("pred.csv");
+    run_ok_in(
+        &[
+            "predict",
+            "--model",
+            &model,
+            "--data",
+            &s.path("val.csv"),
+            "--out",
+            &out,
+        ],
+        None,
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "prediction,confidence,best_class");
+    assert_eq!(lines.len(), ROWS.len() + 1);
+    assert!(lines[1..].iter().any(|l| l.starts_with("balance,")));
+}
+
+#[test]
+fn prototype_needs_no_training_and_finetune_lowers_the_loss() {
+    let s = Setup::new();
+    let proto = s.train(&s.path("proto.safetensors"), &["--method", "prototype"]);
+    assert!(proto["train"]["epoch_losses"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let tuned = s.train(
+        &s.path("tuned.safetensors"),
+        &[
+            "--method",
+            "finetune",
+            "--epochs",
+            "3",
+            "--lr",
+            "1e-3",
+            "--batch-size",
+            "4",
+        ],
+    );
+    let losses: Vec<f64> = tuned["train"]["epoch_losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 3);
+    assert!(
+        losses[2] < losses[0],
+        "fine-tuning lowers the loss: {losses:?}"
+    );
+    let top = s.train(
+        &s.path("top.safetensors"),
+        &["--method", "finetune", "--top-layers", "1", "--epochs", "1"],
+    );
+    let all = tuned["train"]["trained_parameters"].as_u64().unwrap();
+    let one = top["train"]["trained_parameters"].as_u64().unwrap();
+    assert!(one < all, "top-1 trains fewer weights: {one} vs {all}");
+}
+
+#[test]
+fn lora_trains_only_adapters_and_head() {
+    let s = Setup::new();
+    let report = s.train(
+        &s.path("lora.safetensors"),
+        &[
+            "--method",
+            "lora",
+            "--lora-rank",
+            "2",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+        ],
+    );
+    // 2 blocks × (q, v) × (8×2 + 2×8) adapter values + a head of 4 classes, 8×4 + 4.
+    assert_eq!(report["train"]["trained_parameters"], 2 * 2 * 32 + 36);
+    let inspect = run_ok_in(&["inspect", &s.path("lora.safetensors")], None);
+    assert!(inspect.contains("LoRA rank 2"), "{inspect}");
+}
+
+#[test]
+fn few_shot_draws_are_seeded_and_per_class() {
+    let s = Setup::new();
+    let a = s.train(
+        &s.path("a.safetensors"),
+        &["--shots-per-class", "2", "--seed", "4"],
+    );
+    let b = s.train(
+        &s.path("b.safetensors"),
+        &["--shots-per-class", "2", "--seed", "4"],
+    );
+    let c = s.train(
+        &s.path("c.safetensors"),
+        &["--shots-per-class", "2", "--seed", "5"],
+    );
+    assert_eq!(
+        a["train"]["rows"], 8,
+        "2 rows of each of the 4 labels (no --unknown-label)"
+    );
+    assert_eq!(a["drawn_rows"], b["drawn_rows"]);
+    assert_ne!(a["drawn_rows"], c["drawn_rows"]);
+    let err = run_err_in(
+        &[
+            "train",
+            "--encoder",
+            &s.path("encoder"),
+            "--data",
+            &s.path("train.csv"),
+            "--text-column",
+            "text",
+            "--target",
+            "intent",
+            "--shots-per-class",
+            "9",
+            "--out",
+            &s.path("x.safetensors"),
+        ],
+        None,
+    );
+    assert!(err.contains("fewer than --shots-per-class 9"), "{err}");
+}
+
+#[test]
+fn embed_writes_safetensors_and_csv() {
+    let s = Setup::new();
+    let out = s.path("emb.safetensors");
+    let report = last_json(&run_ok_in(
+        &[
+            "embed",
+            "--encoder",
+            &s.path("encoder"),
+            "--data",
+            &s.path("train.csv"),
+            "--text-column",
+            "text",
+            "--out",
+            &out,
+            "--json",
+        ],
+        None,
+    ));
+    assert_eq!(report["rows"], ROWS.len());
+    assert_eq!(report["dim"], 8);
+    let tensors = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(tensors["embeddings"].dims(), [ROWS.len(), 8]);
+    let csv_out = s.path("emb.csv");
+    run_ok_in(
+        &[
+            "embed",
+            "--encoder",
+            &s.path("encoder"),
+            "--data",
+            &s.path("train.csv"),
+            "--text-column",
+            "text",
+            "--out",
+            &csv_out,
+        ],
+        None,
+    );
+    let text = std::fs::read_to_string(&csv_out).unwrap();
+    assert_eq!(text.lines().count(), ROWS.len() + 1);
+    assert!(text.starts_with("dim_0,dim_1,"));
+}
+
+#[test]
+fn bad_text_input_is_named() {
+    let s = Setup::new();
+    let base = |column: &str, data: &str| {
+        vec![
+            "train".to_string(),
+            "--encoder".into(),
+            s.path("encoder"),
+            "--data".into(),
+            data.to_string(),
+            "--text-column".into(),
+            column.to_string(),
+            "--target".into(),
+            "intent".into(),
+            "--out".into(),
+            s.path("bad.safetensors"),
+        ]
+    };
+    let run = |args: Vec<String>| {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_err_in(&refs, None)
+    };
+    let err = run(base("txt", &s.path("train.csv")));
+    assert!(
+        err.contains("text column `txt` not found") && err.contains("did you mean `text`"),
+        "{err}"
+    );
+    std::fs::write(
+        s.dir.path().join("empty.csv"),
+        "text,intent\nplay music,music\n,music\n",
+    )
+    .unwrap();
+    let err = run(base("text", &s.path("empty.csv")));
+    assert!(err.contains("line 3") && err.contains("empty"), "{err}");
+    std::fs::write(
+        s.dir.path().join("utf8.csv"),
+        b"text,intent\nplay \xff music,music\n",
+    )
+    .unwrap();
+    let err = run(base("text", &s.path("utf8.csv")));
+    assert!(err.contains("line 2") && err.contains("UTF-8"), "{err}");
+    let mut args = base("text", &s.path("train.csv"));
+    args.extend(["--unknown-label".into(), "oos".into()]);
+    let err = run(args);
+    assert!(err.contains("--validation-data"), "{err}");
+    let mut args = base("text", &s.path("train.csv"));
+    args.extend(["--method".into(), "protoype".into()]);
+    let err = run(args);
+    assert!(err.contains("did you mean \"prototype\""), "{err}");
+    assert!(
+        !s.dir.path().join("bad.safetensors").exists(),
+        "nothing written"
+    );
+    let out = metalearn_in(
+        &[
+            "train",
+            "--data",
+            &s.path("train.csv"),
+            "--target",
+            "intent",
+            "--text-column",
+            "text",
+            "--out",
+            &s.path("x.safetensors"),
+        ],
+        None,
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("add --encoder DIR"));
+}
