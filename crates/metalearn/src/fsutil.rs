@@ -58,3 +58,17 @@ pub fn append_line(path: &Path, line: &str) -> Result<()> {
     bytes.push(b'\n');
     file.write_all(&bytes).map_err(|e| Error::io(path, e))
 }
+
+/// Reads a JSON file into `T`; a syntax or type error names the file, line and column, followed
+/// by `advice` (what to do, or empty).
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, advice: &str) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| {
+        Error::Data(format!(
+            "{}: line {}, column {}: {e}{advice}",
+            path.display(),
+            e.line(),
+            e.column()
+        ))
+    })
+}

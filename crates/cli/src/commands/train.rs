@@ -63,7 +63,7 @@ pub struct TrainArgs {
     /// Text models: how to transfer: linear-probe (frozen encoder, logistic regression),
     /// prototype (nearest class mean, no training), finetune (linear probe, then encoder and
     /// head together) or lora (linear probe, then LoRA adapters and head) [default:
-    /// linear-probe].
+    /// finetune].
     #[arg(long, value_name = "METHOD")]
     pub method: Option<String>,
     /// Text models: draw this many training rows per class (the few-shot protocol; the draw

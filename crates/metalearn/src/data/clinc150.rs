@@ -12,6 +12,7 @@ use serde::Deserialize;
 use crate::data::fetch::RemoteFile;
 use crate::error::{Error, Result};
 use crate::fsutil::atomic_write;
+use crate::fsutil::read_json;
 
 /// Where the CLINC150 files are published (the `clinc/oos-eval` repository, raw files).
 pub const CLINC150_BASE_URL: &str = "https://raw.githubusercontent.com/clinc/oos-eval/master/data";
@@ -44,23 +45,12 @@ pub struct Clinc150Counts {
     pub files: Vec<(String, usize, usize)>,
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| {
-        Error::Data(format!(
-            "{}: line {}, column {}: {e}; fetch the file again",
-            path.display(),
-            e.line(),
-            e.column()
-        ))
-    })
-}
-
 /// Reads `data_full.json` and `domains.json` from `source` and writes `train.csv`, `val.csv`
 /// and `test.csv` into `out` (each atomically).
 pub fn write_clinc150_csvs(source: &Path, out: &Path) -> Result<Clinc150Counts> {
-    let data: DataFull = read_json(&source.join("data_full.json"))?;
-    let domains: HashMap<String, Vec<String>> = read_json(&source.join("domains.json"))?;
+    let data: DataFull = read_json(&source.join("data_full.json"), "; fetch the file again")?;
+    let domains: HashMap<String, Vec<String>> =
+        read_json(&source.join("domains.json"), "; fetch the file again")?;
     let mut domain_of: HashMap<&str, &str> = HashMap::new();
     for (domain, intents) in &domains {
         for intent in intents {
@@ -107,7 +97,7 @@ pub fn write_clinc150_csvs(source: &Path, out: &Path) -> Result<Clinc150Counts> 
 /// The texts of one split (`train`, `val`, `test`, `oos_train`, `oos_val`, `oos_test`) of a
 /// `data_full.json` file, in file order.
 pub fn read_clinc150_split(path: &Path, split: &str) -> Result<Vec<String>> {
-    let data: HashMap<String, Vec<(String, String)>> = read_json(path)?;
+    let data: HashMap<String, Vec<(String, String)>> = read_json(path, "; fetch the file again")?;
     let rows = data.get(split).ok_or_else(|| {
         let mut keys: Vec<&str> = data.keys().map(String::as_str).collect();
         keys.sort();

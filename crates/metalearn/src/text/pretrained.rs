@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::fsutil::read_json;
 use crate::nn::architecture::{Architecture, Layer, Pooling};
 use crate::nn::network::Network;
 use crate::nn::params::ParamSet;
@@ -99,18 +100,6 @@ struct PoolingConfig {
     pooling_mode_mean_sqrt_len_tokens: bool,
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| {
-        Error::Data(format!(
-            "{}: line {}, column {}: {e}",
-            path.display(),
-            e.line(),
-            e.column()
-        ))
-    })
-}
-
 /// Checks that the folder holds the files an encoder needs, naming what is missing.
 fn check_files(dir: &Path) -> Result<()> {
     if !dir.is_dir() {
@@ -154,7 +143,7 @@ fn read_pooling(dir: &Path) -> Result<(Pooling, bool)> {
     if !modules_path.is_file() {
         return Ok((Pooling::Mean, false));
     }
-    let modules: Vec<ModuleEntry> = read_json(&modules_path)?;
+    let modules: Vec<ModuleEntry> = read_json(&modules_path, "")?;
     let mut pooling = Pooling::Mean;
     let mut normalize = false;
     for module in &modules {
@@ -163,7 +152,7 @@ fn read_pooling(dir: &Path) -> Result<(Pooling, bool)> {
             "Transformer" => {}
             "Pooling" => {
                 let path = dir.join(&module.path).join("config.json");
-                let cfg: PoolingConfig = read_json(&path)?;
+                let cfg: PoolingConfig = read_json(&path, "")?;
                 let modes = [
                     (cfg.pooling_mode_mean_tokens, Pooling::Mean),
                     (cfg.pooling_mode_cls_token, Pooling::Cls),
@@ -204,7 +193,7 @@ fn read_max_length(dir: &Path, positions: usize) -> Result<usize> {
     if !path.is_file() {
         return Ok(positions);
     }
-    let value: serde_json::Value = read_json(&path)?;
+    let value: serde_json::Value = read_json(&path, "")?;
     match value.get("max_seq_length").and_then(|v| v.as_u64()) {
         Some(n) if n > 0 => Ok((n as usize).min(positions)),
         _ => Ok(positions),
@@ -235,7 +224,7 @@ pub fn file_sha256(path: &Path) -> Result<String> {
 pub fn load_pretrained(dir: &Path, dtype: DType) -> Result<PretrainedEncoder> {
     check_files(dir)?;
     let config_path = dir.join("config.json");
-    let cfg: BertConfig = read_json(&config_path)?;
+    let cfg: BertConfig = read_json(&config_path, "")?;
     let bad_config = |what: String| Error::Data(format!("{}: {what}", config_path.display()));
     if let Some(kind) = cfg.model_type.as_deref() {
         if kind != "bert" {

@@ -6,15 +6,16 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::nn::architecture::Architecture;
-use crate::nn::network::{ForwardCtx, Network};
+use crate::nn::network::Network;
 use crate::nn::ops;
 use crate::nn::params::ParamSet;
+use crate::text::encoder::forward_sequences;
 use crate::text::{EncoderSource, TextTokenizer};
 
 /// Name of the checkpoint section that holds the text side of a model.
@@ -164,29 +165,16 @@ impl TextClassifier {
     /// rows in the texts' order, as f32.
     fn forward_sorted(&self, texts: &[&str], batch_size: usize, layers: usize) -> Result<Tensor> {
         let (sequences, _) = self.tokenizer.encode_each(texts)?;
-        let dtype = self.params.tensors()[0].dtype();
-        let mut order: Vec<usize> = (0..sequences.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(sequences[i].len()));
-        let mut rows: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
-        for chunk in order.chunks(batch_size.max(1)) {
-            let refs: Vec<&[u32]> = chunk.iter().map(|&i| sequences[i].as_slice()).collect();
-            let ids = self.tokenizer.pad(&refs).to_tensor(dtype, &Device::Cpu)?;
-            let mut ctx = ForwardCtx::eval(None).first_order();
-            let out = self
-                .network
-                .forward_layers(&self.params, &ids, &mut ctx, layers)?
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?;
-            for (&i, row) in chunk.iter().zip(out) {
-                rows[i] = Some(row);
-            }
-        }
-        let width = rows.first().and_then(|r| r.as_ref()).map_or(0, |r| r.len());
-        let flat: Vec<f32> = rows
-            .into_iter()
-            .flat_map(|r| r.expect("every row"))
-            .collect();
-        Ok(Tensor::from_vec(flat, (texts.len(), width), &Device::Cpu)?)
+        let rows = forward_sequences(
+            &self.network,
+            &self.params,
+            &self.tokenizer,
+            &sequences,
+            batch_size,
+            layers,
+        )?;
+        let width = rows.len() / texts.len().max(1);
+        Ok(Tensor::from_vec(rows, (texts.len(), width), &Device::Cpu)?)
     }
 
     /// Predicts a label for every text; below the threshold of the unknown rule the answer is

@@ -116,7 +116,10 @@ pub struct TextTrainPlan {
 impl Default for TextTrainPlan {
     fn default() -> Self {
         Self {
-            method: TextMethod::LinearProbe,
+            // Chosen on held-out data: on CLINC150's validation queries fine-tuning beat the
+            // linear probe on every draw tried (K = 5: 89.4 / 89.1 vs 87.1 / 87.2; K = 10: 92.5
+            // vs 90.9), at about 6-8x the training time (minutes at K = 10 × 150 classes).
+            method: TextMethod::Finetune,
             epochs: 4,
             batch_size: 16,
             lr: 2e-5,
