@@ -60,48 +60,72 @@ pub fn encoder_block(
             mask.dims()
         )));
     }
-    let mut inputs: Vec<Tensor> = vec![h.contiguous()?, mask.contiguous()?];
-    for w in weights {
-        inputs.push(w.contiguous()?);
-    }
-    let guards: Vec<_> = inputs.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices: Vec<&[f32]> = Vec::with_capacity(guards.len());
-    for (storage, layout) in &guards {
-        match &**storage {
-            Storage::Cpu(cpu) => {
-                slices.push(contiguous_slice::<f32>(cpu, layout, "encoder block")?)
-            }
-            _ => {
-                return Err(candle_core::Error::Msg(
-                    "encoder block: the fused kernel runs on the CPU only".into(),
-                ))
-            }
-        }
-    }
-    let [x, mask, qw, qb, kw, kb, vw, vb, ow, ob, g1, b1, fw, fb, f2w, f2b, g2, b2] = slices[..]
-    else {
-        unreachable!("18 inputs")
-    };
-    let rows = batch * seq;
-    let eps = shape.eps as f32;
-
-    let q = affine(x, qw, qb, rows, hidden, hidden);
-    let k = affine(x, kw, kb, rows, hidden, hidden);
-    let v = affine(x, vw, vb, rows, hidden, hidden);
-    let context = attention(&q, &k, &v, mask, shape);
-    let mut h1 = affine(&context, ow, ob, rows, hidden, hidden);
-    add_and_normalize(&mut h1, x, g1, b1, hidden, eps);
-    let mut inner = affine(&h1, fw, fb, rows, hidden, intermediate);
-    gelu_in_place(&mut inner);
-    let mut out = affine(&inner, f2w, f2b, rows, intermediate, hidden);
-    add_and_normalize(&mut out, &h1, g2, b2, hidden, eps);
-    drop(guards);
+    let mut inputs: Vec<&Tensor> = vec![h, mask];
+    inputs.extend(weights);
+    let out = with_cpu_slices(&inputs, "encoder block", |slices| {
+        let [x, mask, qw, qb, kw, kb, vw, vb, ow, ob, g1, b1, fw, fb, f2w, f2b, g2, b2] =
+            slices[..]
+        else {
+            unreachable!("18 inputs")
+        };
+        let rows = batch * seq;
+        let eps = shape.eps as f32;
+        let q = affine(x, qw, qb, rows, hidden, hidden);
+        let k = affine(x, kw, kb, rows, hidden, hidden);
+        let v = affine(x, vw, vb, rows, hidden, hidden);
+        let context = attention(&q, &k, &v, mask, shape);
+        let mut h1 = affine(&context, ow, ob, rows, hidden, hidden);
+        add_and_normalize(&mut h1, x, g1, b1, hidden, eps);
+        let mut inner = affine(&h1, fw, fb, rows, hidden, intermediate);
+        gelu_in_place(&mut inner);
+        let mut out = affine(&inner, f2w, f2b, rows, intermediate, hidden);
+        add_and_normalize(&mut out, &h1, g2, b2, hidden, eps);
+        out
+    })?;
     Tensor::from_vec(out, (batch, seq, hidden), &Device::Cpu)
 }
 
 /// Products with at most this many rows (a few short sentences) skip the `gemm` crate's
 /// packing and thread pool: each thread multiplies its own slice of columns in place.
 const SMALL_ROWS: usize = 48;
+
+/// Runs `f` on the contiguous f32 CPU data of every tensor of `tensors`, in order; `op` names
+/// the kernel in errors.
+fn with_cpu_slices<R>(
+    tensors: &[&Tensor],
+    op: &str,
+    f: impl FnOnce(&[&[f32]]) -> R,
+) -> candle_core::Result<R> {
+    let tensors: Vec<Tensor> = tensors
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<_>>()?;
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices: Vec<&[f32]> = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        match &**storage {
+            Storage::Cpu(cpu) => slices.push(contiguous_slice::<f32>(cpu, layout, op)?),
+            _ => {
+                return Err(candle_core::Error::Msg(format!(
+                    "{op}: the fused kernel runs on the CPU only"
+                )))
+            }
+        }
+    }
+    Ok(f(&slices))
+}
+
+/// Layer norm of one row in place: `(row - mean) / sqrt(var + eps) · gamma + beta`.
+#[inline(always)]
+fn normalize_row(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let width = row.len() as f32;
+    let mean = sum(row.iter().copied()) / width;
+    let var = sum(row.iter().map(|a| (a - mean) * (a - mean))) / width;
+    let inv = 1.0 / (var + eps).sqrt();
+    for ((a, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+        *a = (*a - mean) * inv * g + b;
+    }
+}
 
 /// `x [rows, k] · w [k, n] + bias`, on every thread.
 fn affine(x: &[f32], w: &[f32], bias: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
@@ -239,12 +263,7 @@ fn add_and_normalize(
                 for (a, r) in row.iter_mut().zip(res) {
                     *a += r;
                 }
-                let mean = sum(row.iter().copied()) / width as f32;
-                let var = sum(row.iter().map(|a| (a - mean) * (a - mean))) / width as f32;
-                let inv = 1.0 / (var + eps).sqrt();
-                for ((a, g), b) in row.iter_mut().zip(gamma).zip(beta) {
-                    *a = (*a - mean) * inv * g + b;
-                }
+                normalize_row(row, gamma, beta, eps);
             })
         });
 }
@@ -343,58 +362,38 @@ pub fn embed_tokens(
             "token id {bad} is outside the vocabulary of {vocab} embeddings"
         )));
     }
-    let tensors: Vec<Tensor> = tables
-        .iter()
-        .map(|t| t.contiguous())
-        .collect::<candle_core::Result<_>>()?;
-    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices: Vec<&[f32]> = Vec::with_capacity(5);
-    for (storage, layout) in &guards {
-        match &**storage {
-            Storage::Cpu(cpu) => {
-                slices.push(contiguous_slice::<f32>(cpu, layout, "token embedding")?)
-            }
-            _ => {
-                return Err(candle_core::Error::Msg(
-                    "token embedding: the fused kernel runs on the CPU only".into(),
-                ))
-            }
+    let out = with_cpu_slices(&tables, "token embedding", |slices| {
+        let [word, position, token_type, gamma, beta] = slices[..] else {
+            unreachable!("5 tables")
+        };
+        if position.len() < seq * hidden {
+            return Err(candle_core::Error::Msg(format!(
+                "a sequence of {seq} tokens is longer than the model's {} positions",
+                position.len() / hidden
+            )));
         }
-    }
-    let [word, position, token_type, gamma, beta] = slices[..] else {
-        unreachable!("5 tables")
-    };
-    if position.len() < seq * hidden {
-        return Err(candle_core::Error::Msg(format!(
-            "a sequence of {seq} tokens is longer than the model's {} positions",
-            position.len() / hidden
-        )));
-    }
-    let mut out = vec![0f32; ids.len() * hidden];
-    let eps = eps as f32;
-    out.par_chunks_mut(hidden * 64)
-        .enumerate()
-        .for_each(|(block, rows)| {
-            for (r, row) in rows.chunks_exact_mut(hidden).enumerate() {
-                let token = block * 64 + r;
-                let id = ids[token] as usize;
-                let pos = token % seq;
-                let w = &word[id * hidden..(id + 1) * hidden];
-                let p = &position[pos * hidden..(pos + 1) * hidden];
-                vectorized!({
-                    for (((o, a), b), c) in row.iter_mut().zip(w).zip(p).zip(&token_type[..hidden])
-                    {
-                        *o = a + b + c;
-                    }
-                    let mean = sum(row.iter().copied()) / hidden as f32;
-                    let var = sum(row.iter().map(|a| (a - mean) * (a - mean))) / hidden as f32;
-                    let inv = 1.0 / (var + eps).sqrt();
-                    for ((a, g), b) in row.iter_mut().zip(gamma).zip(beta) {
-                        *a = (*a - mean) * inv * g + b;
-                    }
-                })
-            }
-        });
-    drop(guards);
+        let mut out = vec![0f32; ids.len() * hidden];
+        let eps = eps as f32;
+        out.par_chunks_mut(hidden * 64)
+            .enumerate()
+            .for_each(|(block, rows)| {
+                for (r, row) in rows.chunks_exact_mut(hidden).enumerate() {
+                    let token = block * 64 + r;
+                    let id = ids[token] as usize;
+                    let pos = token % seq;
+                    let w = &word[id * hidden..(id + 1) * hidden];
+                    let p = &position[pos * hidden..(pos + 1) * hidden];
+                    vectorized!({
+                        for (((o, a), b), c) in
+                            row.iter_mut().zip(w).zip(p).zip(&token_type[..hidden])
+                        {
+                            *o = a + b + c;
+                        }
+                        normalize_row(row, gamma, beta, eps);
+                    })
+                }
+            });
+        Ok(out)
+    })??;
     Tensor::from_vec(out, (ids.len() / seq.max(1), seq, hidden), &Device::Cpu)
 }

@@ -7,7 +7,6 @@ use serde_json::json;
 
 use crate::args::DataArgs;
 use crate::console::{format_scores, scores_to_report, Console};
-use metalearn::checkpoint::Checkpoint;
 use metalearn::data::text::load_labelled_texts;
 use metalearn::error::{Error, Result};
 use metalearn::sequential::Sequential;
@@ -57,7 +56,7 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
     if args.batch_size == 0 {
         return Err(Error::Config("--batch-size must be at least 1".into()));
     }
-    if let Some(model) = text_model(&args.model)? {
+    if let Some(model) = TextClassifier::load_if_text(&args.model)? {
         return run_text(args, &model, &console);
     }
     let (mut model, info) = load_model(&args.model)?;
@@ -71,17 +70,6 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
     summary.insert("model".into(), json!(args.model.display().to_string()));
     console.finish(&summary);
     Ok(())
-}
-
-/// The text classifier in a checkpoint, or `None` for other models.
-fn text_model(path: &std::path::Path) -> Result<Option<TextClassifier>> {
-    let ckpt = Checkpoint::load(path, &candle_core::Device::Cpu)?;
-    if !TextClassifier::is_text_checkpoint(&ckpt) {
-        return Ok(None);
-    }
-    TextClassifier::from_checkpoint(&ckpt)
-        .map(Some)
-        .map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))
 }
 
 /// `evaluate` of a text model: accuracy (the unknown label as one more class), closed-set

@@ -9,7 +9,6 @@ use serde_json::json;
 
 use crate::args::DataArgs;
 use crate::console::Console;
-use metalearn::checkpoint::Checkpoint;
 use metalearn::data::text::load_labelled_texts;
 use metalearn::error::{Error, Result};
 use metalearn::nn::ops;
@@ -106,10 +105,7 @@ pub fn run(args: &PredictArgs) -> Result<()> {
     if args.batch_size == 0 {
         return Err(Error::Config("--batch-size must be at least 1".into()));
     }
-    let ckpt = Checkpoint::load(&args.model, &candle_core::Device::Cpu)?;
-    if TextClassifier::is_text_checkpoint(&ckpt) {
-        let model = TextClassifier::from_checkpoint(&ckpt)
-            .map_err(|e| Error::Checkpoint(format!("{}: {e}", args.model.display())))?;
+    if let Some(model) = TextClassifier::load_if_text(&args.model)? {
         return run_text(args, &model, &console);
     }
     let (model, info) = load_model(&args.model)?;

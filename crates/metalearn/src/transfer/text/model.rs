@@ -233,6 +233,18 @@ impl TextClassifier {
             .map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))
     }
 
+    /// Reads the classifier in `path` when the checkpoint holds a text model; `None` for any
+    /// other model (commands that read both kinds try this first).
+    pub fn load_if_text(path: &Path) -> Result<Option<Self>> {
+        let ckpt = Checkpoint::load(path, &Device::Cpu)?;
+        if !Self::is_text_checkpoint(&ckpt) {
+            return Ok(None);
+        }
+        Self::from_checkpoint(&ckpt)
+            .map(Some)
+            .map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))
+    }
+
     /// Rebuilds a classifier from a loaded checkpoint.
     pub fn from_checkpoint(ckpt: &Checkpoint) -> Result<Self> {
         let section = ckpt.section(TEXT_SECTION).ok_or_else(|| {
