@@ -7,6 +7,7 @@ mod common;
 use std::path::Path;
 
 use common::cli::{last_json, metalearn_in, run_err_in, run_ok_in};
+use common::hub_server::{snapshot_folder, HubServer};
 use common::text_model::write_tiny_encoder;
 
 /// Three intents written with the tiny vocabulary, plus out-of-scope rows.
@@ -351,4 +352,49 @@ fn bad_text_input_is_named() {
         None,
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("add --encoder DIR"));
+}
+
+#[test]
+fn an_hf_name_downloads_through_hf_endpoint_into_hf_home() {
+    let s = Setup::new();
+    let server = HubServer::start(&s.dir.path().join("encoder"), "tiny/encoder");
+    let home = s.dir.path().join("hf-home");
+    let endpoint = server.endpoint.clone();
+    let embed = |offline: bool, out: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_metalearn"))
+            .args(["embed", "--encoder", "hf:tiny/encoder", "--data"])
+            .arg(s.path("train.csv"))
+            .args(["--text-column", "text", "--out", out, "--json"])
+            .env("RAYON_NUM_THREADS", "1")
+            .env("HF_ENDPOINT", &endpoint)
+            .env("HF_HOME", &home)
+            .env("HF_HUB_OFFLINE", if offline { "1" } else { "0" })
+            .env_remove("HF_HUB_CACHE")
+            .output()
+            .expect("the metalearn binary runs")
+    };
+    let online = embed(false, &s.path("online.csv"));
+    assert!(
+        online.status.success(),
+        "{}",
+        String::from_utf8_lossy(&online.stderr)
+    );
+    assert!(
+        snapshot_folder(&home.join("hub"), "tiny/encoder")
+            .join("model.safetensors")
+            .is_file(),
+        "downloaded into $HF_HOME/hub"
+    );
+    drop(server);
+    let offline = embed(true, &s.path("offline.csv"));
+    assert!(
+        offline.status.success(),
+        "{}",
+        String::from_utf8_lossy(&offline.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(s.path("online.csv")).unwrap(),
+        std::fs::read_to_string(s.path("offline.csv")).unwrap(),
+        "the cached model gives the same embeddings"
+    );
 }

@@ -10,8 +10,9 @@ use std::path::Path;
 use anyhow::{ensure, Result};
 use candle_core::DType;
 
+use common::hub_server::{snapshot_folder, HubServer};
 use common::text_model::{shared_minilm, tiny_weights, write_tiny_encoder, HIDDEN, VOCAB};
-use metalearn::text::TextEncoder;
+use metalearn::text::{download_encoder, HubName, HubOptions, TextEncoder};
 
 fn tiny(dir: &Path) -> TextEncoder {
     write_tiny_encoder(dir, 7, 12);
@@ -277,5 +278,130 @@ fn fused_kernels_match_the_reference_path() -> Result<()> {
             "batch {batch}: fused and reference differ by {gap}"
         );
     }
+    Ok(())
+}
+
+fn hub_options(endpoint: &str, cache: &Path, offline: bool) -> HubOptions {
+    HubOptions {
+        endpoint: Some(endpoint.to_string()),
+        cache_dir: Some(cache.to_path_buf()),
+        offline,
+        token: None,
+    }
+}
+
+fn hub_name(spec: &str) -> HubName {
+    HubName::parse(spec)
+        .expect("an hf: name")
+        .expect("a valid name")
+}
+
+#[test]
+fn hub_names_download_into_the_standard_cache_and_work_offline_afterwards() -> Result<()> {
+    let model = tempfile::tempdir()?;
+    let cache = tempfile::tempdir()?;
+    let reference = tiny(model.path());
+    let server = HubServer::start(model.path(), "tiny/encoder");
+    let options = hub_options(&server.endpoint, cache.path(), false);
+    let folder = download_encoder(&hub_name("hf:tiny/encoder"), &options)?;
+    ensure!(
+        folder == snapshot_folder(cache.path(), "tiny/encoder"),
+        "the model lands in the hub cache layout: {}",
+        folder.display()
+    );
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "1_Pooling/config.json",
+    ] {
+        ensure!(folder.join(file).is_file(), "{file} was downloaded");
+    }
+    let texts = ["what is my bank balance", "play music"];
+    let downloaded = TextEncoder::from_folder(&folder, DType::F32)?;
+    ensure!(
+        downloaded.embed(&texts, 2)?.vectors.to_vec2::<f32>()?
+            == reference.embed(&texts, 2)?.vectors.to_vec2::<f32>()?,
+        "the downloaded encoder is the served one"
+    );
+    let requests = server.served();
+    drop(server);
+    ensure!(requests > 0, "the files came from the server");
+
+    // The server is gone: offline mode (and online mode, which finds every file in the cache
+    // first) still load the model.
+    let offline = hub_options("http://127.0.0.1:9", cache.path(), true);
+    ensure!(download_encoder(&hub_name("hf:tiny/encoder"), &offline)? == folder);
+    let cached = hub_options("http://127.0.0.1:9", cache.path(), false);
+    ensure!(download_encoder(&hub_name("hf:tiny/encoder"), &cached)? == folder);
+
+    // Offline with a model that is not in the cache says so.
+    let message = download_encoder(&hub_name("hf:other/model"), &offline)
+        .expect_err("not cached")
+        .to_string();
+    ensure!(
+        message.contains("hf:other/model")
+            && message.contains("HF_HUB_OFFLINE")
+            && message.contains("config.json"),
+        "{message}"
+    );
+    Ok(())
+}
+
+#[test]
+fn hub_errors_name_the_model_the_file_and_what_to_do() -> Result<()> {
+    let model = tempfile::tempdir()?;
+    let cache = tempfile::tempdir()?;
+    write_tiny_encoder(model.path(), 3, 12);
+    let server = HubServer::start(model.path(), "tiny/encoder");
+    let options = hub_options(&server.endpoint, cache.path(), false);
+
+    let message = download_encoder(&hub_name("hf:nobody/nothing"), &options)
+        .expect_err("no such model")
+        .to_string();
+    ensure!(
+        message.contains("hf:nobody/nothing") && message.contains("config.json not found"),
+        "{message}"
+    );
+
+    // A repository with PyTorch weights only.
+    std::fs::rename(
+        model.path().join("model.safetensors"),
+        model.path().join("pytorch_model.bin"),
+    )?;
+    let message = download_encoder(&hub_name("hf:tiny/encoder@v1"), &options)
+        .expect_err("no safetensors")
+        .to_string();
+    ensure!(
+        message.contains("hf:tiny/encoder@v1")
+            && message.contains("model.safetensors")
+            && message.contains("pytorch_model.bin"),
+        "{message}"
+    );
+    drop(server);
+
+    // Nothing listens: the error says the Hub could not be reached and what to do.
+    let unreachable = hub_options("http://127.0.0.1:9", cache.path(), false);
+    let message = download_encoder(&hub_name("hf:nobody/else"), &unreachable)
+        .expect_err("no server")
+        .to_string();
+    ensure!(
+        message.contains("could not be reached") && message.contains("HF_HUB_OFFLINE"),
+        "{message}"
+    );
+
+    for bad in ["hf:", "hf:a/b/c", "hf:a b", "hf:owner/model@"] {
+        let message = HubName::parse(bad)
+            .expect("an hf: name")
+            .expect_err("malformed")
+            .to_string();
+        ensure!(message.contains("hf:OWNER/MODEL"), "{bad}: {message}");
+    }
+    ensure!(
+        HubName::parse("some/folder").is_none(),
+        "a folder is not a Hub name"
+    );
     Ok(())
 }

@@ -31,8 +31,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
     /// Text workloads (encode-minilm, encode-minilm-single, finetune-minilm): the encoder
-    /// folder.
-    #[arg(long, value_name = "DIR")]
+    /// folder, or hf:OWNER/MODEL.
+    #[arg(long, value_name = "DIR|hf:NAME")]
     pub encoder: Option<PathBuf>,
     /// Text workloads: the sentences: a CSV file (with --text-column), or CLINC150's
     /// data_full.json (its 4,500 `test` queries).

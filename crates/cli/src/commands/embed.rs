@@ -15,8 +15,9 @@ use metalearn::text::TextEncoder;
 /// Arguments of `embed`.
 #[derive(Args, Debug, Clone)]
 pub struct EmbedArgs {
-    /// The encoder: a Hugging Face / sentence-transformers folder.
-    #[arg(long, value_name = "DIR")]
+    /// The encoder: a Hugging Face / sentence-transformers folder, or hf:OWNER/MODEL from the
+    /// Hugging Face Hub.
+    #[arg(long, value_name = "DIR|hf:NAME")]
     pub encoder: PathBuf,
     /// The CSV file holding the texts.
     #[arg(long, value_name = "FILE.csv")]
@@ -51,7 +52,7 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     if args.batch_size == 0 {
         return Err(Error::Config("--batch-size must be at least 1".into()));
     }
-    let encoder = TextEncoder::from_folder(&args.encoder, DType::F32)?;
+    let encoder = TextEncoder::load(&args.encoder, DType::F32)?;
     let texts = load_labelled_texts(&args.data, &args.text_column, None)?;
     let started = std::time::Instant::now();
     let embedded = encoder.embed(&texts.text_refs(), args.batch_size)?;

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::nn::architecture::Architecture;
 use crate::nn::network::{ForwardCtx, Network};
 use crate::nn::params::ParamSet;
+use crate::text::hub::locate_encoder;
 use crate::text::pretrained::{load_pretrained, EncoderSource};
 use crate::text::tokenizer::TextTokenizer;
 
@@ -35,6 +36,21 @@ impl TextEncoder {
     /// Reads a pre-trained encoder from a Hugging Face / sentence-transformers folder.
     pub fn from_folder(dir: &std::path::Path, dtype: DType) -> Result<Self> {
         let pretrained = load_pretrained(dir, dtype)?;
+        Self::new(
+            pretrained.architecture,
+            pretrained.params,
+            pretrained.tokenizer,
+            pretrained.source,
+        )
+    }
+
+    /// Reads a pre-trained encoder from a folder, or from the Hugging Face Hub when `spec` is
+    /// `hf:NAME[@REVISION]` (downloaded into the standard cache; see [`crate::text::hub`]).
+    /// The encoder's recorded source is the name as given.
+    pub fn load(spec: &std::path::Path, dtype: DType) -> Result<Self> {
+        let folder = locate_encoder(spec)?;
+        let mut pretrained = load_pretrained(&folder, dtype)?;
+        pretrained.source.name = spec.display().to_string();
         Self::new(
             pretrained.architecture,
             pretrained.params,

@@ -5,9 +5,11 @@
 //! load like any other.
 
 pub mod encoder;
+pub mod hub;
 pub mod pretrained;
 pub mod tokenizer;
 
 pub use encoder::{Embeddings, TextEncoder};
+pub use hub::{download_encoder, locate_encoder, HubName, HubOptions, HUB_PREFIX};
 pub use pretrained::{file_sha256, load_pretrained, EncoderSource, PretrainedEncoder};
 pub use tokenizer::{TextTokenizer, TokenBatch};

@@ -43,7 +43,7 @@ pub fn run_text(workload: &str, iterations: usize, input: &TextInput) -> Result<
             "text workloads need sentences (--data) and a batch size of at least 1".into(),
         ));
     }
-    let encoder = TextEncoder::from_folder(&input.encoder, DType::F32)?;
+    let encoder = TextEncoder::load(&input.encoder, DType::F32)?;
     let prepared = match workload {
         "encode-minilm" => {
             let texts = input.texts.clone();

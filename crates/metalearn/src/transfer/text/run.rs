@@ -71,7 +71,7 @@ pub fn train_text_and_save(
                 .into(),
         ));
     }
-    let encoder = TextEncoder::from_folder(&settings.encoder, DType::F32)?;
+    let encoder = TextEncoder::load(&settings.encoder, DType::F32)?;
     let mut train = load_labelled_texts(
         &settings.data,
         &settings.text_column,
