@@ -177,6 +177,10 @@ fn prototype_needs_no_training_and_finetune_lowers_the_loss() {
     assert!(one < all, "top-1 trains fewer weights: {one} vs {all}");
 }
 
+fn as_refs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 #[test]
 fn lora_trains_only_adapters_and_head() {
     let s = Setup::new();
@@ -197,6 +201,57 @@ fn lora_trains_only_adapters_and_head() {
     assert_eq!(report["train"]["trained_parameters"], 2 * 2 * 32 + 36);
     let inspect = run_ok_in(&["inspect", &s.path("lora.safetensors")], None);
     assert!(inspect.contains("LoRA rank 2"), "{inspect}");
+    assert!(inspect.contains("read from the base encoder"), "{inspect}");
+
+    // The file holds the adapters and head only: smaller than the encoder's weights.
+    let file = std::fs::metadata(s.path("lora.safetensors")).unwrap().len();
+    let base = std::fs::metadata(s.dir.path().join("encoder/model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(file < base, "{file} bytes vs the base's {base}");
+
+    let predict = |extra: &[&str]| {
+        let mut args = vec![
+            "predict".to_string(),
+            "--model".into(),
+            s.path("lora.safetensors"),
+            "--data".into(),
+            s.path("val.csv"),
+            "--out".into(),
+            s.path("pred.csv"),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+    run_ok_in(&as_refs(&predict(&[])), None);
+    let before = std::fs::read_to_string(s.path("pred.csv")).unwrap();
+
+    // The base moved: the error says which base is needed and how to pass it.
+    std::fs::rename(s.dir.path().join("encoder"), s.dir.path().join("moved")).unwrap();
+    let err = run_err_in(&as_refs(&predict(&[])), None);
+    assert!(
+        err.contains("only LoRA adapters") && err.contains("--encoder") && err.contains("SHA-256"),
+        "{err}"
+    );
+    run_ok_in(&as_refs(&predict(&["--encoder", &s.path("moved")])), None);
+    assert_eq!(std::fs::read_to_string(s.path("pred.csv")).unwrap(), before);
+
+    // Another encoder with the same shapes is refused by its SHA-256.
+    write_tiny_encoder(&s.dir.path().join("other"), 99, 16);
+    let err = run_err_in(&as_refs(&predict(&["--encoder", &s.path("other")])), None);
+    assert!(err.contains("a different model"), "{err}");
+
+    // Commands that need a self-contained model say what the file is.
+    let err = run_err_in(
+        &[
+            "export-keras",
+            &s.path("lora.safetensors"),
+            "--out",
+            &s.path("lora.keras"),
+        ],
+        None,
+    );
+    assert!(err.contains("LoRA checkpoint"), "{err}");
 }
 
 #[test]

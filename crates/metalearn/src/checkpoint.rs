@@ -18,6 +18,8 @@ use crate::nn::params::ParamSet;
 
 /// Value of the `format` metadata key that marks a metalearn checkpoint.
 pub const FORMAT: &str = "metalearn-checkpoint";
+/// Metadata key listing the parameters a partial checkpoint does not hold.
+const EXTERNAL_KEY: &str = "external_params";
 /// Version of the checkpoint layout.
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -69,6 +71,11 @@ pub struct Checkpoint {
     pub sections: BTreeMap<String, serde_json::Value>,
     /// Where it came from.
     pub provenance: Provenance,
+    /// Parameters of the architecture that the file does not hold because they live elsewhere
+    /// (a LoRA checkpoint stores its adapters and head; the base encoder's weights stay in the
+    /// base model). Empty for an ordinary, self-contained checkpoint; only
+    /// [`Checkpoint::load_partial`] reads a file where it is not.
+    pub external_params: Vec<String>,
 }
 
 impl Checkpoint {
@@ -81,6 +88,7 @@ impl Checkpoint {
             state: ParamSet::new(),
             sections: BTreeMap::new(),
             provenance: Provenance::now(),
+            external_params: Vec::new(),
         }
     }
 
@@ -97,6 +105,12 @@ impl Checkpoint {
         );
         for (key, value) in &self.sections {
             metadata.insert(format!("section.{key}"), value.to_string());
+        }
+        if !self.external_params.is_empty() {
+            metadata.insert(
+                EXTERNAL_KEY.to_string(),
+                serde_json::to_string(&self.external_params).expect("names serialise"),
+            );
         }
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
         for (prefix, set) in [
@@ -117,14 +131,24 @@ impl Checkpoint {
     /// Reads and validates a checkpoint: it must be a metalearn checkpoint whose tensors match its
     /// architecture exactly (names, shapes, no missing or extra parameters).
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
-        let path = path.as_ref();
+        Self::load_checked(path.as_ref(), device, false)
+    }
+
+    /// Like [`Checkpoint::load`], but also reads a partial checkpoint (one whose
+    /// `external_params` live in a base model, e.g. LoRA adapters and a head); the caller
+    /// completes its parameters.
+    pub fn load_partial(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::load_checked(path.as_ref(), device, true)
+    }
+
+    fn load_checked(path: &Path, device: &Device, allow_partial: bool) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| {
             Error::Checkpoint(format!(
                 "{}: cannot read the checkpoint ({e}); check the path",
                 path.display()
             ))
         })?;
-        Self::from_bytes(&bytes, device).map_err(|e| match e {
+        Self::parse(&bytes, device, allow_partial).map_err(|e| match e {
             Error::Checkpoint(msg) => Error::Checkpoint(format!("{}: {msg}", path.display())),
             other => other,
         })
@@ -132,6 +156,10 @@ impl Checkpoint {
 
     /// Parses a checkpoint from its bytes (see [`Checkpoint::load`]).
     pub fn from_bytes(bytes: &[u8], device: &Device) -> Result<Self> {
+        Self::parse(bytes, device, false)
+    }
+
+    fn parse(bytes: &[u8], device: &Device, allow_partial: bool) -> Result<Self> {
         let bad = |msg: String| Error::Checkpoint(msg);
         let not_ckpt = "not a metalearn checkpoint (expected a safetensors file written by \
                         metalearn: train, finetune or meta-train one first)";
@@ -174,6 +202,20 @@ impl Checkpoint {
                 .map_err(|e| bad(format!("invalid `provenance` metadata: {e}")))?,
             None => Provenance::default(),
         };
+        let external_params: Vec<String> = match metadata.get(EXTERNAL_KEY) {
+            Some(text) => serde_json::from_str(text)
+                .map_err(|e| bad(format!("invalid `{EXTERNAL_KEY}` metadata: {e}")))?,
+            None => Vec::new(),
+        };
+        if !external_params.is_empty() && !allow_partial {
+            return Err(bad(format!(
+                "it holds only part of its model's weights ({} tensors, such as `{}`, live in \
+                 the base model it was trained on: a LoRA checkpoint); read it with the text \
+                 commands (evaluate, predict), which load the base encoder too",
+                external_params.len(),
+                external_params[0]
+            )));
+        }
         let mut sections = BTreeMap::new();
         for (key, value) in &metadata {
             if let Some(section) = key.strip_prefix("section.") {
@@ -213,8 +255,21 @@ impl Checkpoint {
             )),
             other => other,
         };
-        let params =
-            collect_matching(network.param_specs(), params_map, "parameter").map_err(mismatch)?;
+        let stored_specs: Vec<crate::nn::network::ParamSpec> = network
+            .param_specs()
+            .iter()
+            .filter(|spec| !external_params.contains(&spec.name))
+            .cloned()
+            .collect();
+        if let Some(name) = external_params
+            .iter()
+            .find(|name| !network.param_specs().iter().any(|spec| &spec.name == *name))
+        {
+            return Err(bad(format!(
+                "`{EXTERNAL_KEY}` names `{name}`, which is not a parameter of its architecture"
+            )));
+        }
+        let params = collect_matching(&stored_specs, params_map, "parameter").map_err(mismatch)?;
         let buffers =
             collect_matching(network.buffer_specs(), buffers_map, "buffer").map_err(mismatch)?;
         Ok(Self {
@@ -224,6 +279,7 @@ impl Checkpoint {
             state,
             sections,
             provenance,
+            external_params,
         })
     }
 

@@ -16,7 +16,7 @@ use crate::nn::network::Network;
 /// --json` prints): file, format, provenance, architecture with per-layer shapes and parameter
 /// counts, training progress and the stored sections.
 pub fn describe(path: &Path) -> Result<Map<String, Value>> {
-    let ckpt = Checkpoint::load(path, &Device::Cpu)?;
+    let ckpt = Checkpoint::load_partial(path, &Device::Cpu)?;
     let file_bytes = std::fs::metadata(path)
         .map_err(|e| Error::io(path, e))?
         .len();
@@ -60,6 +60,13 @@ pub fn describe(path: &Path) -> Result<Map<String, Value>> {
     }
 
     let total = ckpt.params.num_values();
+    // A LoRA checkpoint's encoder weights stay in its base model.
+    let in_base_model: usize = network
+        .param_specs()
+        .iter()
+        .filter(|spec| ckpt.external_params.contains(&spec.name))
+        .map(|spec| spec.shape.iter().product::<usize>())
+        .sum();
     let frozen_values: usize = ckpt
         .params
         .iter()
@@ -130,6 +137,7 @@ pub fn describe(path: &Path) -> Result<Map<String, Value>> {
             "frozen": frozen_values,
             "tensors": ckpt.params.len(),
             "frozen_names": frozen,
+            "in_base_model": in_base_model,
         }),
     );
     report.insert(

@@ -248,6 +248,16 @@ fn render(report: &Map<String, Value>) -> String {
             num(&params["tensors"])
         ),
     );
+    if num(&params["in_base_model"]) > 0 {
+        line(
+            "base model",
+            format!(
+                "{} more values are read from the base encoder (the file holds adapters and \
+                 head only)",
+                grouped(num(&params["in_base_model"]))
+            ),
+        );
+    }
     let buffers = get("buffers");
     if num(&buffers["tensors"]) > 0 {
         line(

@@ -30,7 +30,10 @@ pub struct PredictArgs {
     /// Examples per forward pass.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub batch_size: usize,
-    /// Print one JSON object with a summary as the last line of stdout.
+    /// Text models saved as LoRA adapters: the base encoder (a folder or hf:NAME) when it is
+    /// no longer where it was trained; it must be the same model (checked by SHA-256).
+    #[arg(long, value_name = "DIR|hf:NAME")]
+    pub encoder: Option<PathBuf>,
     /// Text models: the CSV column holding the text (default: the one it was trained on).
     #[arg(long, value_name = "COLUMN")]
     pub text_column: Option<String>,
@@ -105,7 +108,7 @@ pub fn run(args: &PredictArgs) -> Result<()> {
     if args.batch_size == 0 {
         return Err(Error::Config("--batch-size must be at least 1".into()));
     }
-    if let Some(model) = TextClassifier::load_if_text(&args.model)? {
+    if let Some(model) = TextClassifier::load_if_text(&args.model, args.encoder.as_deref())? {
         return run_text(args, &model, &console);
     }
     let (model, info) = load_model(&args.model)?;

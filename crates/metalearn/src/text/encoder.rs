@@ -46,11 +46,16 @@ impl TextEncoder {
 
     /// Reads a pre-trained encoder from a folder, or from the Hugging Face Hub when `spec` is
     /// `hf:NAME[@REVISION]` (downloaded into the standard cache; see [`crate::text::hub`]).
-    /// The encoder's recorded source is the name as given.
+    /// The encoder's recorded source is the Hub name as given, or the folder's absolute path.
     pub fn load(spec: &std::path::Path, dtype: DType) -> Result<Self> {
         let folder = locate_encoder(spec)?;
         let mut pretrained = load_pretrained(&folder, dtype)?;
-        pretrained.source.name = spec.display().to_string();
+        let recorded = if folder == spec {
+            std::fs::canonicalize(spec).unwrap_or_else(|_| spec.to_path_buf())
+        } else {
+            spec.to_path_buf()
+        };
+        pretrained.source.name = recorded.display().to_string();
         Self::new(
             pretrained.architecture,
             pretrained.params,

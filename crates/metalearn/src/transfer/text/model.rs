@@ -16,7 +16,7 @@ use crate::nn::network::Network;
 use crate::nn::ops;
 use crate::nn::params::ParamSet;
 use crate::text::encoder::forward_sequences;
-use crate::text::{EncoderSource, TextTokenizer};
+use crate::text::{file_sha256, load_pretrained, locate_encoder, EncoderSource, TextTokenizer};
 
 /// Name of the checkpoint section that holds the text side of a model.
 pub const TEXT_SECTION: &str = "text";
@@ -55,6 +55,11 @@ pub struct TextSection {
     pub text_column: String,
     /// The CSV column the labels were read from.
     pub label_column: String,
+    /// The checkpoint holds only what training changed (LoRA adapters and the head); the
+    /// encoder's weights are read from the base encoder, which must be the one of `encoder`
+    /// (same SHA-256).
+    #[serde(default)]
+    pub adapters_only: bool,
 }
 
 /// A sentence encoder with a classification head.
@@ -203,11 +208,21 @@ impl TextClassifier {
 
     /// The classifier as a checkpoint.
     pub fn to_checkpoint(&self) -> Result<Checkpoint> {
-        let mut ckpt = Checkpoint::new(
-            self.network.architecture().clone(),
-            self.params.detach(),
-            ParamSet::new(),
-        );
+        let mut stored = self.params.detach();
+        let mut external = Vec::new();
+        if self.section.adapters_only {
+            stored = ParamSet::new();
+            for (name, tensor) in self.params.iter() {
+                if is_adapter_or_head(name) {
+                    stored.insert(name.clone(), tensor.detach())?;
+                } else {
+                    external.push(name.clone());
+                }
+            }
+        }
+        let mut ckpt =
+            Checkpoint::new(self.network.architecture().clone(), stored, ParamSet::new());
+        ckpt.external_params = external;
         ckpt.provenance.data = Some(self.section.encoder.name.clone());
         ckpt.sections.insert(
             TEXT_SECTION.into(),
@@ -226,27 +241,39 @@ impl TextClassifier {
         ckpt.section(TEXT_SECTION).is_some()
     }
 
-    /// Reads a classifier saved by [`TextClassifier::save`].
-    pub fn load(path: &Path) -> Result<Self> {
-        let ckpt = Checkpoint::load(path, &Device::Cpu)?;
-        Self::from_checkpoint(&ckpt)
-            .map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))
+    /// Reads a classifier saved by [`TextClassifier::save`]. A checkpoint of adapters only
+    /// reads its base encoder from `base` (a folder or `hf:` name), or from where it was
+    /// trained when `base` is `None`.
+    pub fn load(path: &Path, base: Option<&Path>) -> Result<Self> {
+        Self::load_if_text(path, base)?.ok_or_else(|| {
+            Error::Checkpoint(format!(
+                "{}: this checkpoint holds no text model (no `text` section); text commands \
+                 need a model trained with --encoder",
+                path.display()
+            ))
+        })
     }
 
     /// Reads the classifier in `path` when the checkpoint holds a text model; `None` for any
-    /// other model (commands that read both kinds try this first).
-    pub fn load_if_text(path: &Path) -> Result<Option<Self>> {
-        let ckpt = Checkpoint::load(path, &Device::Cpu)?;
+    /// other model (commands that read both kinds try this first). `base` is as for
+    /// [`TextClassifier::load`].
+    pub fn load_if_text(path: &Path, base: Option<&Path>) -> Result<Option<Self>> {
+        let ckpt = Checkpoint::load_partial(path, &Device::Cpu)?;
         if !Self::is_text_checkpoint(&ckpt) {
+            if !ckpt.external_params.is_empty() {
+                // Only text models are saved in parts; refuse like `Checkpoint::load` does.
+                Checkpoint::load(path, &Device::Cpu)?;
+            }
             return Ok(None);
         }
-        Self::from_checkpoint(&ckpt)
+        Self::from_checkpoint(&ckpt, base)
             .map(Some)
             .map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))
     }
 
-    /// Rebuilds a classifier from a loaded checkpoint.
-    pub fn from_checkpoint(ckpt: &Checkpoint) -> Result<Self> {
+    /// Rebuilds a classifier from a loaded checkpoint (`base` as for
+    /// [`TextClassifier::load`]).
+    pub fn from_checkpoint(ckpt: &Checkpoint, base: Option<&Path>) -> Result<Self> {
         let section = ckpt.section(TEXT_SECTION).ok_or_else(|| {
             Error::Checkpoint(
                 "this checkpoint holds no text model (no `text` section); text commands need a \
@@ -259,11 +286,58 @@ impl TextClassifier {
         })?;
         let tokenizer =
             TextTokenizer::from_json(&section.tokenizer, section.max_length, section.pad_id)?;
-        Self::new(
-            ckpt.architecture.clone(),
-            ckpt.params.clone(),
-            tokenizer,
-            section,
-        )
+        let mut params = ckpt.params.clone();
+        if !ckpt.external_params.is_empty() {
+            let default_base = std::path::PathBuf::from(&section.encoder.name);
+            let base_weights = read_base_weights(&section.encoder, base.unwrap_or(&default_base))?;
+            for name in &ckpt.external_params {
+                let tensor = base_weights.try_get(name).ok_or_else(|| {
+                    Error::Checkpoint(format!(
+                        "the base encoder has no tensor `{name}` that the adapters need"
+                    ))
+                })?;
+                params.insert(name.clone(), tensor.clone())?;
+            }
+        }
+        Self::new(ckpt.architecture.clone(), params, tokenizer, section)
     }
+}
+
+/// Whether a parameter is one a LoRA checkpoint stores itself: an adapter or the head.
+fn is_adapter_or_head(name: &str) -> bool {
+    name.contains("_lora_") || name.split('.').next() == Some(HEAD)
+}
+
+/// The weights of the base encoder at `spec`, after checking that it is the one the adapters
+/// were trained on.
+fn read_base_weights(trained_on: &EncoderSource, spec: &Path) -> Result<ParamSet> {
+    let needs = format!(
+        "this checkpoint holds only LoRA adapters and a head, trained on the base encoder {} \
+         (model.safetensors SHA-256 {})",
+        trained_on.name, trained_on.sha256
+    );
+    let folder = locate_encoder(spec).map_err(|e| {
+        Error::Checkpoint(format!(
+            "{needs}; reading that base failed: {e}; pass --encoder with it"
+        ))
+    })?;
+    let weights = folder.join("model.safetensors");
+    if !weights.is_file() {
+        return Err(Error::Checkpoint(format!(
+            "{needs}; {} has no model.safetensors: pass --encoder DIR|hf:NAME with that base \
+             encoder",
+            spec.display()
+        )));
+    }
+    let found = file_sha256(&weights)?;
+    if found != trained_on.sha256 {
+        return Err(Error::Checkpoint(format!(
+            "{needs}; the encoder at {} is a different model (SHA-256 {found}), so the adapters \
+             do not apply to it: pass --encoder with the base they were trained on",
+            spec.display()
+        )));
+    }
+    let pretrained = load_pretrained(&folder, candle_core::DType::F32)
+        .map_err(|e| Error::Checkpoint(format!("{needs}; reading it failed: {e}")))?;
+    Ok(pretrained.params)
 }

@@ -279,6 +279,7 @@ pub fn train_text_classifier(
         method: plan.method.name().to_string(),
         text_column: text_column.to_string(),
         label_column: label_column.to_string(),
+        adapters_only: plan.method == TextMethod::Lora,
     };
     let classifier = TextClassifier::new(arch, params, encoder.tokenizer().clone(), section)?;
     let report = TextTrainReport {
