@@ -453,3 +453,159 @@ fn an_hf_name_downloads_through_hf_endpoint_into_hf_home() {
         "the cached model gives the same embeddings"
     );
 }
+
+/// Eight intents in four domains, written with the tiny vocabulary.
+const DOMAIN_ROWS: &[(&str, &str, &str)] = &[
+    ("what is my bank balance", "balance", "bank"),
+    ("my balance", "balance", "bank"),
+    ("balance today", "balance", "bank"),
+    ("bank balance", "balance", "bank"),
+    ("freeze my credit card", "card", "bank"),
+    ("credit card", "card", "bank"),
+    ("cancel my card", "card", "bank"),
+    ("freeze card", "card", "bank"),
+    ("play music", "music", "home"),
+    ("play a song", "music", "home"),
+    ("play the songs", "music", "home"),
+    ("music on", "music", "home"),
+    ("turn off lights", "lights", "home"),
+    ("lights on", "lights", "home"),
+    ("turn on the lights", "lights", "home"),
+    ("lights off", "lights", "home"),
+    ("set alarm for tomorrow", "alarm", "time"),
+    ("set an alarm", "alarm", "time"),
+    ("alarm for today", "alarm", "time"),
+    ("set the alarm", "alarm", "time"),
+    ("weather today", "weather", "time"),
+    ("weather tomorrow", "weather", "time"),
+    ("what is the weather", "weather", "time"),
+    ("how is the weather", "weather", "time"),
+    ("order pizza", "pizza", "food"),
+    ("order a pizza", "pizza", "food"),
+    ("pizza today", "pizza", "food"),
+    ("pizza", "pizza", "food"),
+    ("call mom", "call", "food"),
+    ("call my mom", "call", "food"),
+    ("to call mom", "call", "food"),
+    ("call", "call", "food"),
+];
+
+fn text_meta_config(algorithm: &str, iterations: usize) -> String {
+    format!(
+        r#"
+[task]
+kind = "classification"
+data = "domains.csv"
+text_column = "text"
+target = "intent"
+group_column = "domain"
+split_groups = {{ train = ["bank", "home"], validation = ["time"], test = ["food"] }}
+same_group = true
+ways = 2
+shots = 1
+queries = 2
+
+[model]
+arch = "encoder"
+encoder = "encoder"
+
+[algorithm]
+name = "{algorithm}"
+inner_lr = 0.1
+inner_steps = 1
+eval_inner_steps = 2
+first_order = true
+
+[training]
+iterations = {iterations}
+meta_batch = 2
+outer_lr = 0.01
+validate_every = {iterations}
+validation_tasks = 4
+checkpoint_every = {iterations}
+seed = 1
+
+[eval]
+episodes = 8
+"#
+    )
+}
+
+#[test]
+fn meta_learning_runs_on_texts_with_a_pre_trained_encoder() {
+    let s = Setup::new();
+    let mut csv = String::from("text,intent,domain\n");
+    for (text, intent, domain) in DOMAIN_ROWS {
+        csv.push_str(&format!("{text},{intent},{domain}\n"));
+    }
+    std::fs::write(s.dir.path().join("domains.csv"), csv).unwrap();
+    let dir = Some(s.dir.path());
+
+    // ProtoNet: the encoder's own prototypes before meta-training, then after.
+    std::fs::write(
+        s.dir.path().join("protonet.toml"),
+        text_meta_config("protonet", 40)
+            .replace("first_order = true\n", "")
+            .replace("validate_every = 40", "validate_every = 5"),
+    )
+    .unwrap();
+    let before = last_json(&run_ok_in(
+        &["meta-eval", "--config", "protonet.toml", "--json"],
+        dir,
+    ));
+    assert!(before["mean"].as_f64().unwrap() > 0.0, "{before}");
+    let trained = last_json(&run_ok_in(
+        &[
+            "meta-train",
+            "--config",
+            "protonet.toml",
+            "--out",
+            "proto-run",
+            "--json",
+        ],
+        dir,
+    ));
+    let log = std::fs::read_to_string(s.dir.path().join("proto-run/log.jsonl")).unwrap();
+    let losses: Vec<f64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["meta_loss"].as_f64())
+        .collect();
+    // Each line's meta-loss is the running mean of the recent iterations.
+    assert_eq!(losses.len(), 8, "{log}");
+    let (first, last) = (losses[0], losses[7]);
+    assert!(
+        last < first,
+        "ProtoNet lowers the meta-loss on the training domains: {first} -> {last} ({trained})"
+    );
+    let after = last_json(&run_ok_in(
+        &["meta-eval", "--model", "proto-run", "--json"],
+        dir,
+    ));
+    assert_eq!(after["episodes"], 8);
+
+    // The MAML family puts a head on the encoder.
+    for algorithm in ["anil", "maml"] {
+        let config = format!("{algorithm}.toml");
+        std::fs::write(s.dir.path().join(&config), text_meta_config(algorithm, 3)).unwrap();
+        let out = format!("{algorithm}-run");
+        run_ok_in(
+            &["meta-train", "--config", &config, "--out", &out, "--json"],
+            dir,
+        );
+        let scored = last_json(&run_ok_in(&["meta-eval", "--model", &out, "--json"], dir));
+        assert!(scored["mean"].as_f64().unwrap() >= 0.0, "{scored}");
+        let inspect = run_ok_in(&["inspect", &format!("{out}/latest.safetensors")], dir);
+        assert!(inspect.contains("transformer"), "{inspect}");
+    }
+
+    // Mistakes are named.
+    let bad = text_meta_config("anil", 3).replace("\"food\"", "\"fod\"");
+    std::fs::write(s.dir.path().join("bad.toml"), bad).unwrap();
+    let err = run_err_in(&["meta-train", "--config", "bad.toml"], dir);
+    assert!(err.contains("`fod`") && err.contains("food"), "{err}");
+    let bad = text_meta_config("anil", 3).replace("text_column = \"text\"\n", "");
+    std::fs::write(s.dir.path().join("bad.toml"), bad).unwrap();
+    let err = run_err_in(&["meta-train", "--config", "bad.toml"], dir);
+    assert!(err.contains("text_column"), "{err}");
+}

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use candle_core::DType;
 use clap::Args;
 use serde_json::json;
 
@@ -10,15 +11,19 @@ use metalearn::checkpoint::Checkpoint;
 use metalearn::error::{Error, Result};
 use metalearn::eval::baseline::{train_transfer_baseline, BaselineOptions};
 use metalearn::eval::score_episodes;
-use metalearn::experiment::load_meta_model;
+use metalearn::experiment::{load_meta_model, ExperimentConfig};
 use metalearn::tasks::Split;
 
 /// Arguments of `meta-eval`.
 #[derive(Args, Debug, Clone)]
 pub struct MetaEvalArgs {
     /// A checkpoint, or a meta-train output folder (its best checkpoint is used).
-    #[arg(long)]
-    pub model: PathBuf,
+    #[arg(long, required_unless_present = "config", conflicts_with = "config")]
+    pub model: Option<PathBuf>,
+    /// Evaluate the model an experiment config starts from, before any meta-training (e.g. a
+    /// pre-trained text encoder's prototypes), instead of a checkpoint.
+    #[arg(long, value_name = "CONFIG.toml")]
+    pub config: Option<PathBuf>,
     /// Test tasks (default: eval.episodes of the config, 600).
     #[arg(long)]
     pub episodes: Option<usize>,
@@ -82,8 +87,26 @@ pub fn run(args: &MetaEvalArgs) -> Result<()> {
         }
     };
     let device = crate::args::compute_device(args.cuda)?;
-    let (learner, mut config, path) = load_meta_model(&args.model, &device)?;
+    let (learner, mut config, path) = match (&args.model, &args.config) {
+        (Some(model), _) => {
+            let (learner, config, path) = load_meta_model(model, &device)?;
+            (Some(learner), config, Some(path))
+        }
+        (None, Some(config)) => (None, ExperimentConfig::from_file(config)?, None),
+        (None, None) => {
+            return Err(Error::Config(
+                "give --model CKPT (a meta-trained model) or --config CONFIG.toml (the model \
+                 the experiment starts from)"
+                    .into(),
+            ))
+        }
+    };
     let trained_ways = config.task.ways;
+    let model_label = match (&path, &args.config) {
+        (Some(path), _) => path.display().to_string(),
+        (None, Some(config)) => format!("{} (before meta-training)", config.display()),
+        (None, None) => String::new(),
+    };
     if let Some(ways) = args.ways {
         config.task.ways = Some(ways);
     }
@@ -110,17 +133,20 @@ pub fn run(args: &MetaEvalArgs) -> Result<()> {
         }
         None => split,
     };
-    let mut learner = match args.ways {
-        Some(ways) if Some(ways) != trained_ways => {
-            metalearn::eval::runs::learner_for_ways(&Checkpoint::load(&path, &device)?, ways)?
-        }
-        _ => learner,
-    };
-    learner.set_test_time_shifts(args.test_time_shifts);
     if let Some(data) = &args.data {
         config.task.data = Some(data.clone());
     }
+    config.validate()?;
     let source = config.task_source()?;
+    let mut learner = match (learner, path) {
+        (Some(_), Some(path)) if args.ways.is_some() && args.ways != trained_ways => {
+            let ways = args.ways.unwrap_or_default();
+            metalearn::eval::runs::learner_for_ways(&Checkpoint::load(&path, &device)?, ways)?
+        }
+        (Some(learner), _) => learner,
+        (None, _) => config.initial_learner(&source.input_shape(), DType::F32, &device)?,
+    };
+    learner.set_test_time_shifts(args.test_time_shifts);
     source.check_split(split)?;
     let episodes = args.episodes.unwrap_or(config.eval.episodes);
     if episodes == 0 {
@@ -139,7 +165,7 @@ pub fn run(args: &MetaEvalArgs) -> Result<()> {
     bar.finish_and_clear();
     let metric = learner.metric().name();
     let mut out = json!({
-        "model": path.display().to_string(),
+        "model": model_label,
         "algorithm": config.algorithm.label(),
         "metric": metric,
         "mean": summary.mean,

@@ -8,9 +8,7 @@ use serde_json::json;
 
 use metalearn::error::Result;
 use metalearn::experiment::ExperimentConfig;
-use metalearn::meta::learner::MetaLearner;
 use metalearn::meta_training::{meta_train, resume, MetaTrainOptions};
-use metalearn::train::optim::OptimizerConfig;
 
 /// Floating-point precision of a run.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,19 +97,11 @@ pub fn run(args: &MetaTrainArgs, threads: Option<usize>) -> Result<()> {
         let (learner, ckpt) = resume(&out, &device)?;
         (learner, Some(ckpt))
     } else {
-        let arch = config.architecture(&source.input_shape())?;
-        let learner = MetaLearner::new_on(
-            &arch,
-            config.algorithm.clone(),
-            config.task_kind()?,
-            OptimizerConfig::adam(config.training.outer_lr),
-            config.training.seed,
-            match args.precision {
-                Precision::F32 => DType::F32,
-                Precision::F64 => DType::F64,
-            },
-            &device,
-        )?;
+        let dtype = match args.precision {
+            Precision::F32 => DType::F32,
+            Precision::F64 => DType::F64,
+        };
+        let learner = config.initial_learner(&source.input_shape(), dtype, &device)?;
         (learner, None)
     };
     if let Some(t) = threads {

@@ -4,14 +4,21 @@
 
 use std::path::Path;
 
+use candle_core::{DType, Device};
+
 use crate::data::classes::{ClassPool, SplitSpec};
+use crate::data::csv::load_text_columns;
 use crate::error::{Error, Result};
 use crate::experiment::ExperimentConfig;
+use crate::meta::learner::MetaLearner;
 use crate::meta::AlgorithmKind;
-use crate::nn::architecture::Architecture;
+use crate::nn::architecture::{Architecture, Layer};
+use crate::nn::params::ParamSet;
 use crate::tasks::episodic::EpisodicSampler;
 use crate::tasks::sinusoid::SinusoidTasks;
 use crate::tasks::{TaskKind, TaskSource};
+use crate::text::TextEncoder;
+use crate::train::optim::OptimizerConfig;
 
 impl ExperimentConfig {
     /// The sinusoid task distribution of `[task]`.
@@ -69,6 +76,9 @@ impl ExperimentConfig {
                 path.display()
             )));
         }
+        if let Some(text_column) = &self.task.text_column {
+            return self.text_source(&path, text_column);
+        }
         let dataset = if path.is_dir() {
             let [height, width] = self.task.image_size.unwrap_or([28, 28]);
             let options = crate::data::image_folder::ImageFolderOptions {
@@ -99,6 +109,135 @@ impl ExperimentConfig {
         };
         let sampler = EpisodicSampler::new(pool, self.episode()?, &split)?;
         Ok(Box::new(self.augmented(sampler)?))
+    }
+
+    /// The learner that meta-training starts from: the network of `[model]` for inputs of
+    /// `input_shape` with fresh weights, or, with `model.arch = "encoder"`, the pre-trained
+    /// encoder's weights (and a fresh head for the MAML family).
+    pub fn initial_learner(
+        &self,
+        input_shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<MetaLearner> {
+        let arch = self.architecture(input_shape)?;
+        let mut learner = MetaLearner::new_on(
+            &arch,
+            self.algorithm.clone(),
+            self.task_kind()?,
+            OptimizerConfig::adam(self.training.outer_lr),
+            self.training.seed,
+            dtype,
+            device,
+        )?;
+        if self.model.arch == "encoder" {
+            let encoder = self.text_encoder()?;
+            let mut meta = learner.meta_params();
+            let mut weights = ParamSet::new();
+            for (name, fresh) in meta.weights.iter() {
+                let value = match encoder.params().try_get(name) {
+                    Some(pre_trained) => pre_trained.to_dtype(dtype)?.to_device(device)?,
+                    None => fresh.copy()?,
+                };
+                weights.insert(name.clone(), value)?;
+            }
+            meta.weights = weights;
+            learner.set_meta_params(&meta)?;
+        }
+        Ok(learner)
+    }
+
+    /// The pre-trained text encoder of `model.encoder`.
+    pub fn text_encoder(&self) -> Result<TextEncoder> {
+        let spec = self.model.encoder.as_ref().ok_or_else(|| {
+            Error::Config("model.encoder (the text encoder to start from) is required".into())
+        })?;
+        TextEncoder::load(spec, DType::F32)
+    }
+
+    /// Episodes over the texts of a CSV file: each row's `text_column` tokenised by the
+    /// encoder's tokenizer (padded to the longest; the encoder drops the padding columns an
+    /// episode does not need), classes from `target`, groups from `group_column`, divided by
+    /// `split_groups` or the `split` fractions.
+    fn text_source(&self, path: &Path, text_column: &str) -> Result<Box<dyn TaskSource>> {
+        let t = &self.task;
+        let target = t.target.as_deref().ok_or_else(|| {
+            Error::Config(format!(
+                "task.target (the label column) is required for the CSV file {}",
+                path.display()
+            ))
+        })?;
+        let mut columns = vec![(text_column, "text"), (target, "label")];
+        if let Some(group) = &t.group_column {
+            columns.push((group.as_str(), "group"));
+        }
+        let rows = load_text_columns(path, &columns)?;
+        if rows.is_empty() {
+            return Err(Error::Data(format!("{}: no data rows", path.display())));
+        }
+        let texts: Vec<&str> = rows.iter().map(|(_, cells)| cells[0].as_str()).collect();
+        let tokens = self.text_encoder()?.tokenizer().encode_batch(&texts)?;
+        let x = tokens.to_tensor(DType::F32, &Device::Cpu)?;
+
+        let mut class_names: Vec<String> = rows.iter().map(|(_, c)| c[1].clone()).collect();
+        class_names.sort();
+        class_names.dedup();
+        let class_of = |name: &str| class_names.binary_search_by(|c| c.as_str().cmp(name));
+        let labels: Vec<usize> = rows
+            .iter()
+            .map(|(_, c)| class_of(&c[1]).expect("every label is a class"))
+            .collect();
+        let (groups, group_names) = match &t.group_column {
+            Some(column) => {
+                let (groups, names) = class_groups(path, column, &rows, &labels, &class_names)?;
+                (Some(groups), names)
+            }
+            None => (None, Vec::new()),
+        };
+        let pool = ClassPool::new(x, &labels, class_names, groups.clone())?;
+        let sampler = match (&t.split_groups, &groups) {
+            (Some(split), Some(groups)) => {
+                let mut lists: [Vec<usize>; 3] = Default::default();
+                for (slot, names) in [&split.train, &split.validation, &split.test]
+                    .into_iter()
+                    .enumerate()
+                {
+                    for name in names {
+                        let group =
+                            group_names.iter().position(|g| g == name).ok_or_else(|| {
+                                Error::Config(format!(
+                                    "task.split_groups names `{name}`, which is not a value of \
+                                 column `{}` in {}{}; the groups are: {}",
+                                    t.group_column.as_deref().unwrap_or_default(),
+                                    path.display(),
+                                    crate::config::suggest::did_you_mean(
+                                        name,
+                                        &group_names.iter().map(String::as_str).collect::<Vec<_>>()
+                                    ),
+                                    group_names.join(", ")
+                                ))
+                            })?;
+                        lists[slot].extend(
+                            groups
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, &g)| g == group)
+                                .map(|(class, _)| class),
+                        );
+                    }
+                }
+                EpisodicSampler::with_splits(pool, self.episode()?, lists)?
+            }
+            _ => {
+                let split = SplitSpec {
+                    fractions: t.split.unwrap_or([0.6, 0.2, 0.2]),
+                    by_group: t.split_by_group,
+                    seed: t.split_seed,
+                };
+                EpisodicSampler::new(pool, self.episode()?, &split)?
+            }
+        };
+        Ok(Box::new(sampler))
     }
 
     /// Episodes over an Omniglot archive or folder (see [`crate::data::omniglot`]): classes are
@@ -224,6 +363,13 @@ impl ExperimentConfig {
             TaskKind::Classification { ways } => ways,
         };
         match self.model.arch.as_str() {
+            "encoder" => {
+                let mut arch = self.text_encoder()?.network().architecture().clone();
+                if !protonet {
+                    arch.push_named(crate::text::HEAD, Layer::dense(outputs))?;
+                }
+                Ok(arch)
+            }
             "conv4" => {
                 let shape: [usize; 3] = match input_shape {
                     [c, h, w] => [*c, *h, *w],
@@ -259,4 +405,43 @@ impl ExperimentConfig {
             }
         }
     }
+}
+
+/// Each class's group id (groups numbered by sorted name) from the group column, and the group
+/// names; a class whose rows name two groups is an error naming both lines.
+fn class_groups(
+    path: &Path,
+    column: &str,
+    rows: &[(u64, Vec<String>)],
+    labels: &[usize],
+    class_names: &[String],
+) -> Result<(Vec<usize>, Vec<String>)> {
+    let mut names: Vec<String> = rows.iter().map(|(_, c)| c[2].clone()).collect();
+    names.sort();
+    names.dedup();
+    let mut first: Vec<Option<(usize, u64)>> = vec![None; class_names.len()];
+    for ((line, cells), &class) in rows.iter().zip(labels) {
+        let group = names
+            .binary_search(&cells[2])
+            .expect("every group value is a name");
+        match first[class] {
+            None => first[class] = Some((group, *line)),
+            Some((seen, seen_line)) if seen != group => {
+                return Err(Error::Data(format!(
+                    "{}:{line}: class `{}` is in {column} `{}` here but `{}` on line \
+                     {seen_line}; every class belongs to one group",
+                    path.display(),
+                    class_names[class],
+                    names[group],
+                    names[seen]
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    let groups = first
+        .into_iter()
+        .map(|g| g.map(|(group, _)| group).unwrap_or(0))
+        .collect();
+    Ok((groups, names))
 }

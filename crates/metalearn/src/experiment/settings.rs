@@ -91,6 +91,18 @@ pub struct TaskConfig {
     /// Classification from CSV: the label column.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    /// Classification from a CSV of texts: the column holding the text (the model is then a
+    /// text encoder, `model.arch = "encoder"`, whose tokenizer reads it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_column: Option<String>,
+    /// Classification from CSV: a column naming each class's group (e.g. CLINC150's `domain`),
+    /// for `same_group` tasks and `split_groups`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_column: Option<String>,
+    /// Classification from CSV: the groups (values of `group_column`) of each split by name,
+    /// `{ train = [...], validation = [...], test = [...] }`, instead of `split` fractions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split_groups: Option<crate::data::omniglot::AlphabetSplit>,
     /// Classification from images: `[height, width]` to resize to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_size: Option<[usize; 2]>,
@@ -153,9 +165,13 @@ pub struct TaskConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// `mlp` or `conv4`.
+    /// `mlp`, `conv4`, or `encoder` (a pre-trained text encoder, see `encoder`).
     #[serde(default = "default_arch")]
     pub arch: String,
+    /// With `arch = "encoder"`: the encoder to start from, a Hugging Face /
+    /// sentence-transformers folder, `hf:OWNER/MODEL`, or a text model trained by metalearn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder: Option<PathBuf>,
     /// MLP hidden sizes.
     #[serde(default = "default_hidden")]
     pub hidden: Vec<usize>,
@@ -187,6 +203,7 @@ impl Default for ModelConfig {
     fn default() -> Self {
         Self {
             arch: default_arch(),
+            encoder: None,
             hidden: default_hidden(),
             activation: default_activation(),
             width: default_width(),
@@ -302,6 +319,10 @@ impl ExperimentConfig {
                         TableSchema::of::<crate::data::omniglot::AlphabetSplit>(),
                     )
                     .with_table(
+                        "split_groups",
+                        TableSchema::of::<crate::data::omniglot::AlphabetSplit>(),
+                    )
+                    .with_table(
                         "augment",
                         TableSchema::of::<crate::data::augment::Augment>(),
                     ),
@@ -389,6 +410,9 @@ impl ExperimentConfig {
             ("cache_dir", t.cache_dir.is_some()),
             ("augment", t.augment.is_some()),
             ("validation_data", t.validation_data.is_some()),
+            ("text_column", t.text_column.is_some()),
+            ("group_column", t.group_column.is_some()),
+            ("split_groups", t.split_groups.is_some()),
         ];
         match t.kind.as_str() {
             "sinusoid" => {
@@ -409,10 +433,14 @@ impl ExperimentConfig {
                          reptile, meta_sgd or anil for sinusoid tasks",
                     ));
                 }
-                if self.model.arch == "conv4" {
+                if matches!(self.model.arch.as_str(), "conv4" | "encoder") {
                     return Err(KeyProblem::new(
                         "model.arch",
-                        "`model.arch` = \"conv4\" needs image tasks; use \"mlp\" for sinusoid tasks",
+                        format!(
+                            "`model.arch` = \"{}\" needs classification tasks; use \"mlp\" for \
+                             sinusoid tasks",
+                            self.model.arch
+                        ),
                     ));
                 }
                 Ok(())
@@ -548,6 +576,70 @@ impl ExperimentConfig {
                 ));
             }
         }
+        if let Some(groups) = &t.split_groups {
+            if t.split.is_some() || t.split_by_group || t.split_alphabets.is_some() {
+                return Err(KeyProblem::new(
+                    "task.split_groups",
+                    "`task.split_groups` names the groups of each split; remove task.split, \
+                     task.split_by_group and task.split_alphabets, which would divide them \
+                     another way",
+                ));
+            }
+            if t.group_column.is_none() {
+                return Err(KeyProblem::new(
+                    "task.split_groups",
+                    "`task.split_groups` names groups, but no `task.group_column` says which \
+                     column holds each row's group; add it (e.g. group_column = \"domain\")",
+                ));
+            }
+            if groups.train.is_empty() {
+                return Err(KeyProblem::new(
+                    "task.split_groups",
+                    "`task.split_groups.train` is empty: name the groups to meta-train on",
+                ));
+            }
+            if groups.validation.is_empty() && self.training.validate_every > 0 {
+                return Err(KeyProblem::new(
+                    "task.split_groups",
+                    format!(
+                        "`task.split_groups.validation` is empty, but training.validate_every = \
+                         {} asks for validation; name validation groups or set \
+                         training.validate_every = 0",
+                        self.training.validate_every
+                    ),
+                ));
+            }
+        }
+        for (key, set) in [
+            ("group_column", t.group_column.is_some()),
+            ("split_groups", t.split_groups.is_some()),
+        ] {
+            if set && t.text_column.is_none() {
+                return Err(KeyProblem::new(
+                    format!("task.{key}"),
+                    format!(
+                        "`task.{key}` applies to text data (with task.text_column); for images \
+                         use split_by_group or, for Omniglot, split_alphabets"
+                    ),
+                ));
+            }
+        }
+        let text_model = self.model.arch == "encoder";
+        if text_model != t.text_column.is_some() {
+            return Err(if text_model {
+                KeyProblem::new(
+                    "task.text_column",
+                    "`model.arch` = \"encoder\" reads texts: set `task.text_column` to the CSV \
+                     column holding them",
+                )
+            } else {
+                KeyProblem::new(
+                    "task.text_column",
+                    "`task.text_column` makes the data texts, which only a text encoder reads: set \
+                     [model] arch = \"encoder\" and encoder = \"DIR|hf:NAME\"",
+                )
+            });
+        }
         if let Some((key, message)) = t.augment.as_ref().and_then(|a| a.problem()) {
             return Err(KeyProblem::new(key, message));
         }
@@ -556,14 +648,31 @@ impl ExperimentConfig {
 
     fn check_model(&self) -> std::result::Result<(), KeyProblem> {
         let m = &self.model;
-        if !matches!(m.arch.as_str(), "mlp" | "conv4") {
+        if !matches!(m.arch.as_str(), "mlp" | "conv4" | "encoder") {
             return Err(KeyProblem::new(
                 "model.arch",
                 format!(
-                    "`model.arch` = \"{}\" is unknown{}: use \"mlp\" or \"conv4\"",
+                    "`model.arch` = \"{}\" is unknown{}: use \"mlp\", \"conv4\" or \"encoder\"",
                     m.arch,
-                    did_you_mean(&m.arch, &["mlp", "conv4"])
+                    did_you_mean(&m.arch, &["mlp", "conv4", "encoder"])
                 ),
+            ));
+        }
+        if (m.arch == "encoder") != m.encoder.is_some() {
+            return Err(KeyProblem::new(
+                "model.encoder",
+                if m.encoder.is_some() {
+                    format!(
+                        "`model.encoder` applies only to model.arch = \"encoder\" (here \"{}\"); \
+                         set arch = \"encoder\" or remove it",
+                        m.arch
+                    )
+                } else {
+                    "`model.arch` = \"encoder\" starts from a pre-trained text encoder: set \
+                     `model.encoder` to its folder, hf:OWNER/MODEL, or a text model trained by \
+                     metalearn"
+                        .to_string()
+                },
             ));
         }
         if let Err(e) = m.activation.parse::<Activation>() {

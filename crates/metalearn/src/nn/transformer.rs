@@ -22,7 +22,9 @@ pub(crate) type ParamOf<'a> = dyn Fn(&str) -> Result<&'a Tensor> + 'a;
 
 /// Token embeddings: `ids` is `[batch, seq]` (or `[tasks, batch, seq]`) of token ids stored as
 /// floats. Returns the layer-normed embeddings and the padding mask (1 for tokens, 0 for
-/// padding) in the float type of the parameters.
+/// padding) in the float type of the parameters. Trailing columns that are padding in every
+/// row are dropped first: they change no output, and data padded to its longest sentence
+/// (an episode drawn from a whole data set) would otherwise pay for them in every layer.
 pub(crate) fn token_embedding(
     ids: &Tensor,
     p: &ParamOf,
@@ -30,6 +32,7 @@ pub(crate) fn token_embedding(
     eps: f64,
     batched: bool,
 ) -> Result<(Tensor, Tensor)> {
+    let ids = &without_padding_columns(ids, pad_id)?;
     let word = p("word")?;
     let dtype = word.dtype();
     let seq = ids.dim(D::Minus1)?;
@@ -80,6 +83,30 @@ pub(crate) fn token_embedding(
     };
     let h = layer_norm(&h, p("norm_gamma")?, p("norm_beta")?, eps, batched)?;
     Ok((h, mask))
+}
+
+/// `ids` without its trailing columns that hold only `pad_id` (at least one column is kept).
+fn without_padding_columns(ids: &Tensor, pad_id: u32) -> Result<Tensor> {
+    let seq = ids.dim(D::Minus1)?;
+    if seq <= 1 {
+        return Ok(ids.clone());
+    }
+    let values = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    let used = values
+        .chunks(seq)
+        .map(|row| {
+            row.iter()
+                .rposition(|&id| id != pad_id)
+                .map_or(0, |i| i + 1)
+        })
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    Ok(if used < seq {
+        ids.narrow(D::Minus1, 0, used)?
+    } else {
+        ids.clone()
+    })
 }
 
 /// The token embedding through the fused CPU kernel, when it applies (kernels on, f32 tables
@@ -152,8 +179,7 @@ pub(crate) fn transformer_block(
     let k = split_heads(&projection("k", h)?, opt.heads)?;
     let v = split_heads(&projection("v", h)?, opt.heads)?;
     let head_dim = q.dim(D::Minus1)?;
-    let scores = q
-        .matmul(&k.transpose(D::Minus2, D::Minus1)?.contiguous()?)?
+    let scores = stacked_matmul(&q, &k.transpose(D::Minus2, D::Minus1)?.contiguous()?)?
         .affine(1.0 / (head_dim as f64).sqrt(), 0.0)?;
     // mask [.., batch, seq] → additive bias [.., batch, 1, 1, seq]
     let bias = mask
@@ -161,7 +187,7 @@ pub(crate) fn transformer_block(
         .unsqueeze(D::Minus2)?
         .unsqueeze(D::Minus2)?;
     let weights = ops::softmax(&scores.broadcast_add(&bias)?)?;
-    let context = merge_heads(&weights.matmul(&v)?)?;
+    let context = merge_heads(&stacked_matmul(&weights, &v)?)?;
     let attended = linear(&context, p("o_weight")?, p("o_bias")?, b)?;
     let h = layer_norm(
         &attended.add(h)?,
@@ -293,6 +319,22 @@ fn linear(x: &Tensor, w: &Tensor, bias: &Tensor, batched: bool) -> Result<Tensor
 }
 
 /// `x W` over the last dimension of `x`, as one matrix product over all leading positions.
+/// A batch of matrix products over all leading dimensions. candle's CPU matmul takes at most
+/// two batch dimensions, and the task-batched attention has three (tasks, batch, heads).
+fn stacked_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let dims = a.dims().to_vec();
+    let rank = dims.len();
+    if rank <= 4 {
+        return Ok(a.matmul(b)?);
+    }
+    let lead: usize = dims[..rank - 2].iter().product();
+    let (m, k, n) = (dims[rank - 2], dims[rank - 1], b.dim(D::Minus1)?);
+    let product = a.reshape((lead, m, k))?.matmul(&b.reshape((lead, k, n))?)?;
+    let mut shape = dims[..rank - 2].to_vec();
+    shape.extend([m, n]);
+    Ok(product.reshape(shape)?)
+}
+
 fn matmul_last(x: &Tensor, w: &Tensor, batched: bool) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let input = dims[dims.len() - 1];

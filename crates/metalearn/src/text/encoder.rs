@@ -4,12 +4,14 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::nn::architecture::Architecture;
 use crate::nn::network::{ForwardCtx, Network};
 use crate::nn::params::ParamSet;
 use crate::text::hub::locate_encoder;
-use crate::text::pretrained::{load_pretrained, EncoderSource};
+use crate::text::pretrained::{file_sha256, load_pretrained, EncoderSource};
+use crate::text::section::{TextSection, HEAD, TEXT_SECTION};
 use crate::text::tokenizer::TextTokenizer;
 
 /// A sentence encoder: network, weights and tokenizer.
@@ -44,10 +46,15 @@ impl TextEncoder {
         )
     }
 
-    /// Reads a pre-trained encoder from a folder, or from the Hugging Face Hub when `spec` is
-    /// `hf:NAME[@REVISION]` (downloaded into the standard cache; see [`crate::text::hub`]).
-    /// The encoder's recorded source is the Hub name as given, or the folder's absolute path.
+    /// Reads a pre-trained encoder from a folder, from the Hugging Face Hub when `spec` is
+    /// `hf:NAME[@REVISION]` (downloaded into the standard cache; see [`crate::text::hub`]), or
+    /// from a text model that metalearn trained (a checkpoint file; see
+    /// [`TextEncoder::from_text_checkpoint`]). The encoder's recorded source is the Hub name as
+    /// given, or the absolute path.
     pub fn load(spec: &std::path::Path, dtype: DType) -> Result<Self> {
+        if spec.is_file() {
+            return Self::from_text_checkpoint(spec, dtype);
+        }
         let folder = locate_encoder(spec)?;
         let mut pretrained = load_pretrained(&folder, dtype)?;
         let recorded = if folder == spec {
@@ -62,6 +69,45 @@ impl TextEncoder {
             pretrained.tokenizer,
             pretrained.source,
         )
+    }
+
+    /// The encoder of a text model that metalearn trained (a checkpoint with a `text`
+    /// section, e.g. a classifier fine-tuned on other classes): every layer before its head,
+    /// with the trained weights, and the tokenizer stored in the checkpoint.
+    pub fn from_text_checkpoint(path: &std::path::Path, dtype: DType) -> Result<Self> {
+        let ckpt = Checkpoint::load(path, &Device::Cpu)?;
+        let section = ckpt.section(TEXT_SECTION).ok_or_else(|| {
+            Error::Config(format!(
+                "{}: a checkpoint, but not of a text model; an encoder is a model folder \
+                 (config.json, model.safetensors, tokenizer.json), hf:OWNER/MODEL, or a text \
+                 model trained with `metalearn train --encoder`",
+                path.display()
+            ))
+        })?;
+        let section: TextSection = serde_json::from_value(section.clone()).map_err(|e| {
+            Error::Checkpoint(format!(
+                "{}: the `text` section is invalid ({e})",
+                path.display()
+            ))
+        })?;
+        let mut architecture = ckpt.architecture.clone();
+        if architecture.layers.last().map(|l| l.name.as_str()) == Some(HEAD) {
+            architecture.layers.pop();
+        }
+        let mut params = ParamSet::new();
+        for (name, tensor) in ckpt.params.iter() {
+            if name.split('.').next() != Some(HEAD) {
+                params.insert(name.clone(), tensor.to_dtype(dtype)?)?;
+            }
+        }
+        let tokenizer =
+            TextTokenizer::from_json(&section.tokenizer, section.max_length, section.pad_id)?;
+        let name = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let source = EncoderSource {
+            name: name.display().to_string(),
+            sha256: file_sha256(path)?,
+        };
+        Self::new(architecture, params, tokenizer, source)
     }
 
     /// An encoder from its parts; the architecture must read token ids.

@@ -7,9 +7,11 @@
 pub mod encoder;
 pub mod hub;
 pub mod pretrained;
+pub mod section;
 pub mod tokenizer;
 
 pub use encoder::{Embeddings, TextEncoder};
 pub use hub::{download_encoder, locate_encoder, HubName, HubOptions, HUB_PREFIX};
 pub use pretrained::{file_sha256, load_pretrained, EncoderSource, PretrainedEncoder};
+pub use section::{TextSection, UnknownRule, HEAD, TEXT_SECTION};
 pub use tokenizer::{TextTokenizer, TokenBatch};

@@ -7,7 +7,8 @@ pub mod run;
 pub mod score;
 pub mod train;
 
-pub use model::{TextClassifier, TextPrediction, TextSection, UnknownRule, TEXT_SECTION};
+pub use crate::text::{TextSection, UnknownRule, HEAD, TEXT_SECTION};
+pub use model::{TextClassifier, TextPrediction};
 pub use run::{train_text_and_save, TextRunReport, TextRunSettings};
 pub use score::{choose_threshold, score_texts, TextScores};
 pub use train::{train_text_classifier, TextMethod, TextTrainPlan, TextTrainReport, TextTrainer};

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor, D};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
@@ -16,51 +16,10 @@ use crate::nn::network::Network;
 use crate::nn::ops;
 use crate::nn::params::ParamSet;
 use crate::text::encoder::forward_sequences;
-use crate::text::{file_sha256, load_pretrained, locate_encoder, EncoderSource, TextTokenizer};
-
-/// Name of the checkpoint section that holds the text side of a model.
-pub const TEXT_SECTION: &str = "text";
-
-/// Layer name of the classification head.
-pub const HEAD: &str = "head";
-
-/// How queries outside the known classes are answered.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct UnknownRule {
-    /// The label answered (`oos` in CLINC150).
-    pub label: String,
-    /// A query whose top class probability is below this is answered with `label`.
-    pub threshold: f64,
-}
-
-/// The checkpoint's `text` section.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct TextSection {
-    /// The tokenizer.json text.
-    pub tokenizer: String,
-    /// The longest sequence the model reads.
-    pub max_length: usize,
-    /// The padding token id.
-    pub pad_id: u32,
-    /// The encoder the model was built on.
-    pub encoder: EncoderSource,
-    /// Class names by class id.
-    pub classes: Vec<String>,
-    /// The out-of-scope rule, when the model has one.
-    #[serde(default)]
-    pub unknown: Option<UnknownRule>,
-    /// The transfer method that trained it.
-    pub method: String,
-    /// The CSV column the texts were read from.
-    pub text_column: String,
-    /// The CSV column the labels were read from.
-    pub label_column: String,
-    /// The checkpoint holds only what training changed (LoRA adapters and the head); the
-    /// encoder's weights are read from the base encoder, which must be the one of `encoder`
-    /// (same SHA-256).
-    #[serde(default)]
-    pub adapters_only: bool,
-}
+use crate::text::{
+    file_sha256, locate_encoder, EncoderSource, TextEncoder, TextSection, TextTokenizer,
+    UnknownRule, HEAD, TEXT_SECTION,
+};
 
 /// A sentence encoder with a classification head.
 #[derive(Clone, Debug)]
@@ -321,7 +280,12 @@ fn read_base_weights(trained_on: &EncoderSource, spec: &Path) -> Result<ParamSet
             "{needs}; reading that base failed: {e}; pass --encoder with it"
         ))
     })?;
-    let weights = folder.join("model.safetensors");
+    // A base that is itself a metalearn text model is one file; a pre-trained one a folder.
+    let weights = if folder.is_file() {
+        folder.clone()
+    } else {
+        folder.join("model.safetensors")
+    };
     if !weights.is_file() {
         return Err(Error::Checkpoint(format!(
             "{needs}; {} has no model.safetensors: pass --encoder DIR|hf:NAME with that base \
@@ -337,7 +301,7 @@ fn read_base_weights(trained_on: &EncoderSource, spec: &Path) -> Result<ParamSet
             spec.display()
         )));
     }
-    let pretrained = load_pretrained(&folder, candle_core::DType::F32)
+    let base = TextEncoder::load(&folder, candle_core::DType::F32)
         .map_err(|e| Error::Checkpoint(format!("{needs}; reading it failed: {e}")))?;
-    Ok(pretrained.params)
+    Ok(base.params().clone())
 }

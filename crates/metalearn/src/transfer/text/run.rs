@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::data::text::{draw_shots, load_labelled_texts};
 use crate::error::{Error, Result};
 use crate::text::TextEncoder;
-use crate::transfer::text::model::UnknownRule;
+use crate::text::UnknownRule;
 use crate::transfer::text::score::{choose_threshold, score_texts, TextScores};
 use crate::transfer::text::train::{train_text_classifier, TextTrainPlan, TextTrainReport};
 

@@ -26,9 +26,10 @@ use crate::nn::architecture::{Architecture, Layer};
 use crate::nn::network::{ForwardCtx, Network};
 use crate::nn::params::ParamSet;
 use crate::text::TextEncoder;
+use crate::text::{TextSection, HEAD};
 use crate::train::loss::Loss;
 use crate::train::optim::{Optimizer, OptimizerConfig};
-use crate::transfer::text::model::{TextClassifier, TextSection, HEAD};
+use crate::transfer::text::model::TextClassifier;
 
 /// How a text classifier is trained on the encoder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

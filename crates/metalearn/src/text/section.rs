@@ -1,0 +1,51 @@
+//! The `text` section of a text model's checkpoint: the tokenizer, the encoder it was built on,
+//! the classes and the out-of-scope rule. Everything that reads a text checkpoint (the
+//! classifier, an encoder taken from a fine-tuned classifier) reads this.
+
+use serde::{Deserialize, Serialize};
+
+use crate::text::pretrained::EncoderSource;
+
+/// Layer name of a text model's classification head (every layer before it is the encoder).
+pub const HEAD: &str = "head";
+
+/// Name of the checkpoint section that holds the text side of a model.
+pub const TEXT_SECTION: &str = "text";
+
+/// How queries outside the known classes are answered.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UnknownRule {
+    /// The label answered (`oos` in CLINC150).
+    pub label: String,
+    /// A query whose top class probability is below this is answered with `label`.
+    pub threshold: f64,
+}
+
+/// The checkpoint's `text` section.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TextSection {
+    /// The tokenizer.json text.
+    pub tokenizer: String,
+    /// The longest sequence the model reads.
+    pub max_length: usize,
+    /// The padding token id.
+    pub pad_id: u32,
+    /// The encoder the model was built on.
+    pub encoder: EncoderSource,
+    /// Class names by class id.
+    pub classes: Vec<String>,
+    /// The out-of-scope rule, when the model has one.
+    #[serde(default)]
+    pub unknown: Option<UnknownRule>,
+    /// The transfer method that trained it.
+    pub method: String,
+    /// The CSV column the texts were read from.
+    pub text_column: String,
+    /// The CSV column the labels were read from.
+    pub label_column: String,
+    /// The checkpoint holds only what training changed (LoRA adapters and the head); the
+    /// encoder's weights are read from the base encoder, which must be the one of `encoder`
+    /// (same SHA-256).
+    #[serde(default)]
+    pub adapters_only: bool,
+}
