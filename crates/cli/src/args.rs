@@ -9,6 +9,7 @@ use metalearn::data::image_folder::ImageFolderOptions;
 use metalearn::error::{Error, Result};
 use metalearn::train::loss::Loss;
 use metalearn::transfer::config::FileConfig;
+use metalearn::transfer::text::{TextMethod, TextTrainPlan};
 use metalearn::transfer::{optimizer_from, DataFiles, DataSource, TrainPlan};
 
 /// Where examples come from: `--data FILE --target COLUMN` or `--images DIR`.
@@ -103,6 +104,53 @@ pub struct TrainingArgs {
 }
 
 impl TrainingArgs {
+    /// The plan of a text model trained by `method`, with the optimiser flags over its
+    /// defaults; flags that need a training encoder are refused for the other methods.
+    pub fn text_plan(
+        &self,
+        method: TextMethod,
+        top_layers: Option<usize>,
+        lora_rank: Option<usize>,
+    ) -> Result<TextTrainPlan> {
+        let mut plan = TextTrainPlan {
+            method,
+            ..TextTrainPlan::default()
+        };
+        if !method.trains_encoder() {
+            for (given, flag) in [
+                (self.epochs.is_some(), "--epochs"),
+                (self.lr.is_some(), "--lr"),
+                (self.batch_size.is_some(), "--batch-size"),
+                (top_layers.is_some(), "--top-layers"),
+                (lora_rank.is_some(), "--lora-rank"),
+            ] {
+                if given {
+                    return Err(Error::Config(format!(
+                        "{flag} applies when the encoder trains (--method finetune or lora), not \
+                         to --method {}",
+                        method.name()
+                    )));
+                }
+            }
+        }
+        if method == TextMethod::Lora {
+            plan.lr = 5e-4;
+        }
+        plan.epochs = self.epochs.unwrap_or(plan.epochs);
+        plan.batch_size = self.batch_size.unwrap_or(plan.batch_size);
+        plan.lr = self.lr.unwrap_or(plan.lr);
+        plan.weight_decay = self.weight_decay.unwrap_or(plan.weight_decay);
+        plan.top_layers = top_layers;
+        plan.lora_rank = lora_rank.unwrap_or(plan.lora_rank);
+        plan.seed = self.seed.unwrap_or(0);
+        if plan.epochs == 0 || plan.batch_size == 0 || plan.lora_rank == 0 {
+            return Err(Error::Config(
+                "--epochs, --batch-size and --lora-rank must be at least 1".into(),
+            ));
+        }
+        Ok(plan)
+    }
+
     /// Merges flags over the config file into a plan; `default_epochs` applies when neither sets
     /// the epochs.
     pub fn plan(

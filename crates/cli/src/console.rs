@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use metalearn::transfer::text::TextRunReport;
 use serde_json::{json, Value};
 
 /// The JSON fields a command reports (with `--json`, printed as the last line of stdout).
@@ -52,6 +53,32 @@ impl Console {
             println!("{}", Value::Object(report.clone()));
         }
     }
+}
+
+/// Prints what a text-model run did (`train --encoder`, `finetune` of a text model): a line
+/// for people, the validation scores, and the JSON report.
+pub fn report_text_run(console: &Console, command: &str, report: &TextRunReport) {
+    let mut summary = Report::new();
+    summary.insert("command".into(), json!(command));
+    if let Value::Object(fields) = serde_json::to_value(report).expect("report serialises") {
+        summary.extend(fields);
+    }
+    console.line(&format!(
+        "trained a {}-class text classifier ({}) on {} rows in {:.1} s",
+        report.train.classes, report.train.method, report.train.rows, report.seconds
+    ));
+    if let Some(val) = &report.validation {
+        let mut line = format!(
+            "validation: accuracy {:.4}, in-scope accuracy {:.4}",
+            val.accuracy, val.in_scope_accuracy
+        );
+        if let Some(recall) = val.oos_recall {
+            line.push_str(&format!(", out-of-scope recall {recall:.4}"));
+        }
+        console.line(&line);
+    }
+    console.line(&format!("saved {}", report.out));
+    console.finish(&summary);
 }
 
 /// Formats the loss and metrics of a report for people: `loss 0.1234  accuracy 0.9500`.

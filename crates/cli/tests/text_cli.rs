@@ -255,6 +255,59 @@ fn lora_trains_only_adapters_and_head() {
 }
 
 #[test]
+fn finetune_continues_from_a_text_model_on_new_classes() {
+    let s = Setup::new();
+    s.train(&s.path("first.safetensors"), &["--method", "linear-probe"]);
+    let mut csv = String::from("text,intent\n");
+    for (text, intent, _) in DOMAIN_ROWS {
+        csv.push_str(&format!("{text},{intent}\n"));
+    }
+    std::fs::write(s.dir.path().join("new.csv"), csv).unwrap();
+    let report = last_json(&run_ok_in(
+        &[
+            "finetune",
+            "--from",
+            &s.path("first.safetensors"),
+            "--data",
+            &s.path("new.csv"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--out",
+            &s.path("second.safetensors"),
+            "--json",
+        ],
+        None,
+    ));
+    assert_eq!(report["command"], "finetune");
+    assert_eq!(report["train"]["classes"], 8, "{report}");
+    let inspect = run_ok_in(&["inspect", &s.path("second.safetensors")], None);
+    assert!(
+        inspect.contains("first.safetensors"),
+        "the encoder is recorded: {inspect}"
+    );
+    let err = run_err_in(
+        &[
+            "finetune",
+            "--from",
+            &s.path("first.safetensors"),
+            "--data",
+            &s.path("new.csv"),
+            "--freeze",
+            "block1",
+            "--out",
+            &s.path("third.safetensors"),
+        ],
+        None,
+    );
+    assert!(
+        err.contains("--freeze does not apply to text models"),
+        "{err}"
+    );
+}
+
+#[test]
 fn few_shot_draws_are_seeded_and_per_class() {
     let s = Setup::new();
     let a = s.train(
@@ -583,6 +636,38 @@ fn meta_learning_runs_on_texts_with_a_pre_trained_encoder() {
         dir,
     ));
     assert_eq!(after["episodes"], 8);
+
+    // adapt: a user's own support and query texts.
+    std::fs::write(
+        s.dir.path().join("support.csv"),
+        "text,intent\norder pizza,pizza\ncall mom,call\n",
+    )
+    .unwrap();
+    std::fs::write(
+        s.dir.path().join("query.csv"),
+        "text,intent\norder a pizza,pizza\ncall my mom,call\npizza today,pizza\n",
+    )
+    .unwrap();
+    let adapted = last_json(&run_ok_in(
+        &[
+            "adapt",
+            "--model",
+            "proto-run",
+            "--support",
+            "support.csv",
+            "--query",
+            "query.csv",
+            "--out",
+            "adapted.csv",
+            "--json",
+        ],
+        dir,
+    ));
+    assert_eq!(adapted["query_examples"], 3, "{adapted}");
+    assert!(adapted["accuracy"].as_f64().is_some(), "{adapted}");
+    let written = std::fs::read_to_string(s.dir.path().join("adapted.csv")).unwrap();
+    assert!(written.starts_with("predicted,p_call,p_pizza"), "{written}");
+    assert_eq!(written.lines().count(), 4);
 
     // The MAML family puts a head on the encoder.
     for algorithm in ["anil", "maml"] {

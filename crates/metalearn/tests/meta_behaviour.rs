@@ -383,6 +383,7 @@ fn maml_config(inner_lr: f64) -> AlgorithmConfig {
         inner_lr,
         inner_steps: 1,
         eval_inner_steps: 1,
+        distance_scale: 1.0,
     }
 }
 
@@ -535,6 +536,7 @@ fn sinusoid_learner(kind: AlgorithmKind) -> Result<MetaLearner> {
         inner_lr: 0.02,
         inner_steps: 2,
         eval_inner_steps: 3,
+        distance_scale: 1.0,
     };
     Ok(MetaLearner::new(
         &arch,

@@ -629,6 +629,7 @@ fn check_reptile(label: &str, tasks: &[Task]) -> Result<()> {
         inner_lr,
         inner_steps: steps,
         eval_inner_steps: 1,
+        distance_scale: 1.0,
     };
     let mut learner = MetaLearner::new(
         &arch,
@@ -983,8 +984,9 @@ fn protonet_logits_are_negative_squared_distances_to_class_means() -> Result<()>
         running_stats: None,
         test_time_shifts: false,
     };
-    let adapted = ProtoNet.adapt(&net, &meta, (&sx, &class_ids(&s_ids)), 0, kind, &state)?;
-    let logits = ProtoNet.predict(&net, &meta, &adapted, &qx, &state)?;
+    let adapted =
+        ProtoNet::default().adapt(&net, &meta, (&sx, &class_ids(&s_ids)), 0, kind, &state)?;
+    let logits = ProtoNet::default().predict(&net, &meta, &adapted, &qx, &state)?;
     let embed = |x: &Tensor| {
         rows(
             &net.forward(&theta, x, &mut ForwardCtx::eval(None))
@@ -1025,7 +1027,13 @@ fn protonet_logits_are_negative_squared_distances_to_class_means() -> Result<()>
 
 /// The ProtoNet query loss in plain f64, from the network's (train-mode) embeddings of support
 /// and query together.
-fn protonet_reference_loss(net: &Network, theta: &ParamSet, tasks: &[Task], ways: usize) -> f64 {
+fn protonet_reference_loss(
+    net: &Network,
+    theta: &ParamSet,
+    tasks: &[Task],
+    ways: usize,
+    scale: f64,
+) -> f64 {
     let mut total = 0.0;
     for task in tasks {
         let x = Tensor::cat(&[&task.support.0, &task.query.0], 0).expect("same example shape");
@@ -1043,6 +1051,7 @@ fn protonet_reference_loss(net: &Network, theta: &ParamSet, tasks: &[Task], ways
         let q_ids = ids_of(&task.query.1);
         let mut loss = 0.0;
         for (row, &c) in logits.iter().zip(&q_ids) {
+            let row: Vec<f64> = row.iter().map(|l| scale * l).collect();
             let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let log_sum = row.iter().map(|l| (l - max).exp()).sum::<f64>().ln() + max;
             loss += log_sum - row[c];
@@ -1067,7 +1076,11 @@ fn protonet_meta_gradient_matches_finite_differences() -> Result<()> {
     with_bn.push(Layer::tanh());
     with_bn.push(Layer::dense(3));
     let mut rng = ChaCha8Rng::seed_from_u64(14);
-    for (label, arch) in [("ProtoNet MLP", plain), ("ProtoNet MLP+BN", with_bn)] {
+    for (label, arch, scale) in [
+        ("ProtoNet MLP", plain.clone(), 1.0),
+        ("ProtoNet MLP+BN", with_bn, 1.0),
+        ("ProtoNet MLP, distance scale 2.5", plain, 2.5),
+    ] {
         let net = Network::build(&arch)?;
         let theta = generic_params(&net, 61);
         let meta = meta_params(&theta, None);
@@ -1077,9 +1090,12 @@ fn protonet_meta_gradient_matches_finite_differences() -> Result<()> {
         ];
         let reference = |v: &[f64]| {
             let (w, _) = unflatten(&theta, v);
-            protonet_reference_loss(&net, &w, &tasks, ways)
+            protonet_reference_loss(&net, &w, &tasks, ways, scale)
         };
-        let grads = check_meta_gradient(label, &net, &ProtoNet, &meta, &tasks, kind, reference)?;
+        let protonet = ProtoNet {
+            distance_scale: scale,
+        };
+        let grads = check_meta_gradient(label, &net, &protonet, &meta, &tasks, kind, reference)?;
         // A shift of every embedding (the last bias) leaves all distances unchanged.
         let mut exempt = exempt_biases(&arch);
         exempt.push("dense_2.bias".into());

@@ -19,7 +19,8 @@ pub struct AdaptArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// The support set: a CSV file with a target column, or an image folder with one
-    /// sub-folder per class.
+    /// sub-folder per class. For a text model, a CSV file whose text column is the one of the
+    /// model's config.
     #[arg(long)]
     pub support: PathBuf,
     /// The query set, in the same format (the target column / class folders are optional for
@@ -29,6 +30,9 @@ pub struct AdaptArgs {
     /// Target column of CSV files (default: the one in the model's config, else `y`).
     #[arg(long)]
     pub target: Option<String>,
+    /// Text models: the CSV column holding the text (default: the one in the model's config).
+    #[arg(long, value_name = "COLUMN")]
+    pub text_column: Option<String>,
     /// Adaptation steps (default: the model's eval_inner_steps).
     #[arg(long)]
     pub steps: Option<usize>,
@@ -76,7 +80,17 @@ fn csv_has_column(path: &std::path::Path, column: &str) -> Result<bool> {
 
 /// Runs `adapt`.
 pub fn run(args: &AdaptArgs) -> Result<()> {
-    let (learner, config, model_path) = load_meta_model(&args.model, &candle_core::Device::Cpu)?;
+    let (learner, mut config, model_path) =
+        load_meta_model(&args.model, &candle_core::Device::Cpu)?;
+    if let Some(column) = &args.text_column {
+        if config.task.text_column.is_none() {
+            return Err(Error::Config(format!(
+                "--text-column applies to text models, and {} was not meta-trained on texts",
+                model_path.display()
+            )));
+        }
+        config.task.text_column = Some(column.clone());
+    }
     let target = args
         .target
         .clone()
@@ -90,9 +104,15 @@ pub fn run(args: &AdaptArgs) -> Result<()> {
             channels: config.task.channels.unwrap_or(1),
         }
     };
-    let support = load(&args.support, &target, Some(&image), None)?;
+    let text = config.task.text_column.is_some();
+    let support = if text {
+        config.text_dataset(&args.support, Some(&target), None)?
+    } else {
+        load(&args.support, &target, Some(&image), None)?
+    };
     let expected = learner.network().architecture().input_shape.clone();
-    if support.input_shape() != expected {
+    // Token ids may be shorter than the model's longest sequence.
+    if !text && support.input_shape() != expected {
         return Err(Error::Shape(format!(
             "{}: examples have shape {:?} but the model expects {:?}",
             args.support.display(),
@@ -111,7 +131,16 @@ pub fn run(args: &AdaptArgs) -> Result<()> {
     }
     // Query files may lack the target column: then only predictions are written.
     let query_x;
-    let query = if args.query.is_dir() {
+    let query = if text {
+        let has_target = csv_has_column(&args.query, &target)?;
+        let q = config.text_dataset(
+            &args.query,
+            has_target.then_some(target.as_str()),
+            support.class_names.as_deref(),
+        )?;
+        query_x = q.x.clone();
+        has_target.then_some(q)
+    } else if args.query.is_dir() {
         let q = load(&args.query, &target, Some(&image), None)?;
         if q.class_names != support.class_names {
             return Err(Error::Data(format!(

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::args::DataArgs;
 use crate::args::{data_source, TrainingArgs};
-use crate::console::{format_scores, Console};
+use crate::console::{format_scores, report_text_run, Console};
 use metalearn::data::csv::load_csv_features;
 use metalearn::data::image_folder::ImageFolderOptions;
 use metalearn::data::Dataset;
@@ -18,6 +18,9 @@ use metalearn::sequential::{LayerRef, Sequential};
 use metalearn::train::loss::Loss;
 use metalearn::train::metrics::Metric;
 use metalearn::transfer::config::load_for;
+use metalearn::transfer::text::{
+    train_text_and_save, TextClassifier, TextMethod, TextRunSettings, TextSection,
+};
 use metalearn::transfer::{
     fit_and_save, load_dataset, load_model, plan_head, push_head, DataInfo, DataSource, HeadPlan,
     OutputKind,
@@ -48,6 +51,10 @@ pub struct FinetuneArgs {
     /// Train only the head; every other layer is frozen.
     #[arg(long)]
     pub linear_probe: bool,
+    /// Text models: the CSV column holding the text (default: the one the model was trained
+    /// on).
+    #[arg(long, value_name = "COLUMN")]
+    pub text_column: Option<String>,
     /// Optimiser, loss, schedule and output options.
     #[command(flatten)]
     pub training: TrainingArgs,
@@ -207,6 +214,15 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         .ok_or_else(|| {
             Error::Config("--out PATH is required: where to save the fine-tuned model".into())
         })?;
+    if let Some(model) = TextClassifier::load_if_text(&from, None)? {
+        return run_text(args, &from, &out, model.section(), &console);
+    }
+    if args.text_column.is_some() {
+        return Err(Error::Config(format!(
+            "--text-column applies to text models, and {} is not one",
+            from.display()
+        )));
+    }
     let new_head = args.new_head.or(cfg.new_head);
     let linear_probe = args.linear_probe || cfg.linear_probe.unwrap_or(false);
     let freeze = args
@@ -368,6 +384,61 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         summary["train_seconds"].as_f64().unwrap_or(0.0)
     ));
     console.finish(&summary);
+    Ok(())
+}
+
+/// `finetune` of a text model: its encoder, with the weights it was trained to, is the start
+/// for the new data; a head for the new data's classes is fitted first (linear probe), then,
+/// unless `--linear-probe`, encoder and head train together (as `train --method finetune`).
+fn run_text(
+    args: &FinetuneArgs,
+    from: &Path,
+    out: &Path,
+    section: &TextSection,
+    console: &Console,
+) -> Result<()> {
+    for (given, flag) in [
+        (args.freeze.is_some(), "--freeze"),
+        (args.new_head.is_some(), "--new-head"),
+        (args.data.images.is_some(), "--images"),
+    ] {
+        if given {
+            return Err(Error::Config(format!(
+                "{flag} does not apply to text models: a text model gets a head for the classes \
+                 of the new data; to train only the top blocks use `train --encoder {} \
+                 --top-layers N`",
+                from.display()
+            )));
+        }
+    }
+    let data = args.data.data.clone().ok_or_else(|| {
+        Error::Config("--data FILE.csv is required: the labelled texts to fine-tune on".into())
+    })?;
+    let method = if args.linear_probe {
+        TextMethod::LinearProbe
+    } else {
+        TextMethod::Finetune
+    };
+    let settings = TextRunSettings {
+        encoder: from.to_path_buf(),
+        data,
+        text_column: args
+            .text_column
+            .clone()
+            .unwrap_or_else(|| section.text_column.clone()),
+        label_column: args
+            .data
+            .target
+            .clone()
+            .unwrap_or_else(|| section.label_column.clone()),
+        shots_per_class: None,
+        unknown_label: None,
+        validation: None,
+        plan: args.training.text_plan(method, None, None)?,
+        out: out.to_path_buf(),
+    };
+    let report = train_text_and_save(&settings, &mut |line| console.note(line))?;
+    report_text_run(console, "finetune", &report);
     Ok(())
 }
 

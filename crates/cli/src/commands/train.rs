@@ -7,13 +7,13 @@ use clap::Args;
 use serde_json::json;
 
 use crate::args::{data_source, DataArgs, TextArgs, TrainingArgs};
-use crate::console::format_scores;
+use crate::console::{format_scores, report_text_run};
 use metalearn::data::image_folder::ImageFolderOptions;
 use metalearn::error::{Error, Result};
 use metalearn::nn::architecture::{Activation, Architecture};
 use metalearn::sequential::Sequential;
 use metalearn::transfer::config::load_for;
-use metalearn::transfer::text::{train_text_and_save, TextMethod, TextRunSettings, TextTrainPlan};
+use metalearn::transfer::text::{train_text_and_save, TextRunSettings, TextTrainPlan};
 use metalearn::transfer::{
     fit_and_save, load_dataset, parse_hidden, plan_head, push_head, DataInfo, DataSource,
     ImageShape,
@@ -243,43 +243,13 @@ fn run_text(args: &TrainArgs) -> Result<()> {
         .out
         .clone()
         .ok_or_else(|| Error::Config("--out PATH is required: where to save the model".into()))?;
-    let training = &args.training;
-    let mut plan = TextTrainPlan::default();
-    if let Some(method) = &args.method {
-        plan.method = method.parse()?;
-    }
-    if !plan.method.trains_encoder() {
-        for (given, flag) in [
-            (training.epochs.is_some(), "--epochs"),
-            (training.lr.is_some(), "--lr"),
-            (training.batch_size.is_some(), "--batch-size"),
-            (args.top_layers.is_some(), "--top-layers"),
-            (args.lora_rank.is_some(), "--lora-rank"),
-        ] {
-            if given {
-                return Err(Error::Config(format!(
-                    "{flag} applies when the encoder trains (--method finetune or lora), not to \
-                     --method {}",
-                    plan.method.name()
-                )));
-            }
-        }
-    }
-    if plan.method == TextMethod::Lora {
-        plan.lr = 5e-4;
-    }
-    plan.epochs = training.epochs.unwrap_or(plan.epochs);
-    plan.batch_size = training.batch_size.unwrap_or(plan.batch_size);
-    plan.lr = training.lr.unwrap_or(plan.lr);
-    plan.weight_decay = training.weight_decay.unwrap_or(plan.weight_decay);
-    plan.top_layers = args.top_layers;
-    plan.lora_rank = args.lora_rank.unwrap_or(plan.lora_rank);
-    plan.seed = training.seed.unwrap_or(0);
-    if plan.epochs == 0 || plan.batch_size == 0 || plan.lora_rank == 0 {
-        return Err(Error::Config(
-            "--epochs, --batch-size and --lora-rank must be at least 1".into(),
-        ));
-    }
+    let method = match &args.method {
+        Some(method) => method.parse()?,
+        None => TextTrainPlan::default().method,
+    };
+    let plan = args
+        .training
+        .text_plan(method, args.top_layers, args.lora_rank)?;
     let settings = TextRunSettings {
         encoder,
         data,
@@ -292,28 +262,6 @@ fn run_text(args: &TrainArgs) -> Result<()> {
         out: out.clone(),
     };
     let report = train_text_and_save(&settings, &mut |line| console.note(line))?;
-    let mut summary = serde_json::Map::new();
-    summary.insert("command".into(), json!("train"));
-    if let serde_json::Value::Object(fields) =
-        serde_json::to_value(&report).expect("report serialises")
-    {
-        summary.extend(fields);
-    }
-    console.line(&format!(
-        "trained a {}-class text classifier ({}) on {} rows in {:.1} s",
-        report.train.classes, report.train.method, report.train.rows, report.seconds
-    ));
-    if let Some(val) = &report.validation {
-        let mut line = format!(
-            "validation: accuracy {:.4}, in-scope accuracy {:.4}",
-            val.accuracy, val.in_scope_accuracy
-        );
-        if let Some(recall) = val.oos_recall {
-            line.push_str(&format!(", out-of-scope recall {recall:.4}"));
-        }
-        console.line(&line);
-    }
-    console.line(&format!("saved {}", out.display()));
-    console.finish(&summary);
+    report_text_run(&console, "train", &report);
     Ok(())
 }

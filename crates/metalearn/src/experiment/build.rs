@@ -8,6 +8,8 @@ use candle_core::{DType, Device};
 
 use crate::data::classes::{ClassPool, SplitSpec};
 use crate::data::csv::load_text_columns;
+use crate::data::text::load_labelled_texts;
+use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::experiment::ExperimentConfig;
 use crate::meta::learner::MetaLearner;
@@ -145,6 +147,63 @@ impl ExperimentConfig {
             learner.set_meta_params(&meta)?;
         }
         Ok(learner)
+    }
+
+    /// The texts of a CSV file for this experiment's text model (`adapt`'s support and query
+    /// files): `task.text_column` tokenised by the encoder's tokenizer and, with `target`, the
+    /// labels as class ids, numbered by `classes` when given (a label outside them is an error
+    /// naming its line) or by the file's own labels, sorted.
+    pub fn text_dataset(
+        &self,
+        path: &Path,
+        target: Option<&str>,
+        classes: Option<&[String]>,
+    ) -> Result<Dataset> {
+        let text_column = self.task.text_column.as_deref().ok_or_else(|| {
+            Error::Config(
+                "this model does not read texts (its config has no task.text_column)".into(),
+            )
+        })?;
+        let texts = load_labelled_texts(path, text_column, target)?;
+        let tokens = self
+            .text_encoder()?
+            .tokenizer()
+            .encode_batch(&texts.text_refs())?;
+        let x = tokens.to_tensor(DType::F32, &Device::Cpu)?;
+        let class_names = match (target, classes) {
+            (None, _) => None,
+            (Some(_), Some(classes)) => Some(classes.to_vec()),
+            (Some(_), None) => Some(texts.classes(None)),
+        };
+        let ids: Vec<f32> = match &class_names {
+            None => vec![0.0; texts.len()],
+            Some(names) => texts
+                .labels
+                .iter()
+                .zip(&texts.lines)
+                .map(|(label, line)| {
+                    names
+                        .iter()
+                        .position(|n| n == label)
+                        .map(|i| i as f32)
+                        .ok_or_else(|| {
+                            Error::Data(format!(
+                                "{}:{line}: label `{label}` is not one of the classes {names:?}",
+                                path.display()
+                            ))
+                        })
+                })
+                .collect::<Result<_>>()?,
+        };
+        let y = candle_core::Tensor::from_vec(ids, texts.len(), &Device::Cpu)?;
+        Ok(Dataset {
+            x,
+            y,
+            feature_names: vec![text_column.to_string()],
+            target_name: target.unwrap_or_default().to_string(),
+            class_names,
+            source: path.display().to_string(),
+        })
     }
 
     /// The pre-trained text encoder of `model.encoder`.

@@ -75,6 +75,18 @@ pub struct AlgorithmConfig {
     /// Inner steps when adapting to a new task (evaluation, `adapt`).
     #[serde(default = "one")]
     pub eval_inner_steps: usize,
+    /// ProtoNet: the logits are `-distance_scale` times the squared distances (an inverse
+    /// temperature). 1 is the original method; L2-normalised embeddings, whose squared
+    /// distances are at most 4, need more (e.g. 10) to make confident predictions.
+    #[serde(default = "one_f64", skip_serializing_if = "is_one")]
+    pub distance_scale: f64,
+}
+
+fn one_f64() -> f64 {
+    1.0
+}
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
 }
 
 fn default_inner_lr() -> f64 {
@@ -93,6 +105,7 @@ impl AlgorithmConfig {
             inner_lr: default_inner_lr(),
             inner_steps: 1,
             eval_inner_steps: 1,
+            distance_scale: 1.0,
         }
     }
 
@@ -109,6 +122,17 @@ impl AlgorithmConfig {
     /// problem names its key, `algorithm.inner_lr` and so on.
     pub fn check(&self) -> std::result::Result<(), KeyProblem> {
         positive_finite("algorithm.inner_lr", self.inner_lr)?;
+        positive_finite("algorithm.distance_scale", self.distance_scale)?;
+        if self.distance_scale != 1.0 && self.name != AlgorithmKind::Protonet {
+            return Err(KeyProblem::new(
+                "algorithm.distance_scale",
+                format!(
+                    "`algorithm.distance_scale` applies to protonet only; {} has no distances, \
+                     so remove it",
+                    self.name.name()
+                ),
+            ));
+        }
         if self.name != AlgorithmKind::Protonet && self.inner_steps == 0 {
             return Err(at_least(
                 "algorithm.inner_steps",

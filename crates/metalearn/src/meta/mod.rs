@@ -52,6 +52,8 @@ pub fn build_algorithm(config: &AlgorithmConfig) -> Result<Box<dyn MetaAlgorithm
             inner_lr: config.inner_lr,
             inner_steps: config.inner_steps,
         }),
-        AlgorithmKind::Protonet => Box::new(protonet::ProtoNet),
+        AlgorithmKind::Protonet => Box::new(protonet::ProtoNet {
+            distance_scale: config.distance_scale,
+        }),
     })
 }

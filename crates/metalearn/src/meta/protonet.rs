@@ -14,8 +14,30 @@ use crate::tasks::{Task, TaskKind};
 use crate::train::loss::Loss;
 
 /// Prototypical Networks; the network's output is the embedding.
-#[derive(Clone, Debug, Default)]
-pub struct ProtoNet;
+#[derive(Clone, Debug)]
+pub struct ProtoNet {
+    /// The logits are `-distance_scale` times the squared distances (1 in the original).
+    pub distance_scale: f64,
+}
+
+impl Default for ProtoNet {
+    fn default() -> Self {
+        Self {
+            distance_scale: 1.0,
+        }
+    }
+}
+
+impl ProtoNet {
+    fn logits(&self, queries: &Tensor, prototypes: &Tensor) -> Result<Tensor> {
+        let logits = negative_squared_distances(queries, prototypes)?;
+        Ok(if self.distance_scale == 1.0 {
+            logits
+        } else {
+            logits.affine(self.distance_scale, 0.0)?
+        })
+    }
+}
 
 /// Class means of `embeddings` (`[n, d]`) for labels `0..ways` (`[n]`): `[ways, d]`.
 pub fn prototypes(embeddings: &Tensor, labels: &Tensor, ways: usize) -> Result<Tensor> {
@@ -138,7 +160,7 @@ impl MetaAlgorithm for ProtoNet {
             batch_stats.extend(stats);
             let protos = prototypes(&e.narrow(0, 0, n_support)?, &task.support.1, ways)?;
             let q = e.narrow(0, n_support, e.dim(0)? - n_support)?;
-            let logits = negative_squared_distances(&q, &protos)?;
+            let logits = self.logits(&q, &protos)?;
             let l = Loss::CategoricalCrossEntropy.compute(&logits, &task.query.1)?;
             total = Some(match total {
                 Some(acc) => acc.add(&l)?,
@@ -183,7 +205,7 @@ impl MetaAlgorithm for ProtoNet {
         };
         let weights = meta.weights.detach();
         let e = eval_embedding(net, &weights, x, state)?;
-        negative_squared_distances(&e, protos)
+        self.logits(&e, protos)
     }
 }
 
