@@ -111,31 +111,48 @@ impl TrainingArgs {
         method: TextMethod,
         top_layers: Option<usize>,
         lora_rank: Option<usize>,
+        max_steps: Option<usize>,
     ) -> Result<TextTrainPlan> {
         let mut plan = TextTrainPlan {
             method,
             ..TextTrainPlan::default()
         };
-        if !method.trains_encoder() {
-            for (given, flag) in [
-                (self.epochs.is_some(), "--epochs"),
-                (self.lr.is_some(), "--lr"),
-                (self.batch_size.is_some(), "--batch-size"),
-                (top_layers.is_some(), "--top-layers"),
-                (lora_rank.is_some(), "--lora-rank"),
-            ] {
-                if given {
-                    return Err(Error::Config(format!(
-                        "{flag} applies when the encoder trains (--method finetune or lora), not \
-                         to --method {}",
-                        method.name()
-                    )));
-                }
+        let optimised = method.uses_optimizer();
+        for (given, applies, flag) in [
+            (self.epochs.is_some(), optimised, "--epochs"),
+            (self.lr.is_some(), optimised, "--lr"),
+            (self.batch_size.is_some(), optimised, "--batch-size"),
+            (max_steps.is_some(), optimised, "--max-steps"),
+            (
+                top_layers.is_some(),
+                method == TextMethod::Finetune,
+                "--top-layers",
+            ),
+            (
+                lora_rank.is_some(),
+                method == TextMethod::Lora,
+                "--lora-rank",
+            ),
+        ] {
+            if given && !applies {
+                return Err(Error::Config(format!(
+                    "{flag} does not apply to --method {}{}",
+                    method.name(),
+                    match flag {
+                        "--top-layers" => " (only to finetune)",
+                        "--lora-rank" => " (only to lora)",
+                        _ => " (only to finetune, lora and setfit, which train the encoder)",
+                    }
+                )));
             }
         }
-        if method == TextMethod::Lora {
-            plan.lr = 5e-4;
+        match method {
+            TextMethod::Lora => plan.lr = 5e-4,
+            // SetFit's defaults: one pass over the pairs.
+            TextMethod::Setfit => plan.epochs = 1,
+            _ => {}
         }
+        plan.max_steps = max_steps;
         plan.epochs = self.epochs.unwrap_or(plan.epochs);
         plan.batch_size = self.batch_size.unwrap_or(plan.batch_size);
         plan.lr = self.lr.unwrap_or(plan.lr);

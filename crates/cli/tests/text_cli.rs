@@ -308,6 +308,55 @@ fn finetune_continues_from_a_text_model_on_new_classes() {
 }
 
 #[test]
+fn setfit_trains_the_encoder_on_pairs_then_fits_a_head() {
+    let s = Setup::new();
+    let report = s.train(
+        &s.path("setfit.safetensors"),
+        &["--method", "setfit", "--epochs", "3", "--batch-size", "16"],
+    );
+    assert_eq!(report["train"]["method"], "setfit");
+    let losses: Vec<f64> = report["train"]["epoch_losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 3, "{report}");
+    assert!(losses[2] < losses[0], "the pair loss falls: {losses:?}");
+    // The encoder (all but its word table) and a 4-class head of 8 inputs were trained.
+    assert!(report["train"]["trained_parameters"].as_u64().unwrap() > 36);
+    let capped = s.train(
+        &s.path("capped.safetensors"),
+        &["--method", "setfit", "--max-steps", "2"],
+    );
+    assert_eq!(capped["train"]["epoch_losses"].as_array().unwrap().len(), 1);
+    let err = run_err_in(
+        &[
+            "train",
+            "--encoder",
+            &s.path("encoder"),
+            "--data",
+            &s.path("train.csv"),
+            "--text-column",
+            "text",
+            "--target",
+            "intent",
+            "--method",
+            "prototype",
+            "--max-steps",
+            "3",
+            "--out",
+            &s.path("x.safetensors"),
+        ],
+        None,
+    );
+    assert!(
+        err.contains("--max-steps does not apply to --method prototype"),
+        "{err}"
+    );
+}
+
+#[test]
 fn few_shot_draws_are_seeded_and_per_class() {
     let s = Setup::new();
     let a = s.train(

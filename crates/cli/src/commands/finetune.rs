@@ -434,7 +434,7 @@ fn run_text(
         shots_per_class: None,
         unknown_label: None,
         validation: None,
-        plan: args.training.text_plan(method, None, None)?,
+        plan: args.training.text_plan(method, None, None, None)?,
         out: out.to_path_buf(),
     };
     let report = train_text_and_save(&settings, &mut |line| console.note(line))?;

@@ -62,7 +62,8 @@ pub struct TrainArgs {
     pub text: TextArgs,
     /// Text models: how to transfer: linear-probe (frozen encoder, logistic regression),
     /// prototype (nearest class mean, no training), finetune (linear probe, then encoder and
-    /// head together) or lora (linear probe, then LoRA adapters and head) [default:
+    /// head together), lora (linear probe, then LoRA adapters and head) or setfit
+    /// (contrastive fine-tuning on pairs, then a logistic-regression head) [default:
     /// finetune].
     #[arg(long, value_name = "METHOD")]
     pub method: Option<String>,
@@ -83,6 +84,10 @@ pub struct TrainArgs {
     /// Text models with --method lora: the adapters' rank [default: 8].
     #[arg(long, value_name = "R")]
     pub lora_rank: Option<usize>,
+    /// Text models that train the encoder: at most N optimiser steps (the learning-rate
+    /// schedule is laid out over them).
+    #[arg(long, value_name = "N")]
+    pub max_steps: Option<usize>,
 }
 
 /// Runs `train`.
@@ -216,6 +221,7 @@ fn text_only_flag(args: &TrainArgs) -> Option<&'static str> {
         (args.validation_data.is_some(), "--validation-data"),
         (args.top_layers.is_some(), "--top-layers"),
         (args.lora_rank.is_some(), "--lora-rank"),
+        (args.max_steps.is_some(), "--max-steps"),
     ]
     .into_iter()
     .find(|(given, _)| *given)
@@ -249,7 +255,7 @@ fn run_text(args: &TrainArgs) -> Result<()> {
     };
     let plan = args
         .training
-        .text_plan(method, args.top_layers, args.lora_rank)?;
+        .text_plan(method, args.top_layers, args.lora_rank, args.max_steps)?;
     let settings = TextRunSettings {
         encoder,
         data,

@@ -10,7 +10,11 @@
 //!   few hundred of its 30,522 rows, and updating (and decaying) all of them every step cost
 //!   more than the rest of the step;
 //! - `lora`: like `finetune`, but only low-rank adapters on the attention's query and value
-//!   projections and the head are trained.
+//!   projections and the head are trained;
+//! - `setfit`: contrastive fine-tuning of the encoder as SetFit does it (Tunstall et al.,
+//!   2022): pairs of training texts, positive when they share a class, trained so that the
+//!   cosine of their embeddings approaches 1 or 0 (mean squared error), with 10 % warm-up and
+//!   linear decay; then a logistic-regression head on the new embeddings.
 
 use std::time::Instant;
 
@@ -43,15 +47,18 @@ pub enum TextMethod {
     Finetune,
     /// Linear probe, then LoRA adapters and head trained together.
     Lora,
+    /// Contrastive fine-tuning on pairs (SetFit), then a logistic-regression head.
+    Setfit,
 }
 
 impl TextMethod {
     /// Every method, by its command-line name.
-    pub const ALL: [(&'static str, TextMethod); 4] = [
+    pub const ALL: [(&'static str, TextMethod); 5] = [
         ("linear-probe", TextMethod::LinearProbe),
         ("prototype", TextMethod::Prototype),
         ("finetune", TextMethod::Finetune),
         ("lora", TextMethod::Lora),
+        ("setfit", TextMethod::Setfit),
     ];
 
     /// The command-line name.
@@ -63,9 +70,14 @@ impl TextMethod {
             .expect("listed")
     }
 
-    /// Whether the encoder's weights change.
+    /// Whether encoder and head train together on the classification loss.
     pub fn trains_encoder(self) -> bool {
         matches!(self, TextMethod::Finetune | TextMethod::Lora)
+    }
+
+    /// Whether an optimiser runs over the encoder (epochs, learning rate and batch size apply).
+    pub fn uses_optimizer(self) -> bool {
+        self.trains_encoder() || self == TextMethod::Setfit
     }
 }
 
@@ -112,6 +124,11 @@ pub struct TextTrainPlan {
     pub head_steps: usize,
     /// Seed of shuffling and of adapter initialisation.
     pub seed: u64,
+    /// With `setfit`: rounds of pairs; each round gives every text one positive and one
+    /// negative partner (SetFit's `num_iterations`).
+    pub pair_rounds: usize,
+    /// At most this many encoder steps (the schedule is laid out over them).
+    pub max_steps: Option<usize>,
 }
 
 impl Default for TextTrainPlan {
@@ -131,6 +148,8 @@ impl Default for TextTrainPlan {
             c: 10.0,
             head_steps: 500,
             seed: 0,
+            pair_rounds: 20,
+            max_steps: None,
         }
     }
 }
@@ -193,6 +212,18 @@ pub fn train_text_classifier(
         "embedding {} training texts with the frozen encoder",
         texts.len()
     ));
+    let mut epoch_losses = Vec::new();
+    let mut contrastive_parameters = 0;
+    let tuned;
+    let encoder = if plan.method == TextMethod::Setfit {
+        let (trained, losses, count) = contrastive_finetune(encoder, &texts, &ids, plan, progress)?;
+        epoch_losses = losses;
+        contrastive_parameters = count;
+        tuned = trained;
+        &tuned
+    } else {
+        encoder
+    };
     let embedded = encoder.embed(&texts, 32)?;
     let features = embedded.vectors.to_dtype(DType::F32)?;
     let (weight, bias) = match plan.method {
@@ -232,8 +263,7 @@ pub fn train_text_classifier(
         params.insert(name.clone(), value)?;
     }
 
-    let mut epoch_losses = Vec::new();
-    let mut trained_parameters = weight.elem_count() + bias.elem_count();
+    let mut trained_parameters = weight.elem_count() + bias.elem_count() + contrastive_parameters;
     if plan.method.trains_encoder() {
         let trainable = trainable_names(&arch, plan)?;
         let mut trainer = TextTrainer::new(network.clone(), params, &trainable, plan)?;
@@ -241,12 +271,15 @@ pub fn train_text_classifier(
         let (sequences, _) = encoder.tokenizer().encode_each(&texts)?;
         let mut rng = ChaCha8Rng::seed_from_u64(plan.seed);
         let steps_per_epoch = sequences.len().div_ceil(plan.batch_size.max(1));
-        let total_steps = (steps_per_epoch * plan.epochs).max(1);
+        let total_steps = capped_steps(steps_per_epoch * plan.epochs, plan);
         let mut order: Vec<usize> = (0..sequences.len()).collect();
         for epoch in 0..plan.epochs {
             order.shuffle(&mut rng);
             let mut sum = 0.0;
             for chunk in order.chunks(plan.batch_size.max(1)) {
+                if trainer.steps() as usize >= total_steps {
+                    break;
+                }
                 let fraction = trainer.steps() as f64 / total_steps as f64;
                 trainer.set_lr_scale(1.0 - fraction);
                 let refs: Vec<&[u32]> = chunk.iter().map(|&i| sequences[i].as_slice()).collect();
@@ -336,6 +369,136 @@ fn trainable_names(arch: &Architecture, plan: &TextTrainPlan) -> Result<Vec<Stri
             }
         })
         .collect())
+}
+
+/// The number of encoder steps: `steps`, capped by the plan's `max_steps`, at least 1.
+fn capped_steps(steps: usize, plan: &TextTrainPlan) -> usize {
+    plan.max_steps.map_or(steps, |cap| steps.min(cap)).max(1)
+}
+
+/// Training pairs for the contrastive phase: for each round and each text, one partner of the
+/// same class (label 1) and one of another class (label 0), shuffled. A class with one text
+/// pairs it with itself.
+fn contrastive_pairs(ids: &[u32], rounds: usize, rng: &mut ChaCha8Rng) -> Vec<(usize, usize, f32)> {
+    use rand::Rng;
+    let classes = ids.iter().map(|&c| c as usize + 1).max().unwrap_or(0);
+    let mut members = vec![Vec::new(); classes];
+    for (i, &c) in ids.iter().enumerate() {
+        members[c as usize].push(i);
+    }
+    let mut pairs = Vec::with_capacity(2 * rounds * ids.len());
+    for _ in 0..rounds {
+        for (i, &c) in ids.iter().enumerate() {
+            let same = &members[c as usize];
+            let partners: Vec<usize> = same.iter().copied().filter(|&j| j != i).collect();
+            let positive = if partners.is_empty() {
+                i
+            } else {
+                partners[rng.gen_range(0..partners.len())]
+            };
+            pairs.push((i, positive, 1.0));
+            let mut other = rng.gen_range(0..ids.len());
+            while ids[other] == c {
+                other = rng.gen_range(0..ids.len());
+            }
+            pairs.push((i, other, 0.0));
+        }
+    }
+    pairs.shuffle(rng);
+    pairs
+}
+
+/// Mean squared error between the cosine of each pair of embeddings and its label:
+/// `embeddings` holds the first members of the pairs, then the second members.
+fn cosine_pair_loss(embeddings: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let pairs = labels.dim(0)?;
+    let a = embeddings.narrow(0, 0, pairs)?;
+    let b = embeddings.narrow(0, pairs, pairs)?;
+    let dot = a.mul(&b)?.sum(1)?;
+    let norms = a.sqr()?.sum(1)?.mul(&b.sqr()?.sum(1)?)?.sqrt()?;
+    let cosine = dot.div(&norms.affine(1.0, 1e-12)?)?;
+    Ok(cosine.sub(labels)?.sqr()?.mean_all()?)
+}
+
+/// SetFit's contrastive phase: the encoder (all but its word table) trained on pairs of the
+/// training texts. Returns the trained encoder, the mean loss of each epoch and the number of
+/// trained values.
+fn contrastive_finetune(
+    encoder: &TextEncoder,
+    texts: &[&str],
+    ids: &[u32],
+    plan: &TextTrainPlan,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(TextEncoder, Vec<f64>, usize)> {
+    let network = encoder.network().clone();
+    let trainable: Vec<String> = network
+        .param_specs()
+        .iter()
+        .map(|s| s.name.clone())
+        .filter(|name| name != WORD_TABLE)
+        .collect();
+    let mut trainer = TextTrainer::new(network, encoder.params().clone(), &trainable, plan)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(plan.seed);
+    let pairs = contrastive_pairs(ids, plan.pair_rounds.max(1), &mut rng);
+    let (sequences, _) = encoder.tokenizer().encode_each(texts)?;
+    let batch = plan.batch_size.max(1);
+    let total_steps = capped_steps(pairs.len().div_ceil(batch) * plan.epochs, plan);
+    let warmup = total_steps / 10;
+    progress(&format!(
+        "contrastive fine-tuning on {} pairs ({total_steps} steps of {batch})",
+        pairs.len()
+    ));
+    let dtype = encoder.dtype();
+    let mut losses = Vec::new();
+    let mut order = pairs;
+    'epochs: for epoch in 0..plan.epochs {
+        if epoch > 0 {
+            order.shuffle(&mut rng);
+        }
+        let (mut sum, mut seen) = (0.0, 0);
+        for chunk in order.chunks(batch) {
+            let step = trainer.steps() as usize;
+            if step >= total_steps {
+                losses.push(sum / seen.max(1) as f64);
+                break 'epochs;
+            }
+            let scale = if step < warmup {
+                (step + 1) as f64 / warmup as f64
+            } else {
+                (total_steps - step) as f64 / (total_steps - warmup).max(1) as f64
+            };
+            trainer.set_lr_scale(scale);
+            let refs: Vec<&[u32]> = chunk
+                .iter()
+                .map(|p| sequences[p.0].as_slice())
+                .chain(chunk.iter().map(|p| sequences[p.1].as_slice()))
+                .collect();
+            let batch_ids = encoder
+                .tokenizer()
+                .pad(&refs)
+                .to_tensor(dtype, &Device::Cpu)?;
+            let labels: Vec<f32> = chunk.iter().map(|p| p.2).collect();
+            let labels = Tensor::from_vec(labels, chunk.len(), &Device::Cpu)?.to_dtype(dtype)?;
+            let loss = trainer.step_with(&batch_ids, |e| cosine_pair_loss(e, &labels))?;
+            sum += loss * chunk.len() as f64;
+            seen += chunk.len();
+        }
+        let mean = sum / seen.max(1) as f64;
+        progress(&format!(
+            "contrastive epoch {}/{}: loss {mean:.4}",
+            epoch + 1,
+            plan.epochs
+        ));
+        losses.push(mean);
+    }
+    let count = trainer.trained_parameters();
+    let tuned = TextEncoder::new(
+        encoder.network().architecture().clone(),
+        trainer.params()?,
+        encoder.tokenizer().clone(),
+        encoder.source().clone(),
+    )?;
+    Ok((tuned, losses, count))
 }
 
 /// The nearest-prototype head: column `c` is class `c`'s mean embedding, normalised and scaled
@@ -505,6 +668,18 @@ impl TextTrainer {
     /// the batch's mean cross-entropy. A non-finite loss stops with an error and changes
     /// nothing.
     pub fn step(&mut self, ids: &Tensor, targets: &Tensor) -> Result<f64> {
+        self.step_with(ids, |logits| {
+            Loss::CategoricalCrossEntropy.compute(logits, targets)
+        })
+    }
+
+    /// One step on a batch of token ids with the loss `loss` computes from the network's
+    /// output; returns the loss. A non-finite loss stops with an error and changes nothing.
+    pub fn step_with(
+        &mut self,
+        ids: &Tensor,
+        loss: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<f64> {
         let mut params = self.frozen.clone();
         for (name, var) in self
             .names
@@ -514,8 +689,8 @@ impl TextTrainer {
             params.insert(name.clone(), var.as_tensor().clone())?;
         }
         let mut ctx = ForwardCtx::train().first_order();
-        let logits = self.network.forward(&params, ids, &mut ctx)?;
-        let loss = Loss::CategoricalCrossEntropy.compute(&logits, targets)?;
+        let output = self.network.forward(&params, ids, &mut ctx)?;
+        let loss = loss(&output)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
             return Err(Error::NonFinite(format!(
@@ -537,5 +712,46 @@ impl TextTrainer {
             .collect();
         self.head_opt.step(&self.head_vars, &g)?;
         Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contrastive_pairs_are_positive_within_and_negative_across_classes() {
+        let ids = [0u32, 0, 1, 1, 1, 2];
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let pairs = contrastive_pairs(&ids, 4, &mut rng);
+        assert_eq!(pairs.len(), 2 * 4 * ids.len());
+        for &(a, b, label) in &pairs {
+            if label == 1.0 {
+                assert_eq!(ids[a], ids[b]);
+                // Class 2 has one text: it is its own positive partner; others never are.
+                assert!(a != b || ids[a] == 2);
+            } else {
+                assert_ne!(ids[a], ids[b]);
+            }
+        }
+        let positives = pairs.iter().filter(|p| p.2 == 1.0).count();
+        assert_eq!(positives, pairs.len() / 2);
+    }
+
+    #[test]
+    fn cosine_pair_loss_is_zero_when_cosines_match_labels() -> Result<()> {
+        let e = Tensor::from_vec(
+            vec![1f32, 0.0, 0.0, 1.0, 2.0, 0.0, 1.0, 0.0],
+            (4, 2),
+            &Device::Cpu,
+        )?;
+        // Pairs (row 0, row 2): cosine 1; (row 1, row 3): cosine 0.
+        let labels = Tensor::from_vec(vec![1f32, 0.0], 2, &Device::Cpu)?;
+        let loss = cosine_pair_loss(&e, &labels)?.to_scalar::<f32>()?;
+        assert!(loss.abs() < 1e-6, "{loss}");
+        let swapped = Tensor::from_vec(vec![0f32, 1.0], 2, &Device::Cpu)?;
+        let loss = cosine_pair_loss(&e, &swapped)?.to_scalar::<f32>()?;
+        assert!((loss - 1.0).abs() < 1e-6, "{loss}");
+        Ok(())
     }
 }
