@@ -718,10 +718,14 @@ fn meta_learning_runs_on_texts_with_a_pre_trained_encoder() {
     assert!(written.starts_with("predicted,p_call,p_pizza"), "{written}");
     assert_eq!(written.lines().count(), 4);
 
-    // The MAML family puts a head on the encoder.
-    for algorithm in ["anil", "maml"] {
+    // The MAML family and Reptile put a head on the encoder.
+    for algorithm in ["anil", "maml", "meta_sgd", "reptile"] {
         let config = format!("{algorithm}.toml");
-        std::fs::write(s.dir.path().join(&config), text_meta_config(algorithm, 3)).unwrap();
+        let mut text = text_meta_config(algorithm, 3);
+        if algorithm == "reptile" {
+            text = text.replace("first_order = true\n", "");
+        }
+        std::fs::write(s.dir.path().join(&config), text).unwrap();
         let out = format!("{algorithm}-run");
         run_ok_in(
             &["meta-train", "--config", &config, "--out", &out, "--json"],

@@ -144,6 +144,11 @@ impl ExperimentConfig {
                 weights.insert(name.clone(), value)?;
             }
             meta.weights = weights;
+            // Fresh copies: a variable cannot be set from a tensor that shares its storage.
+            meta.inner_lrs = match meta.inner_lrs {
+                Some(rates) => Some(rates.map(|_, t| Ok(t.copy()?))?),
+                None => None,
+            };
             learner.set_meta_params(&meta)?;
         }
         Ok(learner)
