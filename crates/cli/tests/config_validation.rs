@@ -959,19 +959,38 @@ fn text_experiment_keys_are_checked_together() {
     ExperimentConfig::from_toml(&text).expect("a valid text experiment");
 
     let no_encoder = edit(&text, "encoder = \"models/minilm\"", "");
-    says(&meta_error(&no_encoder), &["model.encoder", "pre-trained text encoder"]);
+    says(
+        &meta_error(&no_encoder),
+        &["model.encoder", "pre-trained text encoder"],
+    );
     let no_text = edit(&text, "text_column = \"text\"\n", "");
     says(&meta_error(&no_text), &["task.text_column", "reads texts"]);
     let groups_on_images = edit(IMAGES, "split = [0.6, 0.2, 0.2]", "group_column = \"g\"");
-    says(&meta_error(&groups_on_images), &["task.group_column", "text data"]);
+    says(
+        &meta_error(&groups_on_images),
+        &["task.group_column", "text data"],
+    );
     let groups_without_column = edit(
         &text,
         "split = [0.6, 0.2, 0.2]",
         "split_groups = { train = [\"a\"], validation = [\"b\"] }",
     );
-    says(&meta_error(&groups_without_column), &["task.split_groups", "group_column"]);
-    let scale_on_maml = edit(&text, "inner_lr = 0.4", "inner_lr = 0.4\ndistance_scale = 5.0");
-    says(&meta_error(&scale_on_maml), &["algorithm.distance_scale", "protonet only"]);
+    says(
+        &meta_error(&groups_without_column),
+        &["task.split_groups", "group_column"],
+    );
+    let scale_on_maml = edit(
+        &text,
+        "inner_lr = 0.4",
+        "inner_lr = 0.4\ndistance_scale = 5.0",
+    );
+    says(
+        &meta_error(&scale_on_maml),
+        &["algorithm.distance_scale", "protonet only"],
+    );
     let encoder_on_conv = edit(IMAGES, "width = 64", "width = 64\nencoder = \"m\"");
-    says(&meta_error(&encoder_on_conv), &["model.encoder", "arch = \"encoder\""]);
+    says(
+        &meta_error(&encoder_on_conv),
+        &["model.encoder", "arch = \"encoder\""],
+    );
 }

@@ -2,15 +2,16 @@
 //! connection dropped mid-file, skipping a file already there, unpacking the runs, and the `data
 //! fetch` command.
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use md5::{Digest, Md5};
 use metalearn::data::fetch::{extract_zip, fetch_files, FetchOptions, RemoteFile, Verification};
@@ -39,60 +40,31 @@ fn serve(
     routes: HashMap<String, Route>,
     max_requests: usize,
 ) -> (String, Arc<AtomicUsize>, JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let base = format!("http://{}/python", listener.local_addr().unwrap());
-    let served = Arc::new(AtomicUsize::new(0));
-    let counter = served.clone();
-    let handle = std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while counter.load(Ordering::SeqCst) < max_requests && Instant::now() < deadline {
-            let (mut stream, _) = match listener.accept() {
-                Ok(conn) => conn,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(5));
-                    continue;
-                }
-                Err(_) => break,
-            };
-            stream.set_nonblocking(false).unwrap();
-            stream
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .unwrap();
-            let mut request = Vec::new();
-            let mut buffer = [0u8; 1024];
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
-                match stream.read(&mut buffer) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => request.extend_from_slice(&buffer[..n]),
-                }
+    let server = common::http::serve(max_requests, move |request| {
+        let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
+        let path = path.strip_prefix("/python/").unwrap_or(&path);
+        match routes.get(path) {
+            Some(route) => {
+                let mut response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: \
+                     application/octet-stream\r\nConnection: close\r\n\r\n",
+                    route.body.len()
+                )
+                .into_bytes();
+                let sent = route.drop_after.unwrap_or(route.body.len());
+                response.extend_from_slice(&route.body[..sent]);
+                response
             }
-            counter.fetch_add(1, Ordering::SeqCst);
-            let text = String::from_utf8_lossy(&request);
-            let path = text.split_whitespace().nth(1).unwrap_or("").to_string();
-            let path = path.strip_prefix("/python/").unwrap_or(&path);
-            match routes.get(path) {
-                Some(route) => {
-                    let header = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: \
-                         application/octet-stream\r\nConnection: close\r\n\r\n",
-                        route.body.len()
-                    );
-                    let sent = route.drop_after.unwrap_or(route.body.len());
-                    let _ = stream.write_all(header.as_bytes());
-                    let _ = stream.write_all(&route.body[..sent]);
-                }
-                None => {
-                    let _ = stream.write_all(
-                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                    );
-                }
+            None => {
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec()
             }
-            let _ = stream.flush();
-            // Dropping the stream closes the connection (mid-body for `drop_after`).
         }
     });
-    (base, served, handle)
+    (
+        format!("{}/python", server.address),
+        server.served,
+        server.thread,
+    )
 }
 
 fn md5_hex(bytes: &[u8]) -> String {

@@ -55,24 +55,31 @@ impl Setup {
     fn path(&self, name: &str) -> String {
         self.dir.path().join(name).display().to_string()
     }
-    fn train(&self, out: &str, extra: &[&str]) -> serde_json::Value {
-        let (encoder, data) = (self.path("encoder"), self.path("train.csv"));
-        let mut args = vec![
+    /// `train --encoder` on the tiny model and train.csv, writing `out`, with `extra` flags.
+    fn train_args(&self, out: &str, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = [
             "train",
             "--encoder",
-            &encoder,
+            &self.path("encoder"),
             "--data",
-            &data,
+            &self.path("train.csv"),
             "--text-column",
             "text",
             "--target",
             "intent",
             "--out",
             out,
-            "--json",
-        ];
-        args.extend(extra);
-        last_json(&run_ok_in(&args, None))
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    }
+    fn train(&self, out: &str, extra: &[&str]) -> serde_json::Value {
+        let mut args = self.train_args(out, extra);
+        args.push("--json".into());
+        last_json(&run_ok_in(&as_refs(&args), None))
     }
 }
 
@@ -330,26 +337,11 @@ fn setfit_trains_the_encoder_on_pairs_then_fits_a_head() {
         &["--method", "setfit", "--max-steps", "2"],
     );
     assert_eq!(capped["train"]["epoch_losses"].as_array().unwrap().len(), 1);
-    let err = run_err_in(
-        &[
-            "train",
-            "--encoder",
-            &s.path("encoder"),
-            "--data",
-            &s.path("train.csv"),
-            "--text-column",
-            "text",
-            "--target",
-            "intent",
-            "--method",
-            "prototype",
-            "--max-steps",
-            "3",
-            "--out",
-            &s.path("x.safetensors"),
-        ],
-        None,
+    let args = s.train_args(
+        &s.path("x.safetensors"),
+        &["--method", "prototype", "--max-steps", "3"],
     );
+    let err = run_err_in(&as_refs(&args), None);
     assert!(
         err.contains("--max-steps does not apply to --method prototype"),
         "{err}"

@@ -12,6 +12,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use metalearn::{Network, ParamSet};
 
+pub mod http;
 pub mod hub_server;
 pub mod text_model;
 
