@@ -405,3 +405,17 @@ fn hub_errors_name_the_model_the_file_and_what_to_do() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_weights_file_given_as_the_encoder_says_to_give_the_folder() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    write_tiny_encoder(dir.path(), 5, 12);
+    let message = TextEncoder::load(&dir.path().join("model.safetensors"), DType::F32)
+        .expect_err("a weights file is not an encoder")
+        .to_string();
+    ensure!(
+        message.contains("model.safetensors") && message.contains("give the folder"),
+        "{message}"
+    );
+    Ok(())
+}

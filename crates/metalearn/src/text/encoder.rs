@@ -75,7 +75,13 @@ impl TextEncoder {
     /// section, e.g. a classifier fine-tuned on other classes): every layer before its head,
     /// with the trained weights, and the tokenizer stored in the checkpoint.
     pub fn from_text_checkpoint(path: &std::path::Path, dtype: DType) -> Result<Self> {
-        let ckpt = Checkpoint::load(path, &Device::Cpu)?;
+        let ckpt = Checkpoint::load(path, &Device::Cpu).map_err(|e| {
+            Error::Config(format!(
+                "{e}; an encoder is a model folder (config.json, model.safetensors, \
+                 tokenizer.json; give the folder, not a file in it), hf:OWNER/MODEL, or a text \
+                 model trained with `metalearn train --encoder`"
+            ))
+        })?;
         let section = ckpt.section(TEXT_SECTION).ok_or_else(|| {
             Error::Config(format!(
                 "{}: a checkpoint, but not of a text model; an encoder is a model folder \
