@@ -260,9 +260,10 @@ pub fn data_source(
 #[derive(Args, Debug, Clone, Default)]
 pub struct TextArgs {
     /// Sentence encoder to build on: a Hugging Face / sentence-transformers folder
-    /// (config.json, model.safetensors, tokenizer.json), or hf:OWNER/MODEL[@REVISION] from the
-    /// Hugging Face Hub (standard cache; HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE=1 honoured).
-    /// Makes `train` a text classifier.
+    /// (config.json, model.safetensors, tokenizer.json), hf:OWNER/MODEL (optionally
+    /// @REVISION) from the Hugging Face Hub (standard cache; HF_ENDPOINT, HF_HOME and
+    /// HF_HUB_OFFLINE=1 honoured), or a text model trained by metalearn. Makes `train` a text
+    /// classifier.
     #[arg(long, value_name = "DIR|hf:NAME")]
     pub encoder: Option<PathBuf>,
     /// The CSV column holding the text (default for a text model: the column it was trained
