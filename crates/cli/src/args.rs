@@ -113,10 +113,7 @@ impl TrainingArgs {
         lora_rank: Option<usize>,
         max_steps: Option<usize>,
     ) -> Result<TextTrainPlan> {
-        let mut plan = TextTrainPlan {
-            method,
-            ..TextTrainPlan::default()
-        };
+        let mut plan = TextTrainPlan::for_method(method);
         let optimised = method.uses_optimizer();
         for (given, applies, flag) in [
             (self.epochs.is_some(), optimised, "--epochs"),
@@ -145,12 +142,6 @@ impl TrainingArgs {
                     }
                 )));
             }
-        }
-        match method {
-            TextMethod::Lora => plan.lr = 5e-4,
-            // SetFit's defaults: one pass over the pairs.
-            TextMethod::Setfit => plan.epochs = 1,
-            _ => {}
         }
         plan.max_steps = max_steps;
         plan.epochs = self.epochs.unwrap_or(plan.epochs);

@@ -131,6 +131,26 @@ pub struct TextTrainPlan {
     pub max_steps: Option<usize>,
 }
 
+impl TextTrainPlan {
+    /// The defaults of `method`: fine-tuning's as [`TextTrainPlan::default`]; LoRA's adapters
+    /// at lr 5e-4; SetFit's contrastive phase as SetFit runs it (1 epoch at 2e-5).
+    pub fn for_method(method: TextMethod) -> Self {
+        let plan = Self {
+            method,
+            ..Self::default()
+        };
+        match method {
+            TextMethod::Lora => Self { lr: 5e-4, ..plan },
+            TextMethod::Setfit => Self {
+                lr: 2e-5,
+                epochs: 1,
+                ..plan
+            },
+            _ => plan,
+        }
+    }
+}
+
 impl Default for TextTrainPlan {
     fn default() -> Self {
         Self {
@@ -140,7 +160,10 @@ impl Default for TextTrainPlan {
             method: TextMethod::Finetune,
             epochs: 4,
             batch_size: 16,
-            lr: 2e-5,
+            // Also chosen on CLINC150's validation queries: 5e-5 beat 2e-5 on all three draws
+            // tried (K = 5, seeds 0 and 1: 89.8 / 89.8 vs 89.4 / 89.1; K = 10: 93.1 vs 92.5),
+            // at the same cost.
+            lr: 5e-5,
             head_lr: 1e-3,
             weight_decay: 0.01,
             top_layers: None,
