@@ -11,7 +11,7 @@ use crate::nn::network::{ForwardCtx, Network};
 use crate::nn::params::ParamSet;
 use crate::text::hub::locate_encoder;
 use crate::text::pretrained::{file_sha256, load_pretrained, EncoderSource};
-use crate::text::section::{TextSection, HEAD, TEXT_SECTION};
+use crate::text::section::{TextSection, HEAD};
 use crate::text::tokenizer::TextTokenizer;
 
 /// A sentence encoder: network, weights and tokenizer.
@@ -82,20 +82,16 @@ impl TextEncoder {
                  model trained with `metalearn train --encoder`"
             ))
         })?;
-        let section = ckpt.section(TEXT_SECTION).ok_or_else(|| {
-            Error::Config(format!(
-                "{}: a checkpoint, but not of a text model; an encoder is a model folder \
-                 (config.json, model.safetensors, tokenizer.json), hf:OWNER/MODEL, or a text \
-                 model trained with `metalearn train --encoder`",
-                path.display()
-            ))
-        })?;
-        let section: TextSection = serde_json::from_value(section.clone()).map_err(|e| {
-            Error::Checkpoint(format!(
-                "{}: the `text` section is invalid ({e})",
-                path.display()
-            ))
-        })?;
+        let section = TextSection::of(&ckpt)
+            .map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))?
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "{}: a checkpoint, but not of a text model; an encoder is a model folder \
+                     (config.json, model.safetensors, tokenizer.json), hf:OWNER/MODEL, or a \
+                     text model trained with `metalearn train --encoder`",
+                    path.display()
+                ))
+            })?;
         let mut architecture = ckpt.architecture.clone();
         if architecture.layers.last().map(|l| l.name.as_str()) == Some(HEAD) {
             architecture.layers.pop();
@@ -106,8 +102,7 @@ impl TextEncoder {
                 params.insert(name.clone(), tensor.to_dtype(dtype)?)?;
             }
         }
-        let tokenizer =
-            TextTokenizer::from_json(&section.tokenizer, section.max_length, section.pad_id)?;
+        let tokenizer = section.tokenizer()?;
         let name = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         let source = EncoderSource {
             name: name.display().to_string(),

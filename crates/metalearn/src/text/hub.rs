@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 
 use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
-use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::fsutil::read_json;
+use crate::text::pretrained::ModuleEntry;
 
 /// The prefix that marks a Hub name where a folder is expected.
 pub const HUB_PREFIX: &str = "hf:";
@@ -188,15 +188,6 @@ fn hub_error(
     Error::Data(format!(
         "{name}: could not fetch {file} from {endpoint}: {message}; {hint}"
     ))
-}
-
-/// The pooling module's folder from `modules.json`, when the model has one.
-#[derive(Deserialize)]
-struct ModuleEntry {
-    #[serde(default)]
-    path: String,
-    #[serde(rename = "type")]
-    kind: String,
 }
 
 /// Downloads (or finds in the cache) the files of the encoder `name` and returns the folder

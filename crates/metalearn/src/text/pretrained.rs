@@ -80,11 +80,13 @@ fn default_act() -> String {
 
 /// One entry of `modules.json`.
 #[derive(Debug, Deserialize)]
-struct ModuleEntry {
+pub(crate) struct ModuleEntry {
+    /// The module's folder, relative to the model folder.
     #[serde(default)]
-    path: String,
+    pub(crate) path: String,
+    /// Its Python class, e.g. `sentence_transformers.models.Pooling`.
     #[serde(rename = "type")]
-    kind: String,
+    pub(crate) kind: String,
 }
 
 /// The pooling module's `config.json`.

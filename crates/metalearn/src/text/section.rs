@@ -4,7 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
 use crate::text::pretrained::EncoderSource;
+use crate::text::tokenizer::TextTokenizer;
 
 /// Layer name of a text model's classification head (every layer before it is the encoder).
 pub const HEAD: &str = "head";
@@ -48,4 +51,22 @@ pub struct TextSection {
     /// (same SHA-256).
     #[serde(default)]
     pub adapters_only: bool,
+}
+
+impl TextSection {
+    /// The `text` section of a checkpoint; `None` when it holds no text model.
+    pub fn of(ckpt: &Checkpoint) -> Result<Option<Self>> {
+        ckpt.section(TEXT_SECTION)
+            .map(|value| {
+                serde_json::from_value(value.clone()).map_err(|e| {
+                    Error::Checkpoint(format!("the checkpoint's `text` section is invalid ({e})"))
+                })
+            })
+            .transpose()
+    }
+
+    /// The stored tokenizer.
+    pub fn tokenizer(&self) -> Result<TextTokenizer> {
+        TextTokenizer::from_json(&self.tokenizer, self.max_length, self.pad_id)
+    }
 }

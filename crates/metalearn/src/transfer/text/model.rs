@@ -17,8 +17,7 @@ use crate::nn::ops;
 use crate::nn::params::ParamSet;
 use crate::text::encoder::forward_sequences;
 use crate::text::{
-    file_sha256, locate_encoder, EncoderSource, TextEncoder, TextSection, TextTokenizer,
-    UnknownRule, HEAD, TEXT_SECTION,
+    EncoderSource, TextEncoder, TextSection, TextTokenizer, UnknownRule, HEAD, TEXT_SECTION,
 };
 
 /// A sentence encoder with a classification head.
@@ -233,18 +232,14 @@ impl TextClassifier {
     /// Rebuilds a classifier from a loaded checkpoint (`base` as for
     /// [`TextClassifier::load`]).
     pub fn from_checkpoint(ckpt: &Checkpoint, base: Option<&Path>) -> Result<Self> {
-        let section = ckpt.section(TEXT_SECTION).ok_or_else(|| {
+        let section = TextSection::of(ckpt)?.ok_or_else(|| {
             Error::Checkpoint(
                 "this checkpoint holds no text model (no `text` section); text commands need a \
                  model trained with --encoder"
                     .into(),
             )
         })?;
-        let section: TextSection = serde_json::from_value(section.clone()).map_err(|e| {
-            Error::Checkpoint(format!("the checkpoint's `text` section is invalid ({e})"))
-        })?;
-        let tokenizer =
-            TextTokenizer::from_json(&section.tokenizer, section.max_length, section.pad_id)?;
+        let tokenizer = section.tokenizer()?;
         let mut params = ckpt.params.clone();
         if !ckpt.external_params.is_empty() {
             let default_base = std::path::PathBuf::from(&section.encoder.name);
@@ -275,33 +270,20 @@ fn read_base_weights(trained_on: &EncoderSource, spec: &Path) -> Result<ParamSet
          (model.safetensors SHA-256 {})",
         trained_on.name, trained_on.sha256
     );
-    let folder = locate_encoder(spec).map_err(|e| {
+    // Loading records the SHA-256 of the base's weights (the folder's model.safetensors, or a
+    // text model's checkpoint file).
+    let base = TextEncoder::load(spec, candle_core::DType::F32).map_err(|e| {
         Error::Checkpoint(format!(
-            "{needs}; reading that base failed: {e}; pass --encoder with it"
+            "{needs}; reading that base failed: {e}; pass --encoder DIR|hf:NAME with it"
         ))
     })?;
-    // A base that is itself a metalearn text model is one file; a pre-trained one a folder.
-    let weights = if folder.is_file() {
-        folder.clone()
-    } else {
-        folder.join("model.safetensors")
-    };
-    if !weights.is_file() {
-        return Err(Error::Checkpoint(format!(
-            "{needs}; {} has no model.safetensors: pass --encoder DIR|hf:NAME with that base \
-             encoder",
-            spec.display()
-        )));
-    }
-    let found = file_sha256(&weights)?;
-    if found != trained_on.sha256 {
+    let found = &base.source().sha256;
+    if found != &trained_on.sha256 {
         return Err(Error::Checkpoint(format!(
             "{needs}; the encoder at {} is a different model (SHA-256 {found}), so the adapters \
              do not apply to it: pass --encoder with the base they were trained on",
             spec.display()
         )));
     }
-    let base = TextEncoder::load(&folder, candle_core::DType::F32)
-        .map_err(|e| Error::Checkpoint(format!("{needs}; reading it failed: {e}")))?;
     Ok(base.params().clone())
 }
