@@ -2,7 +2,8 @@
 //!
 //! The lowest layer of metalearn: how candle runs in this process ([`runtime`]: second-order
 //! gradients, thread counts, a backward pass that keeps gradients of gradients) and fast CPU
-//! kernels for the convolutional path as candle custom ops, each with its own backward pass.
+//! kernels for the convolutional path and the transformer encoder as candle custom ops, each
+//! with its own backward pass.
 //!
 //! This crate knows nothing of models, tasks or algorithms. The plain candle implementation in
 //! the `metalearn` crate's `nn::network` stays the reference: every kernel here is tested against
@@ -68,6 +69,7 @@ pub mod pooled_norm;
 pub mod runtime;
 pub(crate) mod small_gemm;
 pub mod transformer;
+pub mod transformer_training;
 pub(crate) mod winograd;
 
 use std::cell::RefCell;

@@ -836,3 +836,186 @@ fn conv4_inference_matches_the_reference() -> Result<()> {
     }
     Ok(())
 }
+
+// ---- transformer encoder, first-order training kernels ----------------------------------------
+
+/// A tiny BERT-style encoder with two blocks (and LoRA adapters when `lora_rank > 0`).
+fn text_encoder(
+    seq: usize,
+    lora_rank: usize,
+    pooling: metalearn::nn::architecture::Pooling,
+) -> Network {
+    let mut a = Architecture::new(&[seq]);
+    a.push(Layer::TokenEmbedding {
+        vocab_size: 13,
+        hidden: 8,
+        max_positions: 9,
+        type_vocab_size: 2,
+        pad_id: 0,
+        eps: 1e-5,
+    });
+    for _ in 0..2 {
+        a.push(Layer::TransformerBlock {
+            heads: 2,
+            intermediate: 12,
+            eps: 1e-5,
+            lora_rank,
+            lora_alpha: 4.0,
+        });
+    }
+    a.push(Layer::SequencePool { mode: pooling });
+    a.push(Layer::L2Normalize);
+    a.push(Layer::dense(3));
+    Network::build(&a).expect("valid encoder")
+}
+
+/// Token ids of four sentences padded to 7 (one of a single token, one without padding).
+fn padded_ids(dtype: DType) -> Tensor {
+    Tensor::from_vec(
+        vec![
+            2.0f64, 5.0, 7.0, 3.0, 0.0, 0.0, 0.0, //
+            4.0, 9.0, 10.0, 1.0, 6.0, 8.0, 12.0, //
+            3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, //
+            11.0, 3.0, 3.0, 0.0, 0.0, 0.0, 0.0,
+        ],
+        (4, 7),
+        &Device::Cpu,
+    )
+    .and_then(|t| t.to_dtype(dtype))
+    .expect("ids")
+}
+
+/// Cross-entropy of the encoder on [`padded_ids`]; the point's input is ignored (token ids
+/// get no gradient). The fused path trains with first-order kernels.
+fn text_objective<'a>(
+    path: Path,
+    net: &'a Network,
+    ids: &'a Tensor,
+) -> impl Fn(&ParamSet, &Tensor) -> metalearn::Result<Tensor> + 'a {
+    move |params, _| {
+        let target = Tensor::from_vec(vec![0u32, 2, 1, 2], 4, &Device::Cpu)?
+            .to_dtype(params.tensors()[0].dtype())?;
+        let out = forward_on(path, net, params, ids, None, None)?;
+        Loss::CategoricalCrossEntropy.compute(&out, &target)
+    }
+}
+
+/// The encoder's first-order training kernels (affine layers, attention, layer norm, GELU)
+/// against the reference path in f64: the loss and every parameter's gradient, with padding,
+/// LoRA adapters and each pooling; and against finite differences.
+#[test]
+fn transformer_training_kernels_match_the_reference_and_finite_differences() -> Result<()> {
+    use metalearn::nn::architecture::Pooling;
+    metalearn::runtime::init();
+    let ids = padded_ids(DType::F64);
+    let dummy = Tensor::zeros(1, DType::F64, &Device::Cpu)?;
+    for (i, (lora, pooling)) in [(0, Pooling::Mean), (2, Pooling::Cls), (0, Pooling::Max)]
+        .into_iter()
+        .enumerate()
+    {
+        let label = format!("encoder, LoRA rank {lora}, {pooling:?} pooling");
+        let net = text_encoder(7, lora, pooling);
+        let params = common::generic_params(&net, 60 + i as u64);
+        let point = Point::new(&params, &dummy);
+        let fused = text_objective(Path::Fused, &net, &ids);
+        let reference = text_objective(Path::Reference, &net, &ids);
+        let (a, b) = (
+            values(&fused(&params, &dummy)?),
+            values(&reference(&params, &dummy)?),
+        );
+        same_outputs(&format!("{label}: loss"), &a, &b)?;
+        let (ga, gb) = (
+            autodiff_gradient(&fused, &point),
+            autodiff_gradient(&reference, &point),
+        );
+        let diff = max_difference(&ga, &gb);
+        ensure!(
+            diff < 1e-10 * scale_of(&gb),
+            "{label}: gradients differ from the reference by {diff:e}"
+        );
+        ensure!(
+            ga.iter().filter(|g| g.abs() > 1e-8).count() > ga.len() / 2,
+            "{label}: most gradients are zero, the comparison would prove little"
+        );
+        check_gradient(&label, &fused, &point)?;
+    }
+    Ok(())
+}
+
+/// The same kernels on activations that need a gradient and have no padding (a block on
+/// continuous input): the input's gradient too.
+#[test]
+fn transformer_training_kernels_give_the_input_gradient() -> Result<()> {
+    metalearn::runtime::init();
+    let mut a = Architecture::new(&[5, 8]);
+    a.push(Layer::TransformerBlock {
+        heads: 4,
+        intermediate: 10,
+        eps: 1e-5,
+        lora_rank: 0,
+        lora_alpha: 16.0,
+    });
+    a.push(Layer::SequencePool {
+        mode: metalearn::nn::architecture::Pooling::Mean,
+    });
+    a.push(Layer::dense(3));
+    let net = Network::build(&a)?;
+    let params = common::generic_params(&net, 70);
+    let x = common::normal(&mut common::rng(71), &[3, 5, 8]);
+    let target = common::normal(&mut common::rng(72), &[3, 3]);
+    let point = Point::new(&params, &x);
+    let fused = objective(Path::Fused, &net, &target, None);
+    let reference = objective(Path::Reference, &net, &target, None);
+    let (ga, gb) = (
+        autodiff_gradient(&fused, &point),
+        autodiff_gradient(&reference, &point),
+    );
+    let diff = max_difference(&ga, &gb);
+    ensure!(
+        diff < 1e-10 * scale_of(&gb),
+        "block on continuous input: gradients differ by {diff:e}"
+    );
+    check_gradient("block on continuous input, fused", &fused, &point)?;
+    Ok(())
+}
+
+/// In f32 (the fast `exp` and `erf` of the kernels), loss and gradients stay within f32
+/// rounding of the reference.
+#[test]
+fn transformer_training_kernels_in_f32_match_the_reference() -> Result<()> {
+    use metalearn::nn::architecture::Pooling;
+    metalearn::runtime::init();
+    let net = text_encoder(7, 0, Pooling::Mean);
+    let params = common::generic_params(&net, 80).map(|_, t| Ok(t.to_dtype(DType::F32)?))?;
+    let ids = padded_ids(DType::F32);
+    let dummy = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
+    let gradients = |path: Path| -> Result<(f64, Vec<f64>)> {
+        let vars: Vec<candle_core::Var> = params
+            .tensors()
+            .iter()
+            .map(|t| candle_core::Var::from_tensor(t))
+            .collect::<candle_core::Result<_>>()?;
+        let live = ParamSet::from_vars(params.names(), &vars)?;
+        let loss = text_objective(path, &net, &ids)(&live, &dummy)?;
+        let grads = loss.backward()?;
+        let mut flat = Vec::new();
+        for v in &vars {
+            flat.extend(values(
+                grads.get(v).expect("every parameter has a gradient"),
+            ));
+        }
+        Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, flat))
+    };
+    let (loss_a, ga) = gradients(Path::Fused)?;
+    let (loss_b, gb) = gradients(Path::Reference)?;
+    ensure!(
+        (loss_a - loss_b).abs() < 1e-5,
+        "f32 loss {loss_a} vs {loss_b}"
+    );
+    let diff = max_difference(&ga, &gb);
+    ensure!(
+        diff < 1e-4 * scale_of(&gb),
+        "f32 gradients differ from the reference by {diff:e}"
+    );
+    Ok(())
+}

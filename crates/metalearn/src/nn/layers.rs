@@ -99,7 +99,14 @@ pub(crate) fn apply_layer(
         Layer::Dropout { rate } => dropout(h, *rate, ctx)?,
         Layer::Activation { activation } => activate(h, *activation)?,
         Layer::TokenEmbedding { pad_id, eps, .. } => {
-            let (embedded, mask) = transformer::token_embedding(h, &p, *pad_id, *eps, batched)?;
+            let (embedded, mask) = transformer::token_embedding(
+                h,
+                &p,
+                *pad_id,
+                *eps,
+                batched,
+                !ctx.differentiable_backward,
+            )?;
             ctx.token_mask = Some(mask);
             embedded
         }

@@ -12,6 +12,7 @@ use candle_core::{DType, Tensor, D};
 use crate::error::{Error, Result};
 use crate::nn::architecture::Pooling;
 use crate::nn::ops;
+use metalearn_kernels::transformer_training;
 
 /// Large negative score added to attention logits of padding positions: after the softmax
 /// their weight is exactly zero in f32 and f64.
@@ -31,6 +32,7 @@ pub(crate) fn token_embedding(
     pad_id: u32,
     eps: f64,
     batched: bool,
+    first_order: bool,
 ) -> Result<(Tensor, Tensor)> {
     let ids = &without_padding_columns(ids, pad_id)?;
     let word = p("word")?;
@@ -81,7 +83,8 @@ pub(crate) fn token_embedding(
         let token_type = p("token_type")?.narrow(0, 0, 1)?;
         words.broadcast_add(&pos)?.broadcast_add(&token_type)?
     };
-    let h = layer_norm(&h, p("norm_gamma")?, p("norm_beta")?, eps, batched)?;
+    let kernels = !batched && first_order && training_kernels_apply(&h);
+    let h = layer_norm(&h, p("norm_gamma")?, p("norm_beta")?, eps, batched, kernels)?;
     Ok((h, mask))
 }
 
@@ -159,12 +162,14 @@ pub(crate) fn transformer_block(
     if let Some(out) = fused_block(h, mask, p, opt)? {
         return Ok(out);
     }
+    let kernels = !b && !opt.differentiable && training_kernels_apply(h);
     let projection = |name: &str, x: &Tensor| -> Result<Tensor> {
         let y = linear(
             x,
             p(&format!("{name}_weight"))?,
             p(&format!("{name}_bias"))?,
             b,
+            kernels,
         )?;
         if opt.lora_rank == 0 || !(name == "q" || name == "v") {
             return Ok(y);
@@ -175,9 +180,58 @@ pub(crate) fn transformer_block(
         let delta = matmul_last(&low, up, b)?;
         Ok(y.add(&delta.affine(opt.lora_alpha / opt.lora_rank as f64, 0.0)?)?)
     };
-    let q = split_heads(&projection("q", h)?, opt.heads)?;
-    let k = split_heads(&projection("k", h)?, opt.heads)?;
-    let v = split_heads(&projection("v", h)?, opt.heads)?;
+    let (q, k, v) = (
+        projection("q", h)?,
+        projection("k", h)?,
+        projection("v", h)?,
+    );
+    let context = if kernels {
+        kernel_attention(&q, &k, &v, mask, opt.heads)?
+    } else {
+        attention(&q, &k, &v, mask, opt.heads)?
+    };
+    let attended = linear(&context, p("o_weight")?, p("o_bias")?, b, kernels)?;
+    let h = layer_norm(
+        &attended.add(h)?,
+        p("attn_norm_gamma")?,
+        p("attn_norm_beta")?,
+        opt.eps,
+        b,
+        kernels,
+    )?;
+    let inner = linear(&h, p("ff1_weight")?, p("ff1_bias")?, b, kernels)?;
+    let inner = if kernels {
+        inner.apply_op1(transformer_training::Gelu)?
+    } else if opt.differentiable {
+        gelu(&inner)?
+    } else {
+        inner.gelu_erf()?
+    };
+    let out = linear(&inner, p("ff2_weight")?, p("ff2_bias")?, b, kernels)?;
+    layer_norm(
+        &out.add(&h)?,
+        p("ff_norm_gamma")?,
+        p("ff_norm_beta")?,
+        opt.eps,
+        b,
+        kernels,
+    )
+}
+
+/// Whether the first-order training kernels (`metalearn_kernels::transformer_training`) may
+/// run on activations `h`: kernels on, f32 or f64 on the CPU. Callers add their own
+/// conditions: no task dimension, and no second-order gradient wanted (the kernels' backward
+/// passes are not differentiable).
+fn training_kernels_apply(h: &Tensor) -> bool {
+    crate::kernels::enabled() && h.device().is_cpu() && matches!(h.dtype(), DType::F32 | DType::F64)
+}
+
+/// Masked multi-head attention of the projected `q`, `k`, `v` (`[.., batch, seq, hidden]`):
+/// the context, `[.., batch, seq, hidden]`.
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize) -> Result<Tensor> {
+    let q = split_heads(q, heads)?;
+    let k = split_heads(k, heads)?;
+    let v = split_heads(v, heads)?;
     let head_dim = q.dim(D::Minus1)?;
     let scores = stacked_matmul(&q, &k.transpose(D::Minus2, D::Minus1)?.contiguous()?)?
         .affine(1.0 / (head_dim as f64).sqrt(), 0.0)?;
@@ -187,29 +241,33 @@ pub(crate) fn transformer_block(
         .unsqueeze(D::Minus2)?
         .unsqueeze(D::Minus2)?;
     let weights = ops::softmax(&scores.broadcast_add(&bias)?)?;
-    let context = merge_heads(&stacked_matmul(&weights, &v)?)?;
-    let attended = linear(&context, p("o_weight")?, p("o_bias")?, b)?;
-    let h = layer_norm(
-        &attended.add(h)?,
-        p("attn_norm_gamma")?,
-        p("attn_norm_beta")?,
-        opt.eps,
-        b,
-    )?;
-    let inner = linear(&h, p("ff1_weight")?, p("ff1_bias")?, b)?;
-    let inner = if opt.differentiable {
-        gelu(&inner)?
-    } else {
-        inner.gelu_erf()?
+    merge_heads(&stacked_matmul(&weights, &v)?)
+}
+
+/// [`attention`] through the training kernel (`[batch, seq, hidden]` only).
+fn kernel_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    heads: usize,
+) -> Result<Tensor> {
+    let (batch, seq, _) = q.dims3()?;
+    let mask = mask
+        .flatten_all()?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?
+        .into_iter()
+        .map(|m| m != 0.0)
+        .collect();
+    let op = transformer_training::Attention {
+        batch,
+        seq,
+        heads,
+        mask,
     };
-    let out = linear(&inner, p("ff2_weight")?, p("ff2_bias")?, b)?;
-    layer_norm(
-        &out.add(&h)?,
-        p("ff_norm_gamma")?,
-        p("ff_norm_beta")?,
-        opt.eps,
-        b,
-    )
+    Ok(q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
 
 /// The block through the fused CPU kernel (`metalearn_kernels::transformer`), when it applies:
@@ -305,7 +363,15 @@ pub(crate) fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `x W + b` over the last dimension of `x`; `W` is `[in, out]` (`[tasks, in, out]` batched).
-fn linear(x: &Tensor, w: &Tensor, bias: &Tensor, batched: bool) -> Result<Tensor> {
+/// With `kernels`, through the training kernel (one graph node, bias included).
+fn linear(x: &Tensor, w: &Tensor, bias: &Tensor, batched: bool, kernels: bool) -> Result<Tensor> {
+    if kernels {
+        return Ok(x.contiguous()?.apply_op3(
+            &w.contiguous()?,
+            &bias.contiguous()?,
+            transformer_training::Linear,
+        )?);
+    }
     let y = matmul_last(x, w, batched)?;
     if batched {
         let tasks = bias.dim(0)?;
@@ -371,14 +437,20 @@ fn merge_heads(x: &Tensor) -> Result<Tensor> {
     Ok(x.reshape(merged)?)
 }
 
-/// Layer norm over the last dimension, with scale and shift.
+/// Layer norm over the last dimension, with scale and shift; with `kernels`, through the
+/// training kernel.
 fn layer_norm(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
     batched: bool,
+    kernels: bool,
 ) -> Result<Tensor> {
+    if kernels {
+        let op = transformer_training::LayerNorm { eps };
+        return Ok(x.contiguous()?.apply_op3(gamma, beta, op)?);
+    }
     let mean = x.mean_keepdim(D::Minus1)?;
     let centred = x.broadcast_sub(&mean)?;
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
