@@ -993,7 +993,7 @@ fn transformer_training_kernels_in_f32_match_the_reference() -> Result<()> {
         let vars: Vec<candle_core::Var> = params
             .tensors()
             .iter()
-            .map(|t| candle_core::Var::from_tensor(t))
+            .map(candle_core::Var::from_tensor)
             .collect::<candle_core::Result<_>>()?;
         let live = ParamSet::from_vars(params.names(), &vars)?;
         let loss = text_objective(path, &net, &ids)(&live, &dummy)?;
