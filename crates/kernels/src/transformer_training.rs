@@ -11,6 +11,8 @@
 //! The backward passes return constants: gradients are exact but cannot be differentiated
 //! again, so callers use these only when no second-order gradient is wanted.
 
+use std::sync::Arc;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor, WithDType};
 use gemm::Parallelism;
@@ -239,51 +241,63 @@ fn column_sums<T: WithDType + Send + Sync>(g: &[T], width: usize) -> Vec<T> {
     sums
 }
 
-/// Masked multi-head attention: `(q, k, v)`, each `[batch, seq, hidden]` → per sequence and
-/// head, `softmax(q kᵀ / √d + mask) v`. Key positions where `mask` is false (padding) get no
-/// weight.
+/// Multi-head attention within sequences whose tokens are packed one after another (no
+/// padding): `(q, k, v)`, each `[tokens, hidden]` → per sequence and head,
+/// `softmax(q kᵀ / √d) v`. Padding is removed before (with [`SelectRows`]), so the matrix
+/// products of a batch of short sentences do no work for it.
 #[derive(Clone, Debug)]
 pub struct Attention {
-    /// Sequences in the batch.
-    pub batch: usize,
-    /// Tokens per sequence (padded).
-    pub seq: usize,
     /// Attention heads (dividing the width).
     pub heads: usize,
-    /// `[batch · seq]`: whether each position is a token (true) or padding (false).
-    pub mask: Vec<bool>,
+    /// Each sequence's first row and number of tokens, in row order, covering every row.
+    pub sequences: Vec<(usize, usize)>,
 }
 
 impl Attention {
     fn check(&self, dims: &[&[usize]]) -> candle_core::Result<usize> {
         let hidden = dims[0].last().copied().unwrap_or(0);
-        let fits = |d: &[usize]| d == [self.batch, self.seq, hidden];
-        if dims.iter().all(|d| fits(d))
-            && hidden % self.heads.max(1) == 0
-            && self.heads > 0
-            && self.mask.len() == self.batch * self.seq
+        let rows: usize = self.sequences.iter().map(|s| s.1).sum();
+        let contiguous = self
+            .sequences
+            .iter()
+            .scan(0, |next, &(start, len)| {
+                let ok = start == *next;
+                *next += len;
+                Some(ok)
+            })
+            .all(|ok| ok);
+        let fits = |d: &[usize]| d == [rows, hidden];
+        if dims.iter().all(|d| fits(d)) && self.heads > 0 && hidden % self.heads == 0 && contiguous
         {
             Ok(hidden)
         } else {
             Err(candle_core::Error::Msg(format!(
-                "attention: q, k, v {dims:?} and a mask of {} do not fit {} sequences of {} \
-                 tokens with {} heads",
-                self.mask.len(),
-                self.batch,
-                self.seq,
+                "attention: q, k, v {dims:?} do not fit {} packed sequences of {rows} tokens \
+                 with {} heads",
+                self.sequences.len(),
                 self.heads
             )))
         }
     }
 
-    /// The attention weights of query `i` of one sequence and head into `weights` (`seq`
-    /// long): softmax over the unmasked keys, zero on the masked ones.
+    /// `values` (`rows · hidden`) cut into one mutable slice per sequence.
+    fn per_sequence<'a, T>(&self, mut values: &'a mut [T], hidden: usize) -> Vec<&'a mut [T]> {
+        let mut out = Vec::with_capacity(self.sequences.len());
+        for &(_, len) in &self.sequences {
+            let (head, rest) = values.split_at_mut(len * hidden);
+            out.push(head);
+            values = rest;
+        }
+        out
+    }
+
+    /// The attention weights of query `i` of one sequence and head into `weights` (one per
+    /// token of the sequence).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn weights<T: Real>(
         q: &[T],
         k: &[T],
-        mask: &[bool],
         hidden: usize,
         col: usize,
         dim: usize,
@@ -294,20 +308,14 @@ impl Attention {
         let qi = &q[i * hidden + col..i * hidden + col + dim];
         let mut max = T::from_f64(f64::NEG_INFINITY);
         for (j, w) in weights.iter_mut().enumerate() {
-            if mask[j] {
-                *w = dot(qi, &k[j * hidden + col..j * hidden + col + dim]) * scale;
-                if *w > max {
-                    max = *w;
-                }
+            *w = dot(qi, &k[j * hidden + col..j * hidden + col + dim]) * scale;
+            if *w > max {
+                max = *w;
             }
         }
         let mut total = T::zero();
-        for (j, w) in weights.iter_mut().enumerate() {
-            *w = if mask[j] {
-                (*w - max).exp_of()
-            } else {
-                T::zero()
-            };
+        for w in weights.iter_mut() {
+            *w = (*w - max).exp_of();
             total += *w;
         }
         let inv = T::one() / total;
@@ -317,29 +325,26 @@ impl Attention {
     }
 
     fn forward<T: Real>(&self, q: &[T], k: &[T], v: &[T], hidden: usize) -> Vec<T> {
-        let (seq, heads) = (self.seq, self.heads);
+        let heads = self.heads;
         let dim = hidden / heads;
         let scale = T::from_f64(1.0 / (dim as f64).sqrt());
         let mut context = vec![T::zero(); q.len()];
-        context
-            .par_chunks_mut(seq * hidden)
-            .enumerate()
-            .for_each(|(b, out)| {
-                let span = b * seq * hidden..(b + 1) * seq * hidden;
+        self.per_sequence(&mut context, hidden)
+            .into_par_iter()
+            .zip(&self.sequences)
+            .for_each(|(out, &(start, len))| {
+                let span = start * hidden..(start + len) * hidden;
                 let (q, k, v) = (&q[span.clone()], &k[span.clone()], &v[span]);
-                let mask = &self.mask[b * seq..(b + 1) * seq];
-                let mut weights = vec![T::zero(); seq];
+                let mut weights = vec![T::zero(); len];
                 vectorized!(for head in 0..heads {
                     let col = head * dim;
-                    for i in 0..seq {
-                        Self::weights(q, k, mask, hidden, col, dim, i, scale, &mut weights);
+                    for i in 0..len {
+                        Self::weights(q, k, hidden, col, dim, i, scale, &mut weights);
                         let target = &mut out[i * hidden + col..i * hidden + col + dim];
                         for (j, &p) in weights.iter().enumerate() {
-                            if mask[j] {
-                                let vj = &v[j * hidden + col..j * hidden + col + dim];
-                                for (t, &x) in target.iter_mut().zip(vj) {
-                                    *t += p * x;
-                                }
+                            let vj = &v[j * hidden + col..j * hidden + col + dim];
+                            for (t, &x) in target.iter_mut().zip(vj) {
+                                *t += p * x;
                             }
                         }
                     }
@@ -357,47 +362,42 @@ impl Attention {
         g: &[T],
         hidden: usize,
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
-        let (seq, heads) = (self.seq, self.heads);
+        let heads = self.heads;
         let dim = hidden / heads;
         let scale = T::from_f64(1.0 / (dim as f64).sqrt());
         let n = q.len();
         let (mut dq, mut dk, mut dv) = (vec![T::zero(); n], vec![T::zero(); n], vec![T::zero(); n]);
-        dq.par_chunks_mut(seq * hidden)
-            .zip(dk.par_chunks_mut(seq * hidden))
-            .zip(dv.par_chunks_mut(seq * hidden))
-            .enumerate()
-            .for_each(|(b, ((dq, dk), dv))| {
-                let span = b * seq * hidden..(b + 1) * seq * hidden;
+        self.per_sequence(&mut dq, hidden)
+            .into_par_iter()
+            .zip(self.per_sequence(&mut dk, hidden))
+            .zip(self.per_sequence(&mut dv, hidden))
+            .zip(&self.sequences)
+            .for_each(|(((dq, dk), dv), &(start, len))| {
+                let span = start * hidden..(start + len) * hidden;
                 let (q, k, v, g) = (
                     &q[span.clone()],
                     &k[span.clone()],
                     &v[span.clone()],
                     &g[span],
                 );
-                let mask = &self.mask[b * seq..(b + 1) * seq];
-                let mut weights = vec![T::zero(); seq];
-                let mut d_scores = vec![T::zero(); seq];
+                let mut weights = vec![T::zero(); len];
+                let mut d_scores = vec![T::zero(); len];
                 vectorized!(for head in 0..heads {
                     let col = head * dim;
                     let at = |row: usize| row * hidden + col..row * hidden + col + dim;
-                    for i in 0..seq {
-                        Self::weights(q, k, mask, hidden, col, dim, i, scale, &mut weights);
+                    for i in 0..len {
+                        Self::weights(q, k, hidden, col, dim, i, scale, &mut weights);
                         let gi = &g[at(i)];
                         // d weight_ij = g_i · v_j; d score_ij = w_ij (d weight_ij − Σ w d weight).
                         let mut weighted = T::zero();
                         for (j, (d, &w)) in d_scores.iter_mut().zip(&weights).enumerate() {
-                            if mask[j] {
-                                *d = dot(gi, &v[at(j)]);
-                                weighted += w * *d;
-                                for (t, &x) in dv[at(j)].iter_mut().zip(gi) {
-                                    *t += w * x;
-                                }
+                            *d = dot(gi, &v[at(j)]);
+                            weighted += w * *d;
+                            for (t, &x) in dv[at(j)].iter_mut().zip(gi) {
+                                *t += w * x;
                             }
                         }
-                        for (j, (d, &w)) in d_scores.iter_mut().zip(&weights).enumerate() {
-                            if !mask[j] {
-                                continue;
-                            }
+                        for (j, (d, &w)) in d_scores.iter().zip(&weights).enumerate() {
                             let ds = w * (*d - weighted) * scale;
                             let (qi, kj) = (&q[at(i)], &k[at(j)]);
                             for (t, &x) in dq[at(i)].iter_mut().zip(kj) {
@@ -457,6 +457,110 @@ impl CustomOp3 for Attention {
             })????;
             Ok((Some(like(dq, q)?), Some(like(dk, k)?), Some(like(dv, v)?)))
         })
+    }
+}
+
+/// Some rows of a matrix, by index: `x [total, width]` → `[rows.len(), width]` (the tokens of
+/// a padded batch, without its padding). Its backward pass is [`PlaceRows`].
+#[derive(Clone, Debug)]
+pub struct SelectRows {
+    /// The rows kept, in order.
+    pub rows: Arc<Vec<usize>>,
+    /// Rows of the input.
+    pub total: usize,
+}
+
+/// The inverse of [`SelectRows`]: `x [rows.len(), width]` → `[total, width]`, each row put
+/// back at its index and zeros elsewhere. Its backward pass is [`SelectRows`].
+#[derive(Clone, Debug)]
+pub struct PlaceRows {
+    /// Where each input row goes.
+    pub rows: Arc<Vec<usize>>,
+    /// Rows of the output.
+    pub total: usize,
+}
+
+/// The width of a `[rows, width]` matrix, checked against the expected number of rows.
+fn width_of(op: &str, dims: &[usize], rows: usize) -> candle_core::Result<usize> {
+    match *dims {
+        [r, w] if r == rows => Ok(w),
+        _ => Err(candle_core::Error::Msg(format!(
+            "{op}: expected a matrix of {rows} rows, found shape {dims:?}"
+        ))),
+    }
+}
+
+impl CustomOp1 for SelectRows {
+    fn name(&self) -> &'static str {
+        "select_rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let width = width_of("select_rows", l.dims(), self.total)?;
+        if let Some(&bad) = self.rows.iter().find(|&&r| r >= self.total) {
+            return Err(candle_core::Error::Msg(format!(
+                "select_rows: row {bad} of a matrix of {} rows",
+                self.total
+            )));
+        }
+        with_float!("select_rows", s.dtype(), T => {
+            let x = contiguous_slice::<T>(s, l, "select_rows")?;
+            let mut out = Vec::with_capacity(self.rows.len() * width);
+            for &r in self.rows.iter() {
+                out.extend_from_slice(&x[r * width..(r + 1) * width]);
+            }
+            Ok((T::to_cpu_storage_owned(out), Shape::from((self.rows.len(), width))))
+        })
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let place = PlaceRows {
+            rows: self.rows.clone(),
+            total: self.total,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&place)?))
+    }
+}
+
+impl CustomOp1 for PlaceRows {
+    fn name(&self) -> &'static str {
+        "place_rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let width = width_of("place_rows", l.dims(), self.rows.len())?;
+        if let Some(&bad) = self.rows.iter().find(|&&r| r >= self.total) {
+            return Err(candle_core::Error::Msg(format!(
+                "place_rows: row {bad} of a matrix of {} rows",
+                self.total
+            )));
+        }
+        with_float!("place_rows", s.dtype(), T => {
+            let x = contiguous_slice::<T>(s, l, "place_rows")?;
+            let mut out = vec![T::from_f64(0.0); self.total * width];
+            for (i, &r) in self.rows.iter().enumerate() {
+                out[r * width..(r + 1) * width].copy_from_slice(&x[i * width..(i + 1) * width]);
+            }
+            Ok((T::to_cpu_storage_owned(out), Shape::from((self.total, width))))
+        })
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let select = SelectRows {
+            rows: self.rows.clone(),
+            total: self.total,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&select)?))
     }
 }
 

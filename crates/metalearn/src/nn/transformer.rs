@@ -7,6 +7,8 @@
 //! `[batch, seq, hidden]`, or `[tasks, batch, seq, hidden]` in task-batched mode, where every
 //! parameter carries a leading task dimension.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor, D};
 
 use crate::error::{Error, Result};
@@ -158,11 +160,32 @@ pub(crate) fn transformer_block(
     p: &ParamOf,
     opt: &BlockOptions,
 ) -> Result<Tensor> {
-    let b = opt.batched;
     if let Some(out) = fused_block(h, mask, p, opt)? {
         return Ok(out);
     }
-    let kernels = !b && !opt.differentiable && training_kernels_apply(h);
+    if !opt.batched && !opt.differentiable && training_kernels_apply(h) {
+        if let Some(packed) = PackedTokens::of(h, mask)? {
+            let out = block_body(&packed.select(h)?, Attend::Packed(&packed), p, opt)?;
+            return packed.place(&out, h.dims());
+        }
+    }
+    block_body(h, Attend::Masked(mask), p, opt)
+}
+
+/// How a block's attention sees its tokens.
+enum Attend<'a> {
+    /// Padded `[.., batch, seq, hidden]` activations with their padding mask; candle's own
+    /// operations.
+    Masked(&'a Tensor),
+    /// Packed rows of tokens without padding; the first-order training kernels throughout.
+    Packed(&'a PackedTokens),
+}
+
+/// The block's layers after the choice of path: the projections, attention, output
+/// projection, layer norms and feed-forward layer.
+fn block_body(h: &Tensor, attend: Attend, p: &ParamOf, opt: &BlockOptions) -> Result<Tensor> {
+    let b = opt.batched;
+    let kernels = matches!(attend, Attend::Packed(_));
     let projection = |name: &str, x: &Tensor| -> Result<Tensor> {
         let y = linear(
             x,
@@ -185,10 +208,16 @@ pub(crate) fn transformer_block(
         projection("k", h)?,
         projection("v", h)?,
     );
-    let context = if kernels {
-        kernel_attention(&q, &k, &v, mask, opt.heads)?
-    } else {
-        attention(&q, &k, &v, mask, opt.heads)?
+    let context = match attend {
+        Attend::Masked(mask) => attention(&q, &k, &v, mask, opt.heads)?,
+        Attend::Packed(packed) => q.apply_op3(
+            &k,
+            &v,
+            transformer_training::Attention {
+                heads: opt.heads,
+                sequences: packed.sequences.clone(),
+            },
+        )?,
     };
     let attended = linear(&context, p("o_weight")?, p("o_bias")?, b, kernels)?;
     let h = layer_norm(
@@ -218,6 +247,71 @@ pub(crate) fn transformer_block(
     )
 }
 
+/// The tokens of a padded batch `[batch, seq, ..]` as packed rows: which rows are tokens, and
+/// where each sequence's tokens start in the packed rows. The training kernels run a block on
+/// the tokens only; padding positions come back as zeros, which no output reads (attention
+/// gives them no weight and pooling skips them), so the result is the same.
+struct PackedTokens {
+    /// Row of each token in the flattened `[batch · seq]` positions; `None` when every
+    /// position is a token.
+    rows: Option<Arc<Vec<usize>>>,
+    /// Positions in the batch, padding included.
+    total: usize,
+    /// Each sequence's first packed row and token count.
+    sequences: Vec<(usize, usize)>,
+}
+
+impl PackedTokens {
+    /// The packing of `h` (`[batch, seq, hidden]`) under `mask` (`[batch, seq]`), or `None`
+    /// when the batch holds no token at all.
+    fn of(h: &Tensor, mask: &Tensor) -> Result<Option<Self>> {
+        let (batch, seq, _) = h.dims3()?;
+        let mask = mask.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let mut rows = Vec::with_capacity(mask.len());
+        let mut sequences = Vec::with_capacity(batch);
+        for b in 0..batch {
+            let start = rows.len();
+            rows.extend((b * seq..(b + 1) * seq).filter(|&i| mask[i] != 0.0));
+            if rows.len() > start {
+                sequences.push((start, rows.len() - start));
+            }
+        }
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let total = batch * seq;
+        Ok(Some(Self {
+            rows: (rows.len() < total).then(|| Arc::new(rows)),
+            total,
+            sequences,
+        }))
+    }
+
+    /// The token rows of `h`, `[tokens, hidden]`.
+    fn select(&self, h: &Tensor) -> Result<Tensor> {
+        let flat = h.reshape((self.total, h.dim(D::Minus1)?))?;
+        Ok(match &self.rows {
+            None => flat,
+            Some(rows) => flat.apply_op1(transformer_training::SelectRows {
+                rows: rows.clone(),
+                total: self.total,
+            })?,
+        })
+    }
+
+    /// Packed rows put back into the padded shape `dims`, zeros at padding positions.
+    fn place(&self, packed: &Tensor, dims: &[usize]) -> Result<Tensor> {
+        let full = match &self.rows {
+            None => packed.clone(),
+            Some(rows) => packed.apply_op1(transformer_training::PlaceRows {
+                rows: rows.clone(),
+                total: self.total,
+            })?,
+        };
+        Ok(full.reshape(dims)?)
+    }
+}
+
 /// Whether the first-order training kernels (`metalearn_kernels::transformer_training`) may
 /// run on activations `h`: kernels on, f32 or f64 on the CPU. Callers add their own
 /// conditions: no task dimension, and no second-order gradient wanted (the kernels' backward
@@ -242,32 +336,6 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize) ->
         .unsqueeze(D::Minus2)?;
     let weights = ops::softmax(&scores.broadcast_add(&bias)?)?;
     merge_heads(&stacked_matmul(&weights, &v)?)
-}
-
-/// [`attention`] through the training kernel (`[batch, seq, hidden]` only).
-fn kernel_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &Tensor,
-    heads: usize,
-) -> Result<Tensor> {
-    let (batch, seq, _) = q.dims3()?;
-    let mask = mask
-        .flatten_all()?
-        .to_dtype(DType::F64)?
-        .to_vec1::<f64>()?
-        .into_iter()
-        .map(|m| m != 0.0)
-        .collect();
-    let op = transformer_training::Attention {
-        batch,
-        seq,
-        heads,
-        mask,
-    };
-    Ok(q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
 
 /// The block through the fused CPU kernel (`metalearn_kernels::transformer`), when it applies:
