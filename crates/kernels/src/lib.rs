@@ -56,6 +56,7 @@ pub fn with_kernels<R>(on: bool, f: impl FnOnce() -> R) -> R {
     out
 }
 
+pub mod adam;
 pub mod conv;
 pub(crate) mod conv_pool;
 pub mod differentiable_conv;

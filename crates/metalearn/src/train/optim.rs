@@ -3,7 +3,8 @@
 //! candle-nn ships AdamW and a momentum-less SGD whose state cannot be saved; these keep their
 //! state as named tensors so that a checkpoint can hold it and training can resume exactly.
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
+use metalearn_kernels::adam::{adam_update, AdamStep};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -188,7 +189,11 @@ impl OptimizerConfig {
 }
 
 /// An optimiser with its per-variable state.
-#[derive(Clone, Debug)]
+///
+/// On the CPU, Adam's moments are updated in place (`metalearn_kernels::adam`), so the state
+/// is never shared: [`Optimizer::state`] and [`Optimizer::load_state`] copy it, and an
+/// optimiser is not `Clone`.
+#[derive(Debug)]
 pub struct Optimizer {
     config: OptimizerConfig,
     step: u64,
@@ -283,6 +288,33 @@ impl Optimizer {
                     weight_decay,
                 } => {
                     let decoupled = matches!(self.config, OptimizerConfig::AdamW { .. });
+                    if fused_update_applies(&theta, &g) {
+                        let constants = AdamStep {
+                            beta1: *beta1,
+                            beta2: *beta2,
+                            correction1: 1.0 / (1.0 - beta1.powi(t)),
+                            correction2: 1.0 / (1.0 - beta2.powi(t)),
+                            eps: *eps,
+                            lr: *lr,
+                            shrink: (decoupled && *weight_decay > 0.0)
+                                .then(|| 1.0 - lr * weight_decay),
+                            l2: if decoupled { 0.0 } else { *weight_decay },
+                        };
+                        // The moments start at zero and are updated in place from then on.
+                        let zeros = || theta.zeros_like();
+                        let m = match &self.first[i] {
+                            Some(m) => m.clone(),
+                            None => zeros()?,
+                        };
+                        let v = match &self.second[i] {
+                            Some(v) => v.clone(),
+                            None => zeros()?,
+                        };
+                        adam_update(var.as_tensor(), &g, &m, &v, &constants)?;
+                        self.first[i] = Some(m);
+                        self.second[i] = Some(v);
+                        continue;
+                    }
                     if !decoupled && *weight_decay > 0.0 {
                         g = g.add(&theta.affine(*weight_decay, 0.0)?)?;
                     }
@@ -315,21 +347,21 @@ impl Optimizer {
     }
 
     /// The optimiser's state as named tensors (`<i>.first`, `<i>.second`) plus its step count,
-    /// for checkpoints.
+    /// for checkpoints: copies, which later steps leave unchanged.
     pub fn state(&self) -> Result<(ParamSet, u64)> {
         let mut set = ParamSet::new();
         for (i, (m, v)) in self.first.iter().zip(&self.second).enumerate() {
             if let Some(m) = m {
-                set.insert(format!("{i}.first"), m.clone())?;
+                set.insert(format!("{i}.first"), m.copy()?)?;
             }
             if let Some(v) = v {
-                set.insert(format!("{i}.second"), v.clone())?;
+                set.insert(format!("{i}.second"), v.copy()?)?;
             }
         }
         Ok((set, self.step))
     }
 
-    /// Restores state saved by [`Optimizer::state`].
+    /// Restores state saved by [`Optimizer::state`] (copying it).
     pub fn load_state(&mut self, state: &ParamSet, step: u64) -> Result<()> {
         for (name, tensor) in state.iter() {
             let (index, slot) = name
@@ -344,9 +376,21 @@ impl Optimizer {
             .ok_or_else(|| {
                 Error::Checkpoint(format!("optimizer state entry `{name}` does not fit"))
             })?;
-            *target = Some(tensor.clone());
+            *target = Some(tensor.copy()?);
         }
         self.step = step;
         Ok(())
     }
+}
+
+/// Whether an Adam update of `theta` runs as one fused CPU kernel
+/// (`metalearn_kernels::adam`, the same arithmetic in two passes over memory): kernels on, f32
+/// or f64 on the CPU, a contiguous weight.
+fn fused_update_applies(theta: &Tensor, grad: &Tensor) -> bool {
+    crate::kernels::enabled()
+        && theta.device().is_cpu()
+        && matches!(theta.dtype(), DType::F32 | DType::F64)
+        && theta.is_contiguous()
+        && grad.dtype() == theta.dtype()
+        && grad.dims() == theta.dims()
 }
