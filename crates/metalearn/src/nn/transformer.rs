@@ -163,7 +163,7 @@ pub(crate) fn transformer_block(
     if let Some(out) = fused_block(h, mask, p, opt)? {
         return Ok(out);
     }
-    if !opt.batched && !opt.differentiable && training_kernels_apply(h) {
+    if !opt.batched && !opt.differentiable && h.rank() == 3 && training_kernels_apply(h) {
         if let Some(packed) = PackedTokens::of(h, mask)? {
             let out = block_body(&packed.select(h)?, Attend::Packed(&packed), p, opt)?;
             return packed.place(&out, h.dims());

@@ -581,7 +581,7 @@ pub fn logistic_regression(
         let loss = Loss::CategoricalCrossEntropy
             .compute(&logits, &targets)?
             .add(&weight.as_tensor().sqr()?.sum_all()?.affine(penalty, 0.0)?)?;
-        let grads = loss.backward()?;
+        let grads = crate::runtime::backward(&loss)?;
         let g: Vec<Option<Tensor>> = vars.iter().map(|v| grads.get(v).cloned()).collect();
         opt.step(&vars, &g)?;
     }
@@ -721,7 +721,8 @@ impl TextTrainer {
                 self.steps() + 1
             )));
         }
-        let grads = loss.backward()?;
+        // Gradients used as values only: freed as the pass goes (see `runtime::backward`).
+        let grads = crate::runtime::backward(&loss)?;
         let g: Vec<Option<Tensor>> = self
             .encoder_vars
             .iter()
