@@ -1,6 +1,6 @@
-//! A single-threaded matrix product into a caller's buffer: the hand-written small kernels of
-//! [`crate::small_gemm`] where they apply, the `gemm` crate otherwise. Callers parallelise over
-//! chunks themselves.
+//! Matrix products into a caller's buffer, on strided operands: single-threaded (the
+//! hand-written small kernels of [`crate::small_gemm`] where they apply, the `gemm` crate
+//! otherwise; callers parallelise over chunks themselves), or the `gemm` crate on a thread pool.
 
 use candle_core::WithDType;
 use gemm::Parallelism;
@@ -24,6 +24,26 @@ pub(crate) unsafe fn gemm_into<T: WithDType>(
     {
         return;
     }
+    // Safety: as above.
+    unsafe { strided_gemm((m, n, k), dst, dst_rs, accumulate, a, b, Parallelism::None) }
+}
+
+/// `dst[m×n] (+)= a[m×k] · b[k×n]` through the `gemm` crate, on `parallelism`'s threads; each
+/// matrix is given by its pointer, row stride and column stride (`dst`'s columns are adjacent).
+///
+/// # Safety
+/// The pointers must hold the values their shapes and strides reach, and `dst` must not
+/// overlap `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn strided_gemm<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    dst_rs: usize,
+    accumulate: bool,
+    a: (*const T, usize, usize),
+    b: (*const T, usize, usize),
+    parallelism: Parallelism,
+) {
     gemm::gemm(
         m,
         n,
@@ -43,6 +63,6 @@ pub(crate) unsafe fn gemm_into<T: WithDType>(
         false,
         false,
         false,
-        Parallelism::None,
+        parallelism,
     )
 }

@@ -18,6 +18,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor, WithD
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::gemm::strided_gemm;
 use crate::parallel::REDUCTION_GROUPS;
 use crate::{contiguous_slice, parameter_gradient, vectorized, with_data, with_float};
 
@@ -85,27 +86,9 @@ unsafe fn product<T: WithDType>(
     a: (*const T, usize, usize),
     b: (*const T, usize, usize),
 ) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        n as isize,
-        accumulate,
-        a.0,
-        a.2 as isize,
-        a.1 as isize,
-        b.0,
-        b.2 as isize,
-        b.1 as isize,
-        if accumulate { T::one() } else { T::zero() },
-        T::one(),
-        false,
-        false,
-        false,
-        Parallelism::Rayon(rayon::current_num_threads()),
-    )
+    let threads = Parallelism::Rayon(rayon::current_num_threads());
+    // Safety: the caller's shapes and strides; dst is m×n, row-major.
+    unsafe { strided_gemm((m, n, k), dst, n, accumulate, a, b, threads) }
 }
 
 /// An affine layer over the last dimension: `(x [.., in], weight [in, out], bias [out])` →

@@ -807,32 +807,13 @@ fn gradient_check_catches_candles_max_pool2d_scaling() -> Result<()> {
 
 // ---- text encoder layers ----------------------------------------------------------------------
 
-/// A tiny BERT-style encoder: token embedding → transformer block(s) → pooling → L2 → dense.
+/// A tiny BERT-style encoder with one block.
 fn encoder_arch(
     seq: usize,
     pooling: metalearn::nn::architecture::Pooling,
     lora_rank: usize,
 ) -> Architecture {
-    let mut a = Architecture::new(&[seq]);
-    a.push(Layer::TokenEmbedding {
-        vocab_size: 11,
-        hidden: 8,
-        max_positions: 7,
-        type_vocab_size: 2,
-        pad_id: 0,
-        eps: 1e-5,
-    });
-    a.push(Layer::TransformerBlock {
-        heads: 2,
-        intermediate: 12,
-        eps: 1e-5,
-        lora_rank,
-        lora_alpha: 4.0,
-    });
-    a.push(Layer::SequencePool { mode: pooling });
-    a.push(Layer::L2Normalize);
-    a.push(Layer::dense(3));
-    a
+    common::tiny_encoder_arch(seq, 1, pooling, lora_rank)
 }
 
 /// Checks an encoder case. Token ids are not differentiable: the objective reads fixed ids

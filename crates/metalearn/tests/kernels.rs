@@ -845,28 +845,7 @@ fn text_encoder(
     lora_rank: usize,
     pooling: metalearn::nn::architecture::Pooling,
 ) -> Network {
-    let mut a = Architecture::new(&[seq]);
-    a.push(Layer::TokenEmbedding {
-        vocab_size: 13,
-        hidden: 8,
-        max_positions: 9,
-        type_vocab_size: 2,
-        pad_id: 0,
-        eps: 1e-5,
-    });
-    for _ in 0..2 {
-        a.push(Layer::TransformerBlock {
-            heads: 2,
-            intermediate: 12,
-            eps: 1e-5,
-            lora_rank,
-            lora_alpha: 4.0,
-        });
-    }
-    a.push(Layer::SequencePool { mode: pooling });
-    a.push(Layer::L2Normalize);
-    a.push(Layer::dense(3));
-    Network::build(&a).expect("valid encoder")
+    Network::build(&common::tiny_encoder_arch(seq, 2, pooling, lora_rank)).expect("valid encoder")
 }
 
 /// Token ids of four sentences padded to 7 (one of a single token, one without padding).
@@ -900,6 +879,26 @@ fn text_objective<'a>(
     }
 }
 
+/// Checks that two objectives have the same gradient at `point` to f64 rounding; returns the
+/// first's.
+fn same_gradients(
+    label: &str,
+    fused: &common::Objective,
+    reference: &common::Objective,
+    point: &Point,
+) -> Result<Vec<f64>> {
+    let (ga, gb) = (
+        autodiff_gradient(fused, point),
+        autodiff_gradient(reference, point),
+    );
+    let diff = max_difference(&ga, &gb);
+    ensure!(
+        diff < 1e-10 * scale_of(&gb),
+        "{label}: gradients differ from the reference by {diff:e}"
+    );
+    Ok(ga)
+}
+
 /// The encoder's first-order training kernels (affine layers, attention, layer norm, GELU)
 /// against the reference path in f64: the loss and every parameter's gradient, with padding,
 /// LoRA adapters and each pooling; and against finite differences.
@@ -924,15 +923,7 @@ fn transformer_training_kernels_match_the_reference_and_finite_differences() -> 
             values(&reference(&params, &dummy)?),
         );
         same_outputs(&format!("{label}: loss"), &a, &b)?;
-        let (ga, gb) = (
-            autodiff_gradient(&fused, &point),
-            autodiff_gradient(&reference, &point),
-        );
-        let diff = max_difference(&ga, &gb);
-        ensure!(
-            diff < 1e-10 * scale_of(&gb),
-            "{label}: gradients differ from the reference by {diff:e}"
-        );
+        let ga = same_gradients(&label, &fused, &reference, &point)?;
         ensure!(
             ga.iter().filter(|g| g.abs() > 1e-8).count() > ga.len() / 2,
             "{label}: most gradients are zero, the comparison would prove little"
@@ -966,15 +957,7 @@ fn transformer_training_kernels_give_the_input_gradient() -> Result<()> {
     let point = Point::new(&params, &x);
     let fused = objective(Path::Fused, &net, &target, None);
     let reference = objective(Path::Reference, &net, &target, None);
-    let (ga, gb) = (
-        autodiff_gradient(&fused, &point),
-        autodiff_gradient(&reference, &point),
-    );
-    let diff = max_difference(&ga, &gb);
-    ensure!(
-        diff < 1e-10 * scale_of(&gb),
-        "block on continuous input: gradients differ by {diff:e}"
-    );
+    same_gradients("block on continuous input", &fused, &reference, &point)?;
     check_gradient("block on continuous input, fused", &fused, &point)?;
     Ok(())
 }

@@ -342,3 +342,37 @@ pub fn check_hessian_vector_product(
     );
     Ok(err)
 }
+
+/// A tiny BERT-style classifier: token embedding (13 ids, width 8, 9 positions, pad id 0) →
+/// `blocks` transformer blocks (2 heads, feed-forward 12, LoRA adapters of `lora_rank`) →
+/// pooling → L2 normalisation → dense 3.
+pub fn tiny_encoder_arch(
+    seq: usize,
+    blocks: usize,
+    pooling: metalearn::nn::architecture::Pooling,
+    lora_rank: usize,
+) -> metalearn::Architecture {
+    use metalearn::Layer;
+    let mut a = metalearn::Architecture::new(&[seq]);
+    a.push(Layer::TokenEmbedding {
+        vocab_size: 13,
+        hidden: 8,
+        max_positions: 9,
+        type_vocab_size: 2,
+        pad_id: 0,
+        eps: 1e-5,
+    });
+    for _ in 0..blocks {
+        a.push(Layer::TransformerBlock {
+            heads: 2,
+            intermediate: 12,
+            eps: 1e-5,
+            lora_rank,
+            lora_alpha: 4.0,
+        });
+    }
+    a.push(Layer::SequencePool { mode: pooling });
+    a.push(Layer::L2Normalize);
+    a.push(Layer::dense(3));
+    a
+}
