@@ -9,7 +9,7 @@
 //! head for attention, and a dozen passes over the activations per layer norm, softmax and
 //! GELU (candle's GELU calls a scalar `erf`).
 
-use candle_core::{Device, Storage, Tensor};
+use candle_core::{Device, Storage, Tensor, WithDType};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -281,10 +281,10 @@ fn gelu_in_place(values: &mut [f32]) {
 /// in vector registers (a single running sum is a chain of dependent additions).
 const LANES: usize = 8;
 
-/// `Σ a_i b_i` in [`LANES`] partial sums.
+/// `Σ a_i b_i` in [`LANES`] partial sums (f32 for inference, f32 or f64 for training).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
+pub(crate) fn dot<T: WithDType>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::zero(); LANES];
     let (a_main, a_rest) = a.split_at(a.len() / LANES * LANES);
     let (b_main, b_rest) = b.split_at(a_main.len());
     for (x, y) in a_main.chunks_exact(LANES).zip(b_main.chunks_exact(LANES)) {
@@ -292,8 +292,11 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[l] += x[l] * y[l];
         }
     }
-    let tail: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
+    let tail = a_rest
+        .iter()
+        .zip(b_rest)
+        .fold(T::zero(), |s, (x, y)| s + *x * *y);
+    acc.iter().fold(T::zero(), |s, &v| s + v) + tail
 }
 
 /// `Σ values` in [`LANES`] partial sums.

@@ -1,6 +1,7 @@
 //! The pieces of a transformer encoder block for first-order training, in f32 or f64 on the
 //! CPU, each one graph node with a hand-written backward pass: an affine layer (`x W + b`),
-//! masked multi-head attention, layer norm and GELU.
+//! multi-head attention within packed sequences, layer norm, GELU, and the selection of a
+//! padded batch's token rows (and their placing back) that lets a block skip the padding.
 //!
 //! Built from candle's own operations, one training step of a 6-layer sentence encoder spent
 //! more time outside the matrix products than in them: a dozen passes over the activations per
@@ -20,6 +21,7 @@ use rayon::prelude::*;
 
 use crate::gemm::strided_gemm;
 use crate::parallel::REDUCTION_GROUPS;
+use crate::transformer::dot;
 use crate::{contiguous_slice, parameter_gradient, vectorized, with_data, with_float};
 
 /// The float types of the kernels, with the few functions they need.
@@ -473,6 +475,16 @@ fn width_of(op: &str, dims: &[usize], rows: usize) -> candle_core::Result<usize>
     }
 }
 
+/// Checks that every row index is below `total`.
+fn rows_within(op: &str, rows: &[usize], total: usize) -> candle_core::Result<()> {
+    match rows.iter().find(|&&r| r >= total) {
+        Some(&bad) => Err(candle_core::Error::Msg(format!(
+            "{op}: row {bad} of a matrix of {total} rows"
+        ))),
+        None => Ok(()),
+    }
+}
+
 impl CustomOp1 for SelectRows {
     fn name(&self) -> &'static str {
         "select_rows"
@@ -480,12 +492,7 @@ impl CustomOp1 for SelectRows {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let width = width_of("select_rows", l.dims(), self.total)?;
-        if let Some(&bad) = self.rows.iter().find(|&&r| r >= self.total) {
-            return Err(candle_core::Error::Msg(format!(
-                "select_rows: row {bad} of a matrix of {} rows",
-                self.total
-            )));
-        }
+        rows_within("select_rows", &self.rows, self.total)?;
         with_float!("select_rows", s.dtype(), T => {
             let x = contiguous_slice::<T>(s, l, "select_rows")?;
             let mut out = Vec::with_capacity(self.rows.len() * width);
@@ -517,12 +524,7 @@ impl CustomOp1 for PlaceRows {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let width = width_of("place_rows", l.dims(), self.rows.len())?;
-        if let Some(&bad) = self.rows.iter().find(|&&r| r >= self.total) {
-            return Err(candle_core::Error::Msg(format!(
-                "place_rows: row {bad} of a matrix of {} rows",
-                self.total
-            )));
-        }
+        rows_within("place_rows", &self.rows, self.total)?;
         with_float!("place_rows", s.dtype(), T => {
             let x = contiguous_slice::<T>(s, l, "place_rows")?;
             let mut out = vec![T::from_f64(0.0); self.total * width];
@@ -545,27 +547,6 @@ impl CustomOp1 for PlaceRows {
         };
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&select)?))
     }
-}
-
-/// `Σ a_i b_i` in eight partial sums (independent accumulators vectorise).
-#[inline(always)]
-fn dot<T: WithDType>(a: &[T], b: &[T]) -> T {
-    const LANES: usize = 8;
-    let mut acc = [T::zero(); LANES];
-    let main = a.len() / LANES * LANES;
-    for (x, y) in a[..main]
-        .chunks_exact(LANES)
-        .zip(b[..main].chunks_exact(LANES))
-    {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut total = T::zero();
-    for (x, y) in a[main..].iter().zip(&b[main..]) {
-        total += *x * *y;
-    }
-    acc.iter().fold(total, |s, &a| s + a)
 }
 
 /// Layer norm over the last dimension: `(x [.., width], gamma [width], beta [width])` →

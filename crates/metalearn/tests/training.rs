@@ -594,6 +594,17 @@ fn sgd_momentum_follows_its_update_rule() -> Result<()> {
     Ok(())
 }
 
+/// Adam with default betas and epsilon and L2 weight decay `wd` added to the gradient.
+fn adam_with_l2(lr: f64, wd: f64) -> OptimizerConfig {
+    OptimizerConfig::Adam {
+        lr,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: wd,
+    }
+}
+
 #[test]
 fn adamw_decay_is_decoupled_unlike_adam_l2() -> Result<()> {
     // With a zero loss gradient, Adam's L2 term becomes the whole gradient and Adam normalises it
@@ -602,16 +613,7 @@ fn adamw_decay_is_decoupled_unlike_adam_l2() -> Result<()> {
     let start = [2.0f64, -4.0];
     let zero = Tensor::zeros(2, DType::F64, &Device::Cpu)?;
     let adam_theta = Var::from_tensor(&Tensor::new(&start, &Device::Cpu)?)?;
-    let mut adam = Optimizer::new(
-        OptimizerConfig::Adam {
-            lr,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: wd,
-        },
-        1,
-    )?;
+    let mut adam = Optimizer::new(adam_with_l2(lr, wd), 1)?;
     adam.step(std::slice::from_ref(&adam_theta), &[Some(zero.clone())])?;
     let adamw_theta = Var::from_tensor(&Tensor::new(&start, &Device::Cpu)?)?;
     let mut adamw = Optimizer::new(OptimizerConfig::adamw(lr, wd), 1)?;
@@ -626,16 +628,7 @@ fn adamw_decay_is_decoupled_unlike_adam_l2() -> Result<()> {
     // The same difference shows in training: same data, same seeds, different weights.
     let (x, y) = regression(32, 3, 13)?;
     let mut trained = Vec::new();
-    for opt in [
-        OptimizerConfig::Adam {
-            lr: 0.01,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        },
-        OptimizerConfig::adamw(0.01, 0.1),
-    ] {
+    for opt in [adam_with_l2(0.01, 0.1), OptimizerConfig::adamw(0.01, 0.1)] {
         let mut model = regression_model(3, 8, 1)?;
         model.compile(opt, Loss::Mse, &[])?;
         model.fit(&x, &y, FitOptions::new().epochs(5).batch_size(8).seed(3))?;
@@ -789,13 +782,7 @@ fn fused_adam_kernel_matches_the_reference_bit_for_bit() -> Result<()> {
     use metalearn::kernels::with_kernels;
     for dtype in [DType::F32, DType::F64] {
         for cfg in [
-            OptimizerConfig::Adam {
-                lr: 0.01,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.1,
-            },
+            adam_with_l2(0.01, 0.1),
             OptimizerConfig::adamw(0.01, 0.1),
             OptimizerConfig::adamw(0.003, 0.0),
         ] {

@@ -383,9 +383,9 @@ impl Optimizer {
     }
 }
 
-/// Whether an Adam update of `theta` runs as one fused CPU kernel
-/// (`metalearn_kernels::adam`, the same arithmetic in two passes over memory): kernels on, f32
-/// or f64 on the CPU, a contiguous weight.
+/// Whether an Adam update of `theta` runs on the CPU kernel that updates the moments and the
+/// weight in place (`metalearn_kernels::adam`, the same arithmetic): kernels on, f32 or f64 on
+/// the CPU, a contiguous weight, a gradient of its shape and dtype.
 fn fused_update_applies(theta: &Tensor, grad: &Tensor) -> bool {
     crate::kernels::enabled()
         && theta.device().is_cpu()
