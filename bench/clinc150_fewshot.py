@@ -12,7 +12,8 @@ each (K, seed, method) it runs `metalearn train --encoder ... --shots-per-class 
 150-way accuracy on the 4,500 in-scope test queries, in-scope accuracy and out-of-scope recall
 (threshold chosen on val.csv) and the wall time. With --peer-python, the peers' fewshot_frozen.py
 (logistic regression C=10 and nearest centroid, sentence-transformers embeddings) runs on the
-rows metalearn drew (written to a CSV), so both sides train on the same examples. Uses only the
+rows metalearn drew (written to a CSV), so both sides train on the same examples; with
+`--extra="--labels-as-examples"` the peers' CSV also holds each label as one more row of its class. Uses only the
 standard library.
 """
 import argparse
@@ -57,6 +58,7 @@ def main():
         for row in csv.DictReader(f):
             if row["intent"] != "oos":
                 w.writerow([row["text"], row["intent"]])
+    label_examples = "--labels-as-examples" in args.extra.split()
     results = []
     for k in [int(s) for s in args.shots.split(",")]:
         for seed in [int(s) for s in args.seeds.split(",")]:
@@ -86,10 +88,16 @@ def main():
                     w.writerow(["text", "label"])
                     for i in drawn:
                         w.writerow([train_rows[i]["text"], train_rows[i]["intent"]])
+                    # The peers get the same training information: with --labels-as-examples,
+                    # each label read as text is one more row of its class.
+                    labels = sorted({train_rows[i]["intent"] for i in drawn}) if label_examples else []
+                    for label in labels:
+                        w.writerow([label_as_text(label), label])
+                peer_shots = k + 1 if label_examples else k
                 started = time.time()
                 peer = run_json([args.peer_python, os.path.join(args.peers, "fewshot_frozen.py"),
                                  args.encoder, "--csv-train", drawn_csv, "--csv-test", inscope_test,
-                                 "--shots", str(k), "--seeds", "0"])
+                                 "--shots", str(peer_shots), "--seeds", "0"])
                 wall = time.time() - started
                 for key, name in [("logreg", "peer: frozen + logistic regression"),
                                   ("centroid", "peer: frozen + nearest centroid")]:
@@ -114,6 +122,11 @@ def main():
             return f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
         wall = statistics.mean(r["train_seconds"] for r in rs)
         print(f"| {k} | {method} | {ms('acc150')} | {ms('in_scope')} | {ms('oos_recall')} | {wall:.1f} |")
+
+
+def label_as_text(label):
+    """A label as metalearn reads it with --labels-as-examples: `_` and `-` as spaces."""
+    return " ".join(label.replace("_", " ").replace("-", " ").split())
 
 
 def find_accuracy(peer, key):

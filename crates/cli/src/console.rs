@@ -63,8 +63,12 @@ pub fn report_text_run(console: &Console, command: &str, report: &TextRunReport)
     if let Value::Object(fields) = serde_json::to_value(report).expect("report serialises") {
         summary.extend(fields);
     }
+    let labels = match report.train.label_examples {
+        0 => String::new(),
+        n => format!(" and {n} labels"),
+    };
     console.line(&format!(
-        "trained a {}-class text classifier ({}) on {} rows in {:.1} s",
+        "trained a {}-class text classifier ({}) on {} rows{labels} in {:.1} s",
         report.train.classes, report.train.method, report.train.rows, report.seconds
     ));
     if let Some(val) = &report.validation {

@@ -151,6 +151,13 @@ fn prototype_needs_no_training_and_finetune_lowers_the_loss() {
         .as_array()
         .unwrap()
         .is_empty());
+    assert_eq!(proto["train"]["label_examples"], 0);
+    let labelled = s.train(
+        &s.path("labelled.safetensors"),
+        &["--method", "prototype", "--labels-as-examples"],
+    );
+    assert_eq!(labelled["train"]["label_examples"], 4, "{labelled}");
+    assert_eq!(labelled["train"]["rows"], ROWS.len());
     let tuned = s.train(
         &s.path("tuned.safetensors"),
         &[
@@ -482,6 +489,23 @@ fn bad_text_input_is_named() {
     args.extend(["--method".into(), "protoype".into()]);
     let err = run(args);
     assert!(err.contains("did you mean \"prototype\""), "{err}");
+    let err = run_err_in(
+        &[
+            "train",
+            "--data",
+            &s.path("train.csv"),
+            "--target",
+            "intent",
+            "--labels-as-examples",
+            "--out",
+            &s.path("bad.safetensors"),
+        ],
+        None,
+    );
+    assert!(
+        err.contains("--labels-as-examples applies to text models"),
+        "{err}"
+    );
     assert!(
         !s.dir.path().join("bad.safetensors").exists(),
         "nothing written"

@@ -1,6 +1,6 @@
 //! Text classification in the library: CLINC150 files to CSV, the few-shot draw, and the
-//! out-of-scope threshold (the chosen one is the best of all candidates), on a tiny random
-//! encoder in the Hugging Face layout.
+//! out-of-scope threshold (the chosen one is the best of all candidates), labels as training
+//! examples, on a tiny random encoder in the Hugging Face layout.
 
 mod common;
 
@@ -13,6 +13,7 @@ use common::text_model::write_tiny_encoder;
 use metalearn::data::clinc150::write_clinc150_csvs;
 use metalearn::data::text::{draw_shots, load_labelled_texts};
 use metalearn::text::TextEncoder;
+use metalearn::transfer::text::train::label_as_text;
 use metalearn::transfer::text::{
     choose_threshold, score_texts, train_text_classifier, TextMethod, TextTrainPlan, UnknownRule,
 };
@@ -148,6 +149,60 @@ fn the_chosen_threshold_is_the_best_candidate() -> Result<()> {
             accuracy <= best + 1e-12,
             "threshold {t}% scores {accuracy} > {best} at {chosen}"
         );
+    }
+    Ok(())
+}
+
+#[test]
+fn labels_as_examples_join_their_classes() -> Result<()> {
+    ensure!(label_as_text("book_flight").as_deref() == Some("book flight"));
+    ensure!(label_as_text(" change-user__name ").as_deref() == Some("change user name"));
+    ensure!(label_as_text("_-_").is_none());
+
+    let dir = tempfile::tempdir()?;
+    write_tiny_encoder(&dir.path().join("enc"), 5, 16);
+    let encoder = TextEncoder::from_folder(&dir.path().join("enc"), DType::F32)?;
+    write(
+        &dir.path().join("d.csv"),
+        "text,intent\nwhat is my balance,bank_balance\nthe balance today,bank_balance\n\
+         play a song,play-music\nturn on music,play-music\norder pizza,oos\n",
+    );
+    let data = load_labelled_texts(&dir.path().join("d.csv"), "text", Some("intent"))?;
+    let plan = TextTrainPlan {
+        method: TextMethod::Prototype,
+        labels_as_examples: true,
+        ..TextTrainPlan::default()
+    };
+    let (model, report) = train_text_classifier(
+        &encoder,
+        &data,
+        Some("oos"),
+        &plan,
+        "text",
+        "intent",
+        &mut |_| {},
+    )?;
+    ensure!(report.rows == 4 && report.label_examples == 2, "{report:?}");
+    // Each prototype is the mean of the class's rows and its label, read as text.
+    let head = model.params().get("head.weight")?.to_vec2::<f32>()?;
+    let members = [
+        ["what is my balance", "the balance today", "bank balance"],
+        ["play a song", "turn on music", "play music"],
+    ];
+    for (class, texts) in members.iter().enumerate() {
+        let vectors = encoder.embed(texts, 4)?.vectors.to_vec2::<f32>()?;
+        let sum: Vec<f64> = (0..vectors[0].len())
+            .map(|d| vectors.iter().map(|v| v[d] as f64).sum())
+            .collect();
+        let norm = sum.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let column: Vec<f64> = head.iter().map(|row| row[class] as f64).collect();
+        let scale = column.iter().map(|v| v * v).sum::<f64>().sqrt();
+        for (got, want) in column.iter().zip(&sum) {
+            ensure!(
+                (got / scale - want / norm).abs() < 1e-5,
+                "class {class}: prototype {column:?} is not the mean of {texts:?}"
+            );
+        }
     }
     Ok(())
 }

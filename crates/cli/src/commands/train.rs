@@ -88,6 +88,10 @@ pub struct TrainArgs {
     /// schedule is laid out over them).
     #[arg(long, value_name = "N")]
     pub max_steps: Option<usize>,
+    /// Text models: add each class's label, with `_` and `-` read as spaces, as one more
+    /// training example of its class (helps when labels are words, such as `book_flight`).
+    #[arg(long)]
+    pub labels_as_examples: bool,
 }
 
 /// Runs `train`.
@@ -222,6 +226,7 @@ fn text_only_flag(args: &TrainArgs) -> Option<&'static str> {
         (args.top_layers.is_some(), "--top-layers"),
         (args.lora_rank.is_some(), "--lora-rank"),
         (args.max_steps.is_some(), "--max-steps"),
+        (args.labels_as_examples, "--labels-as-examples"),
     ]
     .into_iter()
     .find(|(given, _)| *given)
@@ -253,9 +258,10 @@ fn run_text(args: &TrainArgs) -> Result<()> {
         Some(method) => method.parse()?,
         None => TextTrainPlan::default().method,
     };
-    let plan = args
-        .training
-        .text_plan(method, args.top_layers, args.lora_rank, args.max_steps)?;
+    let mut plan =
+        args.training
+            .text_plan(method, args.top_layers, args.lora_rank, args.max_steps)?;
+    plan.labels_as_examples = args.labels_as_examples;
     let settings = TextRunSettings {
         encoder,
         data,

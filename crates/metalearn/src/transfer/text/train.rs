@@ -129,6 +129,10 @@ pub struct TextTrainPlan {
     pub pair_rounds: usize,
     /// At most this many encoder steps (the schedule is laid out over them).
     pub max_steps: Option<usize>,
+    /// Add each class's label, read as text (see [`label_as_text`]), as one more training
+    /// example of its class. Helps when labels are words: on CLINC150's validation queries
+    /// it added about a point at 5 examples per class.
+    pub labels_as_examples: bool,
 }
 
 impl TextTrainPlan {
@@ -173,6 +177,7 @@ impl Default for TextTrainPlan {
             seed: 0,
             pair_rounds: 20,
             max_steps: None,
+            labels_as_examples: false,
         }
     }
 }
@@ -184,6 +189,8 @@ pub struct TextTrainReport {
     pub method: String,
     /// Training texts (out-of-scope rows left out).
     pub rows: usize,
+    /// Labels added as training examples of their classes (`labels_as_examples`).
+    pub label_examples: usize,
     /// Classes.
     pub classes: usize,
     /// Training texts longer than the model reads (cut).
@@ -209,6 +216,16 @@ fn in_scope(train: &LabelledTexts, classes: &[String]) -> (Vec<usize>, Vec<u32>)
     (rows, ids)
 }
 
+/// A label as a sentence: `_` and `-` read as spaces, runs of spaces as one (`book_flight`
+/// is "book flight"); `None` when nothing is left.
+pub fn label_as_text(label: &str) -> Option<String> {
+    let words: Vec<&str> = label
+        .split(|c: char| c == '_' || c == '-' || c.is_whitespace())
+        .filter(|w| !w.is_empty())
+        .collect();
+    (!words.is_empty()).then(|| words.join(" "))
+}
+
 /// Trains a classifier of `train`'s classes (sorted; rows labelled `unknown` are not a class).
 pub fn train_text_classifier(
     encoder: &TextEncoder,
@@ -229,8 +246,21 @@ pub fn train_text_classifier(
             classes.len()
         )));
     }
-    let (rows, ids) = in_scope(train, &classes);
-    let texts: Vec<&str> = rows.iter().map(|&i| train.texts[i].as_str()).collect();
+    let (rows, mut ids) = in_scope(train, &classes);
+    let mut texts: Vec<&str> = rows.iter().map(|&i| train.texts[i].as_str()).collect();
+    let label_texts: Vec<(u32, String)> = if plan.labels_as_examples {
+        classes
+            .iter()
+            .enumerate()
+            .filter_map(|(c, label)| Some((c as u32, label_as_text(label)?)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for (c, text) in &label_texts {
+        texts.push(text);
+        ids.push(*c);
+    }
     progress(&format!(
         "embedding {} training texts with the frozen encoder",
         texts.len()
@@ -341,7 +371,8 @@ pub fn train_text_classifier(
     let classifier = TextClassifier::new(arch, params, encoder.tokenizer().clone(), section)?;
     let report = TextTrainReport {
         method: plan.method.name().to_string(),
-        rows: texts.len(),
+        rows: rows.len(),
+        label_examples: label_texts.len(),
         classes: classes.len(),
         truncated: embedded.truncated,
         epoch_losses,
