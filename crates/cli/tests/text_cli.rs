@@ -288,6 +288,7 @@ fn finetune_continues_from_a_text_model_on_new_classes() {
             "1",
             "--batch-size",
             "8",
+            "--labels-as-examples",
             "--out",
             &s.path("second.safetensors"),
             "--json",
@@ -296,6 +297,7 @@ fn finetune_continues_from_a_text_model_on_new_classes() {
     ));
     assert_eq!(report["command"], "finetune");
     assert_eq!(report["train"]["classes"], 8, "{report}");
+    assert_eq!(report["train"]["label_examples"], 8, "{report}");
     let inspect = run_ok_in(&["inspect", &s.path("second.safetensors")], None);
     assert!(
         inspect.contains("first.safetensors"),

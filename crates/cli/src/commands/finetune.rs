@@ -19,7 +19,7 @@ use metalearn::train::loss::Loss;
 use metalearn::train::metrics::Metric;
 use metalearn::transfer::config::load_for;
 use metalearn::transfer::text::{
-    train_text_and_save, TextClassifier, TextMethod, TextRunSettings, TextSection,
+    train_text_and_save, TextClassifier, TextMethod, TextRunSettings, TextSection, TextTrainPlan,
 };
 use metalearn::transfer::{
     fit_and_save, load_dataset, load_model, plan_head, push_head, DataInfo, DataSource, HeadPlan,
@@ -55,6 +55,10 @@ pub struct FinetuneArgs {
     /// on).
     #[arg(long, value_name = "COLUMN")]
     pub text_column: Option<String>,
+    /// Text models: add each class's label, with `_` and `-` read as spaces, as one more
+    /// training example of its class.
+    #[arg(long)]
+    pub labels_as_examples: bool,
     /// Optimiser, loss, schedule and output options.
     #[command(flatten)]
     pub training: TrainingArgs,
@@ -217,11 +221,16 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
     if let Some(model) = TextClassifier::load_if_text(&from, None)? {
         return run_text(args, &from, &out, model.section(), &console);
     }
-    if args.text_column.is_some() {
-        return Err(Error::Config(format!(
-            "--text-column applies to text models, and {} is not one",
-            from.display()
-        )));
+    for (given, flag) in [
+        (args.text_column.is_some(), "--text-column"),
+        (args.labels_as_examples, "--labels-as-examples"),
+    ] {
+        if given {
+            return Err(Error::Config(format!(
+                "{flag} applies to text models, and {} is not one",
+                from.display()
+            )));
+        }
     }
     let new_head = args.new_head.or(cfg.new_head);
     let linear_probe = args.linear_probe || cfg.linear_probe.unwrap_or(false);
@@ -434,7 +443,10 @@ fn run_text(
         shots_per_class: None,
         unknown_label: None,
         validation: None,
-        plan: args.training.text_plan(method, None, None, None)?,
+        plan: TextTrainPlan {
+            labels_as_examples: args.labels_as_examples,
+            ..args.training.text_plan(method, None, None, None)?
+        },
         out: out.to_path_buf(),
     };
     let report = train_text_and_save(&settings, &mut |line| console.note(line))?;
