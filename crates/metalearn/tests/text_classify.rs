@@ -11,12 +11,30 @@ use candle_core::DType;
 
 use common::text_model::write_tiny_encoder;
 use metalearn::data::clinc150::write_clinc150_csvs;
-use metalearn::data::text::{draw_shots, load_labelled_texts};
+use metalearn::data::text::{draw_shots, load_labelled_texts, LabelledTexts};
 use metalearn::text::TextEncoder;
 use metalearn::transfer::text::train::label_as_text;
 use metalearn::transfer::text::{
-    choose_threshold, score_texts, train_text_classifier, TextMethod, TextTrainPlan, UnknownRule,
+    choose_threshold, score_texts, train_text_classifier, TextClassifier, TextMethod,
+    TextTrainPlan, TextTrainReport, UnknownRule,
 };
+
+/// Trains on the `text` and `intent` columns, with `oos` rows out of scope.
+fn train_intents(
+    encoder: &TextEncoder,
+    data: &LabelledTexts,
+    plan: &TextTrainPlan,
+) -> metalearn::error::Result<(TextClassifier, TextTrainReport)> {
+    train_text_classifier(
+        encoder,
+        data,
+        Some("oos"),
+        plan,
+        "text",
+        "intent",
+        &mut |_| {},
+    )
+}
 
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write");
@@ -122,15 +140,7 @@ fn the_chosen_threshold_is_the_best_candidate() -> Result<()> {
         head_steps: 100,
         ..TextTrainPlan::default()
     };
-    let (mut model, report) = train_text_classifier(
-        &encoder,
-        &data,
-        Some("oos"),
-        &plan,
-        "text",
-        "intent",
-        &mut |_| {},
-    )?;
+    let (mut model, report) = train_intents(&encoder, &data, &plan)?;
     ensure!(report.classes == 3 && report.rows == 6);
     let rule = |threshold| {
         Some(UnknownRule {
@@ -173,15 +183,7 @@ fn labels_as_examples_join_their_classes() -> Result<()> {
         labels_as_examples: true,
         ..TextTrainPlan::default()
     };
-    let (model, report) = train_text_classifier(
-        &encoder,
-        &data,
-        Some("oos"),
-        &plan,
-        "text",
-        "intent",
-        &mut |_| {},
-    )?;
+    let (model, report) = train_intents(&encoder, &data, &plan)?;
     ensure!(report.rows == 4 && report.label_examples == 2, "{report:?}");
     // Each prototype is the mean of the class's rows and its label, read as text.
     let head = model.params().get("head.weight")?.to_vec2::<f32>()?;
