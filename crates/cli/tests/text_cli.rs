@@ -191,6 +191,54 @@ fn prototype_needs_no_training_and_finetune_lowers_the_loss() {
     assert!(one < all, "top-1 trains fewer weights: {one} vs {all}");
 }
 
+#[test]
+fn a_contrastive_weight_adds_to_the_loss_and_training_lowers_it() {
+    let s = Setup::new();
+    let run = |out: &str, weight: &str| {
+        let report = s.train(
+            &s.path(out),
+            &[
+                "--epochs",
+                "3",
+                "--lr",
+                "1e-3",
+                "--batch-size",
+                "4",
+                "--contrastive-weight",
+                weight,
+            ],
+        );
+        let losses: Vec<f64> = report["train"]["epoch_losses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        losses
+    };
+    let plain = run("plain.safetensors", "0");
+    let contrastive = run("contrastive.safetensors", "0.5");
+    assert!(
+        contrastive[0] > plain[0],
+        "the contrastive term adds to the first epoch's loss: {contrastive:?} vs {plain:?}"
+    );
+    assert!(
+        contrastive[2] < contrastive[0],
+        "training lowers the sum: {contrastive:?}"
+    );
+    let err = run_err_in(
+        &as_refs(&s.train_args(
+            &s.path("bad.safetensors"),
+            &["--method", "prototype", "--contrastive-weight", "0.5"],
+        )),
+        None,
+    );
+    assert!(
+        err.contains("--contrastive-weight does not apply to --method prototype"),
+        "{err}"
+    );
+}
+
 fn as_refs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }

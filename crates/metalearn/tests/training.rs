@@ -1,5 +1,6 @@
 //! Behaviour of `fit`, `evaluate` and `predict`: learning, reproducibility, validation, early
-//! stopping, best checkpoints, the NaN guard, optimisers and batch-norm running statistics.
+//! stopping, best checkpoints, the NaN guard, optimisers, batch-norm running statistics, and the
+//! supervised contrastive loss against a plain reference and finite differences.
 
 mod common;
 
@@ -831,5 +832,91 @@ fn fused_adam_kernel_matches_the_reference_bit_for_bit() -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// The supervised contrastive loss written out plainly, in f64 (see
+/// `metalearn::train::loss::supervised_contrastive`).
+fn reference_supervised_contrastive(rows: &[Vec<f64>], classes: &[u32], temperature: f64) -> f64 {
+    let unit: Vec<Vec<f64>> = rows
+        .iter()
+        .map(|r| {
+            let norm = r.iter().map(|v| v * v).sum::<f64>().sqrt();
+            r.iter().map(|v| v / norm).collect()
+        })
+        .collect();
+    let cosine =
+        |i: usize, j: usize| -> f64 { unit[i].iter().zip(&unit[j]).map(|(a, b)| a * b).sum() };
+    let n = rows.len();
+    let (mut total, mut anchors) = (0.0, 0.0);
+    for i in 0..n {
+        let others: Vec<usize> = (0..n).filter(|&j| j != i).collect();
+        let positives: Vec<usize> = others
+            .iter()
+            .copied()
+            .filter(|&j| classes[j] == classes[i])
+            .collect();
+        if positives.is_empty() {
+            continue;
+        }
+        let log_sum = others
+            .iter()
+            .map(|&j| (cosine(i, j) / temperature).exp())
+            .sum::<f64>()
+            .ln();
+        let mean_log_p = positives
+            .iter()
+            .map(|&j| cosine(i, j) / temperature - log_sum)
+            .sum::<f64>()
+            / positives.len() as f64;
+        total -= mean_log_p;
+        anchors += 1.0;
+    }
+    total / anchors
+}
+
+#[test]
+fn supervised_contrastive_loss_matches_a_plain_reference_and_finite_differences() -> Result<()> {
+    use metalearn::train::loss::supervised_contrastive;
+    let mut rng = rand::thread_rng();
+    // Classes 2 and 3 have one row each: candidates in the denominators, never anchors.
+    let classes = [0u32, 0, 1, 1, 1, 2, 3];
+    let (n, dim, temperature) = (classes.len(), 5, 0.1);
+    let rows: Vec<Vec<f64>> = (0..n)
+        .map(|_| (0..dim).map(|_| rng.gen_range(-1.0..1.0)).collect())
+        .collect();
+    let flat: Vec<f64> = rows.concat();
+    let x = Var::from_tensor(&Tensor::from_vec(flat.clone(), (n, dim), &Device::Cpu)?)?;
+    let loss = supervised_contrastive(x.as_tensor(), &classes, temperature)?;
+    let value = loss.to_scalar::<f64>()?;
+    let want = reference_supervised_contrastive(&rows, &classes, temperature);
+    ensure!(
+        (value - want).abs() < 1e-12 * want.abs().max(1.0),
+        "{value} vs {want}"
+    );
+    let grad = loss
+        .backward()?
+        .get(&x)
+        .expect("a gradient")
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    let h = 1e-6;
+    for k in 0..flat.len() {
+        let at = |delta: f64| {
+            let mut moved = flat.clone();
+            moved[k] += delta;
+            let rows: Vec<Vec<f64>> = moved.chunks(dim).map(<[f64]>::to_vec).collect();
+            reference_supervised_contrastive(&rows, &classes, temperature)
+        };
+        let numeric = (at(h) - at(-h)) / (2.0 * h);
+        ensure!(
+            (grad[k] - numeric).abs() < 1e-6 * numeric.abs().max(1.0),
+            "coordinate {k}: gradient {} vs finite difference {numeric}",
+            grad[k]
+        );
+    }
+    // No row with a positive: nothing to learn from.
+    let alone = supervised_contrastive(x.as_tensor(), &[0, 1, 2, 3, 4, 5, 6], temperature)?;
+    ensure!(alone.to_scalar::<f64>()? == 0.0);
     Ok(())
 }

@@ -124,3 +124,55 @@ pub(crate) fn class_targets(logits: &Tensor, target: &Tensor) -> Result<Tensor> 
     let one_hot = ops::one_hot(target, classes, logits.dtype())?;
     Ok(one_hot.reshape(logits.shape())?)
 }
+
+/// Supervised contrastive loss (Khosla et al. 2020, the form with the mean over positives
+/// outside the log) of `embeddings` `[n, dim]` with class ids `classes`. The rows are
+/// L2-normalised; for each row with at least one other row of its class, the loss is minus the
+/// mean, over those positives, of the log-softmax of cosine / `temperature` over all other
+/// rows; the result is the mean over such rows, and zero when no row has a positive.
+pub fn supervised_contrastive(
+    embeddings: &Tensor,
+    classes: &[u32],
+    temperature: f64,
+) -> Result<Tensor> {
+    let (n, _) = embeddings.dims2()?;
+    if classes.len() != n {
+        return Err(Error::Shape(format!(
+            "{} class ids for {n} embeddings",
+            classes.len()
+        )));
+    }
+    let device = embeddings.device();
+    let dtype = embeddings.dtype();
+    let norms = embeddings.sqr()?.sum_keepdim(1)?.sqrt()?;
+    let unit = embeddings.broadcast_div(&norms)?;
+    // A row is not its own candidate: exp(-1e4) is exactly zero in f32 and f64.
+    let own = Tensor::eye(n, dtype, device)?.affine(1e4, 0.0)?;
+    let logits = unit
+        .matmul(&unit.t()?)?
+        .affine(1.0 / temperature, 0.0)?
+        .sub(&own)?;
+    let log_p = ops::log_softmax(&logits)?;
+    let mut positives = vec![0f64; n * n];
+    let mut weights = vec![0f64; n];
+    for i in 0..n {
+        let count = (0..n)
+            .filter(|&j| j != i && classes[j] == classes[i])
+            .count();
+        for j in (0..n).filter(|&j| j != i && classes[j] == classes[i]) {
+            positives[i * n + j] = 1.0 / count as f64;
+        }
+        weights[i] = (count > 0) as u8 as f64;
+    }
+    let anchors = weights.iter().sum::<f64>();
+    if anchors == 0.0 {
+        return Ok(Tensor::zeros((), dtype, device)?);
+    }
+    let positives = Tensor::from_vec(positives, (n, n), device)?.to_dtype(dtype)?;
+    let weights = Tensor::from_vec(weights, n, device)?.to_dtype(dtype)?;
+    let per_row = log_p.mul(&positives)?.sum(1)?.neg()?;
+    Ok(per_row
+        .mul(&weights)?
+        .sum_all()?
+        .affine(1.0 / anchors, 0.0)?)
+}

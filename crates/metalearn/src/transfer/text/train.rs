@@ -31,7 +31,7 @@ use crate::nn::network::{ForwardCtx, Network};
 use crate::nn::params::ParamSet;
 use crate::text::TextEncoder;
 use crate::text::{TextSection, HEAD};
-use crate::train::loss::Loss;
+use crate::train::loss::{supervised_contrastive, Loss};
 use crate::train::optim::{Optimizer, OptimizerConfig};
 use crate::transfer::text::model::TextClassifier;
 
@@ -133,7 +133,15 @@ pub struct TextTrainPlan {
     /// example of its class. Helps when labels are words: on CLINC150's validation queries
     /// it added about a point at 5 examples per class.
     pub labels_as_examples: bool,
+    /// When the encoder and head train together (`finetune`, `lora`): weight of a supervised
+    /// contrastive term (temperature [`CONTRASTIVE_TEMPERATURE`]) on the batch's embeddings,
+    /// added to the cross-entropy. With a weight, batches are made of same-class pairs, so
+    /// that every text has a positive partner. 0: cross-entropy alone.
+    pub contrastive_weight: f64,
 }
+
+/// Temperature of the supervised contrastive term of [`TextTrainPlan::contrastive_weight`].
+pub const CONTRASTIVE_TEMPERATURE: f64 = 0.1;
 
 impl TextTrainPlan {
     /// The defaults of `method`: fine-tuning's as [`TextTrainPlan::default`]; LoRA's adapters
@@ -178,6 +186,7 @@ impl Default for TextTrainPlan {
             pair_rounds: 20,
             max_steps: None,
             labels_as_examples: false,
+            contrastive_weight: 0.0,
         }
     }
 }
@@ -326,8 +335,12 @@ pub fn train_text_classifier(
         let steps_per_epoch = sequences.len().div_ceil(plan.batch_size.max(1));
         let total_steps = capped_steps(steps_per_epoch * plan.epochs, plan);
         let mut order: Vec<usize> = (0..sequences.len()).collect();
+        let contrastive = plan.contrastive_weight > 0.0;
         for epoch in 0..plan.epochs {
             order.shuffle(&mut rng);
+            if contrastive {
+                order = same_class_pairs(&order, &ids, &mut rng);
+            }
             let mut sum = 0.0;
             for chunk in order.chunks(plan.batch_size.max(1)) {
                 if trainer.steps() as usize >= total_steps {
@@ -340,10 +353,16 @@ pub fn train_text_classifier(
                     .tokenizer()
                     .pad(&refs)
                     .to_tensor(dtype, &Device::Cpu)?;
-                let targets: Vec<f32> = chunk.iter().map(|&i| ids[i] as f32).collect();
-                let targets =
-                    Tensor::from_vec(targets, chunk.len(), &Device::Cpu)?.to_dtype(dtype)?;
-                sum += trainer.step(&batch_ids, &targets)? * chunk.len() as f64;
+                let classes: Vec<u32> = chunk.iter().map(|&i| ids[i]).collect();
+                let loss = if contrastive {
+                    trainer.step_contrastive(&batch_ids, &classes, plan.contrastive_weight)?
+                } else {
+                    let targets: Vec<f32> = classes.iter().map(|&c| c as f32).collect();
+                    let targets =
+                        Tensor::from_vec(targets, chunk.len(), &Device::Cpu)?.to_dtype(dtype)?;
+                    trainer.step(&batch_ids, &targets)?
+                };
+                sum += loss * chunk.len() as f64;
             }
             let mean = sum / sequences.len() as f64;
             progress(&format!(
@@ -380,6 +399,19 @@ pub fn train_text_classifier(
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok((classifier, report))
+}
+
+/// `order` regrouped into same-class pairs: each class's texts two at a time, in their order
+/// in `order`, then the pairs shuffled. Batches of an even size then give every text a partner
+/// of its class (but the last text of a class with an odd count).
+fn same_class_pairs(order: &[usize], ids: &[u32], rng: &mut ChaCha8Rng) -> Vec<usize> {
+    let mut by_class: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
+    for &i in order {
+        by_class.entry(ids[i]).or_default().push(i);
+    }
+    let mut pairs: Vec<&[usize]> = by_class.values().flat_map(|m| m.chunks(2)).collect();
+    pairs.shuffle(rng);
+    pairs.concat()
 }
 
 /// The word-embedding table, which fine-tuning leaves frozen.
@@ -734,6 +766,41 @@ impl TextTrainer {
         ids: &Tensor,
         loss: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<f64> {
+        self.optimise(|network, params, ctx| loss(&network.forward(params, ids, ctx)?))
+    }
+
+    /// One step on a batch of token ids `[batch, length]` with class ids `classes`: the mean
+    /// cross-entropy plus `weight` times the supervised contrastive loss of the embeddings
+    /// (the head's input); returns that sum.
+    pub fn step_contrastive(&mut self, ids: &Tensor, classes: &[u32], weight: f64) -> Result<f64> {
+        self.optimise(|network, params, ctx| {
+            let below_head = network.architecture().layers.len() - 1;
+            let embeddings = network.forward_layers(params, ids, ctx, below_head)?;
+            let logits = network.forward_range(
+                params,
+                &embeddings,
+                ctx,
+                below_head,
+                below_head + 1,
+                false,
+            )?;
+            let targets: Vec<f32> = classes.iter().map(|&c| c as f32).collect();
+            let targets =
+                Tensor::from_vec(targets, classes.len(), ids.device())?.to_dtype(logits.dtype())?;
+            let cross_entropy = Loss::CategoricalCrossEntropy.compute(&logits, &targets)?;
+            let contrastive =
+                supervised_contrastive(&embeddings, classes, CONTRASTIVE_TEMPERATURE)?;
+            Ok(cross_entropy.add(&contrastive.affine(weight, 0.0)?)?)
+        })
+    }
+
+    /// One optimiser step on the loss `loss` computes from the network, the current parameters
+    /// and a first-order training context; a non-finite loss stops with an error and changes
+    /// nothing.
+    fn optimise(
+        &mut self,
+        loss: impl FnOnce(&Network, &ParamSet, &mut ForwardCtx) -> Result<Tensor>,
+    ) -> Result<f64> {
         let mut params = self.frozen.clone();
         for (name, var) in self
             .names
@@ -743,8 +810,7 @@ impl TextTrainer {
             params.insert(name.clone(), var.as_tensor().clone())?;
         }
         let mut ctx = ForwardCtx::train().first_order();
-        let output = self.network.forward(&params, ids, &mut ctx)?;
-        let loss = loss(&output)?;
+        let loss = loss(&self.network, &params, &mut ctx)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
             return Err(Error::NonFinite(format!(
@@ -773,6 +839,29 @@ impl TextTrainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn same_class_pairs_regroup_every_text_into_pairs_of_one_class() {
+        let ids = [0u32, 1, 0, 2, 1, 0, 1, 2, 0];
+        let order: Vec<usize> = (0..ids.len()).rev().collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let paired = same_class_pairs(&order, &ids, &mut rng);
+        let mut sorted = paired.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..ids.len()).collect::<Vec<_>>(), "a permutation");
+        // Classes of 4, 3 and 2 texts: 2 + 2 + 1 pairs, one of them a single text.
+        let mut at = 0;
+        let mut singles = 0;
+        while at < paired.len() {
+            if at + 1 < paired.len() && ids[paired[at]] == ids[paired[at + 1]] {
+                at += 2;
+            } else {
+                singles += 1;
+                at += 1;
+            }
+        }
+        assert_eq!(singles, 1, "{paired:?}");
+    }
 
     #[test]
     fn contrastive_pairs_are_positive_within_and_negative_across_classes() {
