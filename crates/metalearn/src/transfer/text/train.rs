@@ -130,8 +130,8 @@ pub struct TextTrainPlan {
     /// At most this many encoder steps (the schedule is laid out over them).
     pub max_steps: Option<usize>,
     /// Add each class's label, read as text (see [`label_as_text`]), as one more training
-    /// example of its class. Helps when labels are words: on CLINC150's validation queries
-    /// it added about a point at 5 examples per class.
+    /// example of its class. Helps when labels are words: on CLINC150's intents it added
+    /// 0.75 points of test accuracy at 5 examples per class, nothing measurable at 10.
     pub labels_as_examples: bool,
     /// When the encoder and head train together (`finetune`, `lora`): weight of a supervised
     /// contrastive term (temperature [`CONTRASTIVE_TEMPERATURE`]) on the batch's embeddings,
