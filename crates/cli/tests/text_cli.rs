@@ -171,12 +171,7 @@ fn prototype_needs_no_training_and_finetune_lowers_the_loss() {
             "4",
         ],
     );
-    let losses: Vec<f64> = tuned["train"]["epoch_losses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let losses: Vec<f64> = epoch_losses(&tuned);
     assert_eq!(losses.len(), 3);
     assert!(
         losses[2] < losses[0],
@@ -208,13 +203,7 @@ fn a_contrastive_weight_adds_to_the_loss_and_training_lowers_it() {
                 weight,
             ],
         );
-        let losses: Vec<f64> = report["train"]["epoch_losses"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
-        losses
+        epoch_losses(&report)
     };
     let plain = run("plain.safetensors", "0");
     let contrastive = run("contrastive.safetensors", "0.5");
@@ -237,6 +226,16 @@ fn a_contrastive_weight_adds_to_the_loss_and_training_lowers_it() {
         err.contains("--contrastive-weight does not apply to --method prototype"),
         "{err}"
     );
+}
+
+/// The mean training loss of each epoch in a `train --json` report.
+fn epoch_losses(report: &serde_json::Value) -> Vec<f64> {
+    report["train"]["epoch_losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect()
 }
 
 fn as_refs(args: &[String]) -> Vec<&str> {
@@ -379,12 +378,7 @@ fn setfit_trains_the_encoder_on_pairs_then_fits_a_head() {
         &["--method", "setfit", "--epochs", "3", "--batch-size", "16"],
     );
     assert_eq!(report["train"]["method"], "setfit");
-    let losses: Vec<f64> = report["train"]["epoch_losses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let losses: Vec<f64> = epoch_losses(&report);
     assert_eq!(losses.len(), 3, "{report}");
     assert!(losses[2] < losses[0], "the pair loss falls: {losses:?}");
     // The encoder (all but its word table) and a 4-class head of 8 inputs were trained.
