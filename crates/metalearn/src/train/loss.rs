@@ -156,13 +156,15 @@ pub fn supervised_contrastive(
     let mut positives = vec![0f64; n * n];
     let mut weights = vec![0f64; n];
     for i in 0..n {
-        let count = (0..n)
+        let partners: Vec<usize> = (0..n)
             .filter(|&j| j != i && classes[j] == classes[i])
-            .count();
-        for j in (0..n).filter(|&j| j != i && classes[j] == classes[i]) {
-            positives[i * n + j] = 1.0 / count as f64;
+            .collect();
+        for &j in &partners {
+            positives[i * n + j] = 1.0 / partners.len() as f64;
         }
-        weights[i] = (count > 0) as u8 as f64;
+        if !partners.is_empty() {
+            weights[i] = 1.0;
+        }
     }
     let anchors = weights.iter().sum::<f64>();
     if anchors == 0.0 {
