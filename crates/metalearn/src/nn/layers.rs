@@ -128,7 +128,7 @@ pub(crate) fn apply_layer(
             transformer::transformer_block(h, &token_mask(h, ctx)?, &p, &options)?
         }
         Layer::SequencePool { mode } => transformer::sequence_pool(h, &token_mask(h, ctx)?, *mode)?,
-        Layer::L2Normalize => transformer::l2_normalize(h)?,
+        Layer::L2Normalize => ops::l2_normalize(h)?,
     })
 }
 

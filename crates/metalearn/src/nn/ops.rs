@@ -14,6 +14,18 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
     Ok(x.affine(0.5, 0.0)?.tanh()?.affine(0.5, 0.5)?)
 }
 
+/// Divides every vector of the last dimension by its Euclidean norm (zero vectors stay zero).
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    // The tiny constant plays the part of PyTorch's `max(norm, 1e-12)`: it changes no norm
+    // above 1e-12 and keeps the square root differentiable at zero.
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .affine(1.0, 1e-24)?
+        .sqrt()?;
+    Ok(x.broadcast_div(&norm)?)
+}
+
 /// Log-softmax over the last dimension. The shift by the row maximum is detached: it does not
 /// change the value, and keeps the max's mask out of the gradient graph.
 pub fn log_softmax(x: &Tensor) -> Result<Tensor> {

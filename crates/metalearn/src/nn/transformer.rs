@@ -418,18 +418,6 @@ pub(crate) fn sequence_pool(h: &Tensor, mask: &Tensor, mode: Pooling) -> Result<
     })
 }
 
-/// Divides every vector of the last dimension by its Euclidean norm (zero vectors stay zero).
-pub(crate) fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    // The tiny constant plays the part of PyTorch's `max(norm, 1e-12)`: it changes no norm
-    // above 1e-12 and keeps the square root differentiable at zero.
-    let norm = x
-        .sqr()?
-        .sum_keepdim(D::Minus1)?
-        .affine(1.0, 1e-24)?
-        .sqrt()?;
-    Ok(x.broadcast_div(&norm)?)
-}
-
 /// `x W + b` over the last dimension of `x`; `W` is `[in, out]` (`[tasks, in, out]` batched).
 /// With `kernels`, through the training kernel (one graph node, bias included).
 fn linear(x: &Tensor, w: &Tensor, bias: &Tensor, batched: bool, kernels: bool) -> Result<Tensor> {

@@ -144,8 +144,7 @@ pub fn supervised_contrastive(
     }
     let device = embeddings.device();
     let dtype = embeddings.dtype();
-    let norms = embeddings.sqr()?.sum_keepdim(1)?.sqrt()?;
-    let unit = embeddings.broadcast_div(&norms)?;
+    let unit = ops::l2_normalize(embeddings)?;
     // A row is not its own candidate: exp(-1e4) is exactly zero in f32 and f64.
     let own = Tensor::eye(n, dtype, device)?.affine(1e4, 0.0)?;
     let logits = unit

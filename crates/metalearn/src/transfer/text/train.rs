@@ -357,10 +357,7 @@ pub fn train_text_classifier(
                 let loss = if contrastive {
                     trainer.step_contrastive(&batch_ids, &classes, plan.contrastive_weight)?
                 } else {
-                    let targets: Vec<f32> = classes.iter().map(|&c| c as f32).collect();
-                    let targets =
-                        Tensor::from_vec(targets, chunk.len(), &Device::Cpu)?.to_dtype(dtype)?;
-                    trainer.step(&batch_ids, &targets)?
+                    trainer.step(&batch_ids, &class_id_targets(&classes, dtype)?)?
                 };
                 sum += loss * chunk.len() as f64;
             }
@@ -399,6 +396,12 @@ pub fn train_text_classifier(
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok((classifier, report))
+}
+
+/// Class ids as the `[n]` target tensor of the cross-entropy, on the CPU.
+fn class_id_targets(ids: &[u32], dtype: DType) -> Result<Tensor> {
+    let values: Vec<f32> = ids.iter().map(|&c| c as f32).collect();
+    Ok(Tensor::from_vec(values, ids.len(), &Device::Cpu)?.to_dtype(dtype)?)
 }
 
 /// `order` regrouped into same-class pairs: each class's texts two at a time, in their order
@@ -627,11 +630,7 @@ pub fn logistic_regression(
         )));
     }
     let (n, dim) = features.dims2()?;
-    let targets = Tensor::from_vec(
-        ids.iter().map(|&i| i as f32).collect::<Vec<_>>(),
-        n,
-        &Device::Cpu,
-    )?;
+    let targets = class_id_targets(ids, DType::F32)?;
     let weight = Var::zeros((dim, classes), DType::F32, &Device::Cpu)?;
     let bias = Var::zeros(classes, DType::F32, &Device::Cpu)?;
     let vars = [weight.clone(), bias.clone()];
@@ -784,9 +783,7 @@ impl TextTrainer {
                 below_head + 1,
                 false,
             )?;
-            let targets: Vec<f32> = classes.iter().map(|&c| c as f32).collect();
-            let targets =
-                Tensor::from_vec(targets, classes.len(), ids.device())?.to_dtype(logits.dtype())?;
+            let targets = class_id_targets(classes, logits.dtype())?;
             let cross_entropy = Loss::CategoricalCrossEntropy.compute(&logits, &targets)?;
             let contrastive =
                 supervised_contrastive(&embeddings, classes, CONTRASTIVE_TEMPERATURE)?;
