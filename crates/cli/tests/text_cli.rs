@@ -778,6 +778,36 @@ fn meta_learning_runs_on_texts_with_a_pre_trained_encoder() {
     assert!(written.starts_with("predicted,p_call,p_pizza"), "{written}");
     assert_eq!(written.lines().count(), 4);
 
+    // The checkpoint carries its tokenizer: with the base encoder's folder gone, adapt and
+    // meta-eval give the same answers.
+    std::fs::rename(s.dir.path().join("encoder"), s.dir.path().join("moved")).unwrap();
+    let again = last_json(&run_ok_in(
+        &[
+            "adapt",
+            "--model",
+            "proto-run",
+            "--support",
+            "support.csv",
+            "--query",
+            "query.csv",
+            "--out",
+            "adapted-alone.csv",
+            "--json",
+        ],
+        dir,
+    ));
+    assert_eq!(again["accuracy"], adapted["accuracy"], "{again}");
+    assert_eq!(
+        std::fs::read_to_string(s.dir.path().join("adapted-alone.csv")).unwrap(),
+        written
+    );
+    let alone = last_json(&run_ok_in(
+        &["meta-eval", "--model", "proto-run", "--json"],
+        dir,
+    ));
+    assert_eq!(alone["mean"], after["mean"], "{alone}");
+    std::fs::rename(s.dir.path().join("moved"), s.dir.path().join("encoder")).unwrap();
+
     // The MAML family and Reptile put a head on the encoder.
     for algorithm in ["anil", "maml", "meta_sgd", "reptile"] {
         let config = format!("{algorithm}.toml");

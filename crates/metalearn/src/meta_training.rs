@@ -88,6 +88,8 @@ pub struct MetaTrainOptions {
     /// JSON written into every checkpoint's `experiment` section (the full configuration), so
     /// that evaluation can rebuild the task source from the checkpoint.
     pub experiment: serde_json::Value,
+    /// Further sections written into every checkpoint, by name (a text model's `tokenizer`).
+    pub extra_sections: serde_json::Map<String, serde_json::Value>,
 }
 
 /// What [`meta_train`] reports.
@@ -363,6 +365,9 @@ pub fn meta_train(
         );
         ckpt.sections
             .insert("experiment".into(), options.experiment.clone());
+        for (name, value) in &options.extra_sections {
+            ckpt.sections.insert(name.clone(), value.clone());
+        }
         let path = dir.join(file);
         ckpt.save(&path)?;
         Ok(path)

@@ -525,6 +525,7 @@ fn options(iterations: u64, out_dir: Option<&Path>) -> MetaTrainOptions {
         },
         progress: false,
         experiment: serde_json::json!({"test": "meta_behaviour"}),
+        extra_sections: Default::default(),
     }
 }
 

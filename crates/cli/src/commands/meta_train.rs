@@ -9,6 +9,7 @@ use serde_json::json;
 use metalearn::error::Result;
 use metalearn::experiment::ExperimentConfig;
 use metalearn::meta_training::{meta_train, resume, MetaTrainOptions};
+use metalearn::text::TOKENIZER_SECTION;
 
 /// Floating-point precision of a run.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,6 +112,15 @@ pub fn run(args: &MetaTrainArgs, threads: Option<usize>) -> Result<()> {
     let world = learner.collective().clone();
     learner.broadcast_state()?;
     let root = world.is_root();
+    // A text model's tokenizer travels in its checkpoints, so that `adapt` and `meta-eval`
+    // need neither the base encoder's folder nor the network.
+    let mut extra_sections = serde_json::Map::new();
+    if let Some(record) = config.tokenizer_record()? {
+        extra_sections.insert(
+            TOKENIZER_SECTION.into(),
+            serde_json::to_value(record).expect("tokenizer record serialises"),
+        );
+    }
     let options = MetaTrainOptions {
         iterations: config.training.iterations,
         meta_batch: config.training.meta_batch,
@@ -123,6 +133,7 @@ pub fn run(args: &MetaTrainArgs, threads: Option<usize>) -> Result<()> {
         schedule: config.training.schedule.clone(),
         progress: root && !args.quiet && !args.json && crate::console::stderr_is_terminal(),
         experiment: serde_json::to_value(&config).expect("config serialises"),
+        extra_sections,
     };
     let report = meta_train(&mut learner, source.as_ref(), &options, resumed.as_ref())?;
     let metric = learner.metric().name();

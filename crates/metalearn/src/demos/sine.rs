@@ -109,6 +109,7 @@ pub fn run_sine_demo(options: &SineDemoOptions) -> Result<SineDemoReport> {
         schedule: Schedule::Constant,
         progress: options.progress,
         experiment: serde_json::Value::Null,
+        extra_sections: Default::default(),
     };
     let started = Instant::now();
     meta_train(&mut learner, &tasks, &train_options, None)?;

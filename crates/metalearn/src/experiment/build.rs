@@ -19,7 +19,7 @@ use crate::nn::params::ParamSet;
 use crate::tasks::episodic::EpisodicSampler;
 use crate::tasks::sinusoid::SinusoidTasks;
 use crate::tasks::{TaskKind, TaskSource};
-use crate::text::TextEncoder;
+use crate::text::{TextEncoder, TextTokenizer, TokenizerRecord};
 use crate::train::optim::OptimizerConfig;
 
 impl ExperimentConfig {
@@ -170,10 +170,7 @@ impl ExperimentConfig {
             )
         })?;
         let texts = load_labelled_texts(path, text_column, target)?;
-        let tokens = self
-            .text_encoder()?
-            .tokenizer()
-            .encode_batch(&texts.text_refs())?;
+        let tokens = self.text_tokenizer()?.encode_batch(&texts.text_refs())?;
         let x = tokens.to_tensor(DType::F32, &Device::Cpu)?;
         let class_names = match (target, classes) {
             (None, _) => None,
@@ -211,6 +208,34 @@ impl ExperimentConfig {
         })
     }
 
+    /// The tokenizer of this experiment's text model: the one stored in the checkpoint the
+    /// config came from, else that of `model.encoder`.
+    pub fn text_tokenizer(&self) -> Result<TextTokenizer> {
+        match &self.stored_tokenizer {
+            Some(record) => record.tokenizer(),
+            None => Ok(self.text_encoder()?.tokenizer().clone()),
+        }
+    }
+
+    /// What a checkpoint of this experiment's model stores of its tokenizer: `None` unless the
+    /// model is a text encoder (`model.arch = "encoder"`).
+    pub fn tokenizer_record(&self) -> Result<Option<TokenizerRecord>> {
+        if self.model.arch != "encoder" {
+            return Ok(None);
+        }
+        match &self.stored_tokenizer {
+            Some(record) => Ok(Some(record.clone())),
+            None => Ok(Some(TokenizerRecord::of_encoder(&self.text_encoder()?))),
+        }
+    }
+
+    /// This config with the tokenizer a checkpoint stored (`None`: none was stored, and texts
+    /// are tokenised by `model.encoder`'s tokenizer).
+    pub fn with_stored_tokenizer(mut self, record: Option<TokenizerRecord>) -> Self {
+        self.stored_tokenizer = record;
+        self
+    }
+
     /// The pre-trained text encoder of `model.encoder`.
     pub fn text_encoder(&self) -> Result<TextEncoder> {
         let spec = self.model.encoder.as_ref().ok_or_else(|| {
@@ -240,7 +265,7 @@ impl ExperimentConfig {
             return Err(Error::Data(format!("{}: no data rows", path.display())));
         }
         let texts: Vec<&str> = rows.iter().map(|(_, cells)| cells[0].as_str()).collect();
-        let tokens = self.text_encoder()?.tokenizer().encode_batch(&texts)?;
+        let tokens = self.text_tokenizer()?.encode_batch(&texts)?;
         let x = tokens.to_tensor(DType::F32, &Device::Cpu)?;
 
         let mut class_names: Vec<String> = rows.iter().map(|(_, c)| c[1].clone()).collect();

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::experiment::ExperimentConfig;
 use crate::meta::learner::MetaLearner;
 use crate::meta_training::{BEST_FILE, LATEST_FILE};
+use crate::text::TokenizerRecord;
 
 /// The checkpoint a `--model` argument names: a file, or a folder holding best.safetensors (else latest.safetensors).
 pub fn resolve_model_path(path: &Path) -> Result<PathBuf> {
@@ -40,12 +41,17 @@ pub fn load_meta_model(
     let path = resolve_model_path(path)?;
     let ckpt = Checkpoint::load(&path, device)?;
     let learner = MetaLearner::from_checkpoint(&ckpt)?;
-    let config = stored_config(&ckpt, &path)?.ok_or_else(|| {
-        Error::Checkpoint(format!(
-            "{}: has no experiment configuration; it was not written by meta-train",
-            path.display()
-        ))
-    })?;
+    let config = stored_config(&ckpt, &path)?
+        .ok_or_else(|| {
+            Error::Checkpoint(format!(
+                "{}: has no experiment configuration; it was not written by meta-train",
+                path.display()
+            ))
+        })?
+        .with_stored_tokenizer(
+            TokenizerRecord::of(&ckpt)
+                .map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))?,
+        );
     Ok((learner, config, path))
 }
 

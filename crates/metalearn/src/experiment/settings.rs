@@ -41,6 +41,7 @@ use crate::meta::{AlgorithmConfig, AlgorithmKind};
 use crate::meta_training::Schedule;
 use crate::nn::architecture::Activation;
 use crate::tasks::episodic::EpisodeSpec;
+use crate::text::TokenizerRecord;
 
 /// The whole experiment.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -59,6 +60,11 @@ pub struct ExperimentConfig {
     /// Evaluation defaults.
     #[serde(default)]
     pub eval: EvalConfig,
+    /// The tokenizer stored in the checkpoint this config was read from (a meta-trained text
+    /// model; see [`ExperimentConfig::with_stored_tokenizer`]). When set, texts are tokenised
+    /// with it and `model.encoder` is not read.
+    #[serde(skip)]
+    pub(crate) stored_tokenizer: Option<TokenizerRecord>,
 }
 
 /// `[task]`: a sinusoid distribution or episodes over a labelled data set.

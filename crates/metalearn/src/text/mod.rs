@@ -13,5 +13,7 @@ pub mod tokenizer;
 pub use encoder::{Embeddings, TextEncoder};
 pub use hub::{download_encoder, locate_encoder, HubName, HubOptions, HUB_PREFIX};
 pub use pretrained::{file_sha256, load_pretrained, EncoderSource, PretrainedEncoder};
-pub use section::{TextSection, UnknownRule, HEAD, TEXT_SECTION};
+pub use section::{
+    TextSection, TokenizerRecord, UnknownRule, HEAD, TEXT_SECTION, TOKENIZER_SECTION,
+};
 pub use tokenizer::{TextTokenizer, TokenBatch};

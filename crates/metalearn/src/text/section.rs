@@ -1,11 +1,14 @@
 //! The `text` section of a text model's checkpoint: the tokenizer, the encoder it was built on,
 //! the classes and the out-of-scope rule. Everything that reads a text checkpoint (the
-//! classifier, an encoder taken from a fine-tuned classifier) reads this.
+//! classifier, an encoder taken from a fine-tuned classifier) reads this. A meta-trained text
+//! model has no classes; its checkpoint holds only the tokenizer part, in a `tokenizer`
+//! section, so that `adapt` and `meta-eval` need nothing but the checkpoint.
 
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::text::encoder::TextEncoder;
 use crate::text::pretrained::EncoderSource;
 use crate::text::tokenizer::TextTokenizer;
 
@@ -14,6 +17,54 @@ pub const HEAD: &str = "head";
 
 /// Name of the checkpoint section that holds the text side of a model.
 pub const TEXT_SECTION: &str = "text";
+
+/// Name of the checkpoint section that holds a meta-trained text model's tokenizer.
+pub const TOKENIZER_SECTION: &str = "tokenizer";
+
+/// The tokenizer a text model reads with and the encoder it was built on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenizerRecord {
+    /// The tokenizer.json text.
+    pub tokenizer: String,
+    /// The longest sequence the model reads.
+    pub max_length: usize,
+    /// The padding token id.
+    pub pad_id: u32,
+    /// The encoder the model was built on.
+    pub encoder: EncoderSource,
+}
+
+impl TokenizerRecord {
+    /// The record of an encoder's tokenizer and source.
+    pub fn of_encoder(encoder: &TextEncoder) -> Self {
+        let tokenizer = encoder.tokenizer();
+        Self {
+            tokenizer: tokenizer.json().to_string(),
+            max_length: tokenizer.max_length(),
+            pad_id: tokenizer.pad_id(),
+            encoder: encoder.source().clone(),
+        }
+    }
+
+    /// The `tokenizer` section of a meta-trained text model's checkpoint; `None` when it has
+    /// none (not a text model, or written before the section existed).
+    pub fn of(ckpt: &Checkpoint) -> Result<Option<Self>> {
+        ckpt.section(TOKENIZER_SECTION)
+            .map(|value| {
+                serde_json::from_value(value.clone()).map_err(|e| {
+                    Error::Checkpoint(format!(
+                        "the checkpoint's `tokenizer` section is invalid ({e})"
+                    ))
+                })
+            })
+            .transpose()
+    }
+
+    /// The stored tokenizer.
+    pub fn tokenizer(&self) -> Result<TextTokenizer> {
+        TextTokenizer::from_json(&self.tokenizer, self.max_length, self.pad_id)
+    }
+}
 
 /// How queries outside the known classes are answered.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -27,14 +78,9 @@ pub struct UnknownRule {
 /// The checkpoint's `text` section.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TextSection {
-    /// The tokenizer.json text.
-    pub tokenizer: String,
-    /// The longest sequence the model reads.
-    pub max_length: usize,
-    /// The padding token id.
-    pub pad_id: u32,
-    /// The encoder the model was built on.
-    pub encoder: EncoderSource,
+    /// The tokenizer and the encoder the model was built on (stored as fields of this section).
+    #[serde(flatten)]
+    pub base: TokenizerRecord,
     /// Class names by class id.
     pub classes: Vec<String>,
     /// The out-of-scope rule, when the model has one.
@@ -67,6 +113,6 @@ impl TextSection {
 
     /// The stored tokenizer.
     pub fn tokenizer(&self) -> Result<TextTokenizer> {
-        TextTokenizer::from_json(&self.tokenizer, self.max_length, self.pad_id)
+        self.base.tokenizer()
     }
 }

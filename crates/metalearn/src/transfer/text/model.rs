@@ -181,7 +181,7 @@ impl TextClassifier {
         let mut ckpt =
             Checkpoint::new(self.network.architecture().clone(), stored, ParamSet::new());
         ckpt.external_params = external;
-        ckpt.provenance.data = Some(self.section.encoder.name.clone());
+        ckpt.provenance.data = Some(self.section.base.encoder.name.clone());
         ckpt.sections.insert(
             TEXT_SECTION.into(),
             serde_json::to_value(&self.section).expect("text section serialises"),
@@ -242,8 +242,9 @@ impl TextClassifier {
         let tokenizer = section.tokenizer()?;
         let mut params = ckpt.params.clone();
         if !ckpt.external_params.is_empty() {
-            let default_base = std::path::PathBuf::from(&section.encoder.name);
-            let base_weights = read_base_weights(&section.encoder, base.unwrap_or(&default_base))?;
+            let default_base = std::path::PathBuf::from(&section.base.encoder.name);
+            let base_weights =
+                read_base_weights(&section.base.encoder, base.unwrap_or(&default_base))?;
             for name in &ckpt.external_params {
                 let tensor = base_weights.try_get(name).ok_or_else(|| {
                     Error::Checkpoint(format!(
