@@ -757,21 +757,24 @@ fn meta_learning_runs_on_texts_with_a_pre_trained_encoder() {
         "text,intent\norder a pizza,pizza\ncall my mom,call\npizza today,pizza\n",
     )
     .unwrap();
-    let adapted = last_json(&run_ok_in(
-        &[
-            "adapt",
-            "--model",
-            "proto-run",
-            "--support",
-            "support.csv",
-            "--query",
-            "query.csv",
-            "--out",
-            "adapted.csv",
-            "--json",
-        ],
-        dir,
-    ));
+    let adapt = |out: &str| {
+        last_json(&run_ok_in(
+            &[
+                "adapt",
+                "--model",
+                "proto-run",
+                "--support",
+                "support.csv",
+                "--query",
+                "query.csv",
+                "--out",
+                out,
+                "--json",
+            ],
+            dir,
+        ))
+    };
+    let adapted = adapt("adapted.csv");
     assert_eq!(adapted["query_examples"], 3, "{adapted}");
     assert!(adapted["accuracy"].as_f64().is_some(), "{adapted}");
     let written = std::fs::read_to_string(s.dir.path().join("adapted.csv")).unwrap();
@@ -781,21 +784,7 @@ fn meta_learning_runs_on_texts_with_a_pre_trained_encoder() {
     // The checkpoint carries its tokenizer: with the base encoder's folder gone, adapt and
     // meta-eval give the same answers.
     std::fs::rename(s.dir.path().join("encoder"), s.dir.path().join("moved")).unwrap();
-    let again = last_json(&run_ok_in(
-        &[
-            "adapt",
-            "--model",
-            "proto-run",
-            "--support",
-            "support.csv",
-            "--query",
-            "query.csv",
-            "--out",
-            "adapted-alone.csv",
-            "--json",
-        ],
-        dir,
-    ));
+    let again = adapt("adapted-alone.csv");
     assert_eq!(again["accuracy"], adapted["accuracy"], "{again}");
     assert_eq!(
         std::fs::read_to_string(s.dir.path().join("adapted-alone.csv")).unwrap(),
