@@ -8,7 +8,7 @@ mod args;
 mod commands;
 mod console;
 
-use commands::{error_chain, run, Cli};
+use commands::{apply_threads, error_chain, run, Cli};
 
 /// mimalloc keeps freed pages for reuse: with the system allocator every large tensor was fresh
 /// memory from the kernel, and page faults took 2.4 s of the 9.7 s of CPU time of four Conv-4
@@ -30,8 +30,6 @@ fn keep_freed_memory() {
 
 fn main() -> ExitCode {
     keep_freed_memory();
-    // Before any thread or tensor exists: second-order gradients on, thread count pinned.
-    metalearn::runtime::init();
     std::panic::set_hook(Box::new(|info| {
         let payload = info
             .payload()
@@ -50,6 +48,10 @@ fn main() -> ExitCode {
     }));
     // Usage errors exit with status 2 and --help / --version with 0, as clap decides.
     let cli = Cli::parse();
+    // Before any thread or tensor exists: `--threads`, then second-order gradients on and the
+    // thread count pinned. The order matters: `init` builds a pool of that many threads.
+    apply_threads(cli.threads);
+    metalearn::runtime::init();
     #[cfg(feature = "mpi")]
     let world = match metalearn::distributed::mpi::MpiWorld::init() {
         Ok(world) => {

@@ -360,3 +360,29 @@ fn threads_must_be_a_positive_count() {
         assert!(help.contains("--threads"), "{command} --help:\n{help}");
     }
 }
+
+/// `--threads N` sizes every pool, the one that runs backward passes included (it was once
+/// built with one thread per core before the option was read, so `--threads 1` used two cores).
+#[test]
+fn threads_size_every_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for n in [1usize, 3] {
+        let n_text = n.to_string();
+        let report = last_json(&run_ok(
+            &[
+                "--threads",
+                &n_text,
+                "bench",
+                "--workload",
+                "maml-sine",
+                "--iterations",
+                "1",
+                "--json",
+            ],
+            d,
+        ));
+        assert_eq!(report["threads"], n, "{report}");
+        assert_eq!(report["backward_threads"], n, "{report}");
+    }
+}

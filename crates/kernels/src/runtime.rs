@@ -86,6 +86,15 @@ pub fn backward(loss: &Tensor) -> candle_core::Result<GradStore> {
     }
 }
 
+/// Threads of the pool that runs CPU backward passes (see [`backward`]); `None` before [`init`]
+/// and when backward passes run on the calling thread.
+pub fn backward_threads() -> Option<usize> {
+    DETACHING_POOL
+        .get()
+        .and_then(Option::as_ref)
+        .map(rayon::ThreadPool::current_num_threads)
+}
+
 /// Peak resident memory of this process so far, in MiB (`VmHWM` from `/proc/self/status`);
 /// `None` where that file does not exist (non-Linux systems).
 pub fn peak_rss_mb() -> Option<f64> {

@@ -48,9 +48,9 @@ fn parse_threads(text: &str) -> std::result::Result<usize, String> {
     }
 }
 
-/// Applies `--threads`: sets `RAYON_NUM_THREADS`, which both rayon's global pool and candle's
-/// CPU kernels read when they first start. It must run before any tensor operation, as
-/// [`run`] does before running the command.
+/// Applies `--threads`: sets `RAYON_NUM_THREADS`, which rayon's global pool, candle's CPU
+/// kernels and `metalearn::runtime::init`'s backward pool read when they start. It must run
+/// before `runtime::init` and any tensor operation, as `main` does.
 pub fn apply_threads(threads: Option<usize>) {
     if let Some(n) = threads {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
@@ -97,7 +97,6 @@ pub enum Command {
 
 /// Runs the parsed command line.
 pub fn run(cli: &Cli) -> Result<()> {
-    apply_threads(cli.threads);
     match &cli.command {
         Command::Train(args) => train::run(args),
         Command::Finetune(args) => finetune::run(args),

@@ -56,6 +56,8 @@ pub struct BenchResult {
     pub peak_rss_mb: Option<f64>,
     /// Threads the tensor engine used.
     pub threads: usize,
+    /// Threads of the pool that runs backward passes (`None`: they run on the calling thread).
+    pub backward_threads: Option<usize>,
     /// Whether the fast CPU kernels were on.
     pub fast_kernels: bool,
     /// Where the workload ran: `cpu` or `cuda`.
@@ -147,6 +149,7 @@ fn time_prepared(
         min_ms: times.iter().cloned().fold(f64::INFINITY, f64::min),
         peak_rss_mb: crate::runtime::peak_rss_mb(),
         threads: candle_core::utils::get_num_threads(),
+        backward_threads: crate::runtime::backward_threads(),
         fast_kernels: crate::kernels::enabled() && device.is_cpu(),
         device: if device.is_cpu() { "cpu" } else { "cuda" }.to_string(),
         ranks: world.size(),
