@@ -225,7 +225,7 @@ impl ExperimentConfig {
         }
         match &self.stored_tokenizer {
             Some(record) => Ok(Some(record.clone())),
-            None => Ok(Some(TokenizerRecord::of_encoder(&self.text_encoder()?))),
+            None => Ok(Some(self.text_encoder()?.tokenizer_record())),
         }
     }
 

@@ -11,7 +11,7 @@ use crate::nn::network::{ForwardCtx, Network};
 use crate::nn::params::ParamSet;
 use crate::text::hub::locate_encoder;
 use crate::text::pretrained::{file_sha256, load_pretrained, EncoderSource};
-use crate::text::section::{TextSection, HEAD};
+use crate::text::section::{TextSection, TokenizerRecord, HEAD};
 use crate::text::tokenizer::TextTokenizer;
 
 /// A sentence encoder: network, weights and tokenizer.
@@ -109,6 +109,16 @@ impl TextEncoder {
             sha256: file_sha256(path)?,
         };
         Self::new(architecture, params, tokenizer, source)
+    }
+
+    /// The record of this encoder's tokenizer and source that its models' checkpoints store.
+    pub fn tokenizer_record(&self) -> TokenizerRecord {
+        TokenizerRecord {
+            tokenizer: self.tokenizer.json().to_string(),
+            max_length: self.tokenizer.max_length(),
+            pad_id: self.tokenizer.pad_id(),
+            encoder: self.source.clone(),
+        }
     }
 
     /// An encoder from its parts; the architecture must read token ids.

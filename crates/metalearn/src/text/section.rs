@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::text::encoder::TextEncoder;
 use crate::text::pretrained::EncoderSource;
 use crate::text::tokenizer::TextTokenizer;
 
@@ -35,17 +34,6 @@ pub struct TokenizerRecord {
 }
 
 impl TokenizerRecord {
-    /// The record of an encoder's tokenizer and source.
-    pub fn of_encoder(encoder: &TextEncoder) -> Self {
-        let tokenizer = encoder.tokenizer();
-        Self {
-            tokenizer: tokenizer.json().to_string(),
-            max_length: tokenizer.max_length(),
-            pad_id: tokenizer.pad_id(),
-            encoder: encoder.source().clone(),
-        }
-    }
-
     /// The `tokenizer` section of a meta-trained text model's checkpoint; `None` when it has
     /// none (not a text model, or written before the section existed).
     pub fn of(ckpt: &Checkpoint) -> Result<Option<Self>> {

@@ -30,7 +30,7 @@ use crate::nn::architecture::{Architecture, Layer};
 use crate::nn::network::{ForwardCtx, Network};
 use crate::nn::params::ParamSet;
 use crate::text::TextEncoder;
-use crate::text::{TextSection, TokenizerRecord, HEAD};
+use crate::text::{TextSection, HEAD};
 use crate::train::loss::{supervised_contrastive, Loss};
 use crate::train::optim::{Optimizer, OptimizerConfig};
 use crate::transfer::text::model::TextClassifier;
@@ -373,7 +373,7 @@ pub fn train_text_classifier(
     }
 
     let section = TextSection {
-        base: TokenizerRecord::of_encoder(encoder),
+        base: encoder.tokenizer_record(),
         classes: classes.clone(),
         unknown: None,
         method: plan.method.name().to_string(),
