@@ -795,6 +795,21 @@ fn meta_learning_runs_on_texts_with_a_pre_trained_encoder() {
         dir,
     ));
     assert_eq!(alone["mean"], after["mean"], "{alone}");
+    let resumed = last_json(&run_ok_in(
+        &[
+            "meta-train",
+            "--config",
+            "protonet.toml",
+            "--out",
+            "proto-run",
+            "--resume",
+            "--iterations",
+            "42",
+            "--json",
+        ],
+        dir,
+    ));
+    assert_eq!(resumed["iterations"], 42, "{resumed}");
     std::fs::rename(s.dir.path().join("moved"), s.dir.path().join("encoder")).unwrap();
 
     // The MAML family and Reptile put a head on the encoder.

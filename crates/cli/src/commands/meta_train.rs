@@ -9,7 +9,7 @@ use serde_json::json;
 use metalearn::error::Result;
 use metalearn::experiment::ExperimentConfig;
 use metalearn::meta_training::{meta_train, resume, MetaTrainOptions};
-use metalearn::text::TOKENIZER_SECTION;
+use metalearn::text::{TokenizerRecord, TOKENIZER_SECTION};
 
 /// Floating-point precision of a run.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,10 +92,18 @@ pub fn run(args: &MetaTrainArgs, threads: Option<usize>) -> Result<()> {
             .unwrap_or_else(|| "run".into());
         PathBuf::from("runs").join(stem)
     });
-    let source = config.task_source()?;
     let device = crate::args::compute_device(args.cuda)?;
-    let (mut learner, resumed) = if args.resume {
+    let resumed = if args.resume {
         let (learner, ckpt) = resume(&out, &device)?;
+        // A text model resumes with the tokenizer its checkpoint stored, which the weights were
+        // trained with, and needs no base encoder.
+        config = config.with_stored_tokenizer(TokenizerRecord::of(&ckpt)?);
+        Some((learner, ckpt))
+    } else {
+        None
+    };
+    let source = config.task_source()?;
+    let (mut learner, resumed) = if let Some((learner, ckpt)) = resumed {
         (learner, Some(ckpt))
     } else {
         let dtype = match args.precision {
