@@ -112,6 +112,7 @@ impl TrainingArgs {
         top_layers: Option<usize>,
         lora_rank: Option<usize>,
         max_steps: Option<usize>,
+        contrastive_weight: Option<f64>,
     ) -> Result<TextTrainPlan> {
         let mut plan = TextTrainPlan::for_method(method);
         let optimised = method.uses_optimizer();
@@ -130,6 +131,11 @@ impl TrainingArgs {
                 method == TextMethod::Lora,
                 "--lora-rank",
             ),
+            (
+                contrastive_weight.is_some(),
+                matches!(method, TextMethod::Finetune | TextMethod::Lora),
+                "--contrastive-weight",
+            ),
         ] {
             if given && !applies {
                 return Err(Error::Config(format!(
@@ -138,6 +144,10 @@ impl TrainingArgs {
                     match flag {
                         "--top-layers" => " (only to finetune)",
                         "--lora-rank" => " (only to lora)",
+                        "--contrastive-weight" => {
+                            " (only to finetune and lora, which train the encoder and the head \
+                             together)"
+                        }
                         _ => " (only to finetune, lora and setfit, which train the encoder)",
                     }
                 )));
@@ -151,6 +161,14 @@ impl TrainingArgs {
         plan.top_layers = top_layers;
         plan.lora_rank = lora_rank.unwrap_or(plan.lora_rank);
         plan.seed = self.seed.unwrap_or(0);
+        if let Some(weight) = contrastive_weight {
+            if !(weight.is_finite() && weight >= 0.0) {
+                return Err(Error::Config(format!(
+                    "--contrastive-weight must be a number >= 0, got {weight}"
+                )));
+            }
+            plan.contrastive_weight = weight;
+        }
         if plan.epochs == 0 || plan.batch_size == 0 || plan.lora_rank == 0 {
             return Err(Error::Config(
                 "--epochs, --batch-size and --lora-rank must be at least 1".into(),

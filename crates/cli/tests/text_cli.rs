@@ -533,19 +533,20 @@ fn bad_text_input_is_named() {
     args.extend(["--method".into(), "protoype".into()]);
     let err = run(args);
     assert!(err.contains("did you mean \"prototype\""), "{err}");
-    let err = run_err_in(
-        &[
-            "train",
-            "--data",
-            &s.path("train.csv"),
-            "--target",
-            "intent",
-            "--labels-as-examples",
-            "--out",
-            &s.path("bad.safetensors"),
-        ],
-        None,
-    );
+    // `train` on the texts without --encoder, with `flags`.
+    let without_encoder = |flags: &[&str]| {
+        let mut args = vec![
+            "train".to_string(),
+            "--data".into(),
+            s.path("train.csv"),
+            "--target".into(),
+            "intent".into(),
+        ];
+        args.extend(flags.iter().map(|f| f.to_string()));
+        args.extend(["--out".into(), s.path("bad.safetensors")]);
+        args
+    };
+    let err = run(without_encoder(&["--labels-as-examples"]));
     assert!(
         err.contains("--labels-as-examples applies to text models"),
         "{err}"
@@ -554,20 +555,7 @@ fn bad_text_input_is_named() {
         !s.dir.path().join("bad.safetensors").exists(),
         "nothing written"
     );
-    let out = metalearn_in(
-        &[
-            "train",
-            "--data",
-            &s.path("train.csv"),
-            "--target",
-            "intent",
-            "--text-column",
-            "text",
-            "--out",
-            &s.path("x.safetensors"),
-        ],
-        None,
-    );
+    let out = metalearn_in(&as_refs(&without_encoder(&["--text-column", "text"])), None);
     assert!(String::from_utf8_lossy(&out.stderr).contains("add --encoder DIR"));
 }
 

@@ -288,6 +288,18 @@ impl Checkpoint {
         self.sections.get(key)
     }
 
+    /// A JSON section read as `T`, if present; a section that does not parse is an error
+    /// naming it.
+    pub fn parsed_section<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        self.section(key)
+            .map(|value| {
+                serde_json::from_value(value.clone()).map_err(|e| {
+                    Error::Checkpoint(format!("the checkpoint's `{key}` section is invalid ({e})"))
+                })
+            })
+            .transpose()
+    }
+
     /// The parameters converted to `dtype`.
     pub fn params_as(&self, dtype: DType) -> Result<ParamSet> {
         self.params.to_dtype(dtype)

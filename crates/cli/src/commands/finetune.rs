@@ -445,7 +445,7 @@ fn run_text(
         validation: None,
         plan: TextTrainPlan {
             labels_as_examples: args.labels_as_examples,
-            ..args.training.text_plan(method, None, None, None)?
+            ..args.training.text_plan(method, None, None, None, None)?
         },
         out: out.to_path_buf(),
     };

@@ -94,14 +94,22 @@ pub fn run(args: &MetaTrainArgs, threads: Option<usize>) -> Result<()> {
     });
     let device = crate::args::compute_device(args.cuda)?;
     let resumed = if args.resume {
-        let (learner, ckpt) = resume(&out, &device)?;
-        // A text model resumes with the tokenizer its checkpoint stored, which the weights were
-        // trained with, and needs no base encoder.
-        config = config.with_stored_tokenizer(TokenizerRecord::of(&ckpt)?);
-        Some((learner, ckpt))
+        Some(resume(&out, &device)?)
     } else {
         None
     };
+    // A text model's tokenizer, read once: the one its checkpoint stored when resuming (the
+    // weights were trained with it, and no base encoder is needed), else the encoder's. It
+    // tokenises the data and travels in every checkpoint, for `adapt` and `meta-eval`.
+    let stored = match &resumed {
+        Some((_, ckpt)) => TokenizerRecord::of(ckpt)?,
+        None => None,
+    };
+    let tokenizer = match stored {
+        Some(record) => Some(record),
+        None => config.tokenizer_record()?,
+    };
+    config = config.with_stored_tokenizer(tokenizer.clone());
     let source = config.task_source()?;
     let (mut learner, resumed) = if let Some((learner, ckpt)) = resumed {
         (learner, Some(ckpt))
@@ -120,10 +128,8 @@ pub fn run(args: &MetaTrainArgs, threads: Option<usize>) -> Result<()> {
     let world = learner.collective().clone();
     learner.broadcast_state()?;
     let root = world.is_root();
-    // A text model's tokenizer travels in its checkpoints, so that `adapt` and `meta-eval`
-    // need neither the base encoder's folder nor the network.
     let mut extra_sections = serde_json::Map::new();
-    if let Some(record) = config.tokenizer_record()? {
+    if let Some(record) = tokenizer {
         extra_sections.insert(
             TOKENIZER_SECTION.into(),
             serde_json::to_value(record).expect("tokenizer record serialises"),

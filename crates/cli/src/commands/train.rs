@@ -13,7 +13,7 @@ use metalearn::error::{Error, Result};
 use metalearn::nn::architecture::{Activation, Architecture};
 use metalearn::sequential::Sequential;
 use metalearn::transfer::config::load_for;
-use metalearn::transfer::text::{train_text_and_save, TextMethod, TextRunSettings, TextTrainPlan};
+use metalearn::transfer::text::{train_text_and_save, TextRunSettings, TextTrainPlan};
 use metalearn::transfer::{
     fit_and_save, load_dataset, parse_hidden, plan_head, push_head, DataInfo, DataSource,
     ImageShape,
@@ -264,25 +264,14 @@ fn run_text(args: &TrainArgs) -> Result<()> {
         Some(method) => method.parse()?,
         None => TextTrainPlan::default().method,
     };
-    let mut plan =
-        args.training
-            .text_plan(method, args.top_layers, args.lora_rank, args.max_steps)?;
+    let mut plan = args.training.text_plan(
+        method,
+        args.top_layers,
+        args.lora_rank,
+        args.max_steps,
+        args.contrastive_weight,
+    )?;
     plan.labels_as_examples = args.labels_as_examples;
-    if let Some(weight) = args.contrastive_weight {
-        if !matches!(method, TextMethod::Finetune | TextMethod::Lora) {
-            return Err(Error::Config(format!(
-                "--contrastive-weight does not apply to --method {} (only to finetune and lora, \
-                 which train the encoder and the head together)",
-                method.name()
-            )));
-        }
-        if !(weight.is_finite() && weight >= 0.0) {
-            return Err(Error::Config(format!(
-                "--contrastive-weight must be a number >= 0, got {weight}"
-            )));
-        }
-        plan.contrastive_weight = weight;
-    }
     let settings = TextRunSettings {
         encoder,
         data,

@@ -208,8 +208,9 @@ impl ExperimentConfig {
         })
     }
 
-    /// The tokenizer of this experiment's text model: the one stored in the checkpoint the
-    /// config came from, else that of `model.encoder`.
+    /// The tokenizer of this experiment's text model: the one set by
+    /// [`Self::with_stored_tokenizer`] (e.g. stored in the checkpoint the config came from),
+    /// else that of `model.encoder`.
     pub fn text_tokenizer(&self) -> Result<TextTokenizer> {
         match &self.stored_tokenizer {
             Some(record) => record.tokenizer(),
@@ -229,8 +230,9 @@ impl ExperimentConfig {
         }
     }
 
-    /// This config with the tokenizer a checkpoint stored (`None`: none was stored, and texts
-    /// are tokenised by `model.encoder`'s tokenizer).
+    /// This config with a tokenizer already read: one a checkpoint stored, or
+    /// [`Self::tokenizer_record`] kept so that the encoder is not read again for it (`None`:
+    /// texts are tokenised by `model.encoder`'s tokenizer).
     pub fn with_stored_tokenizer(mut self, record: Option<TokenizerRecord>) -> Self {
         self.stored_tokenizer = record;
         self

@@ -60,9 +60,9 @@ pub struct ExperimentConfig {
     /// Evaluation defaults.
     #[serde(default)]
     pub eval: EvalConfig,
-    /// The tokenizer stored in the checkpoint this config was read from (a meta-trained text
-    /// model; see [`ExperimentConfig::with_stored_tokenizer`]). When set, texts are tokenised
-    /// with it and `model.encoder` is not read.
+    /// The text model's tokenizer, once read: from the checkpoint this config came from, or
+    /// from `model.encoder` (see [`ExperimentConfig::with_stored_tokenizer`]). When set, texts
+    /// are tokenised with it and `model.encoder` is not read for them.
     #[serde(skip)]
     pub(crate) stored_tokenizer: Option<TokenizerRecord>,
 }

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::Checkpoint;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::text::pretrained::EncoderSource;
 use crate::text::tokenizer::TextTokenizer;
 
@@ -37,15 +37,7 @@ impl TokenizerRecord {
     /// The `tokenizer` section of a meta-trained text model's checkpoint; `None` when it has
     /// none (not a text model, or written before the section existed).
     pub fn of(ckpt: &Checkpoint) -> Result<Option<Self>> {
-        ckpt.section(TOKENIZER_SECTION)
-            .map(|value| {
-                serde_json::from_value(value.clone()).map_err(|e| {
-                    Error::Checkpoint(format!(
-                        "the checkpoint's `tokenizer` section is invalid ({e})"
-                    ))
-                })
-            })
-            .transpose()
+        ckpt.parsed_section(TOKENIZER_SECTION)
     }
 
     /// The stored tokenizer.
@@ -90,13 +82,7 @@ pub struct TextSection {
 impl TextSection {
     /// The `text` section of a checkpoint; `None` when it holds no text model.
     pub fn of(ckpt: &Checkpoint) -> Result<Option<Self>> {
-        ckpt.section(TEXT_SECTION)
-            .map(|value| {
-                serde_json::from_value(value.clone()).map_err(|e| {
-                    Error::Checkpoint(format!("the checkpoint's `text` section is invalid ({e})"))
-                })
-            })
-            .transpose()
+        ckpt.parsed_section(TEXT_SECTION)
     }
 
     /// The stored tokenizer.
