@@ -161,19 +161,8 @@ impl TrainingArgs {
         plan.top_layers = top_layers;
         plan.lora_rank = lora_rank.unwrap_or(plan.lora_rank);
         plan.seed = self.seed.unwrap_or(0);
-        if let Some(weight) = contrastive_weight {
-            if !(weight.is_finite() && weight >= 0.0) {
-                return Err(Error::Config(format!(
-                    "--contrastive-weight must be a number >= 0, got {weight}"
-                )));
-            }
-            plan.contrastive_weight = weight;
-        }
-        if plan.epochs == 0 || plan.batch_size == 0 || plan.lora_rank == 0 {
-            return Err(Error::Config(
-                "--epochs, --batch-size and --lora-rank must be at least 1".into(),
-            ));
-        }
+        plan.contrastive_weight = contrastive_weight.unwrap_or(plan.contrastive_weight);
+        plan.check()?;
         Ok(plan)
     }
 

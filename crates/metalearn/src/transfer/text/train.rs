@@ -161,6 +161,64 @@ impl TextTrainPlan {
             _ => plan,
         }
     }
+
+    /// Refuses settings no run can use: counts of zero, rates that are not positive numbers,
+    /// and method-specific settings given to a method that would ignore them (a positive
+    /// `contrastive_weight` without `finetune` or `lora`, `top_layers` without `finetune`).
+    /// Each message names the field, and its command-line flag where it has one.
+    pub fn check(&self) -> Result<()> {
+        let refuse = |field: &str, what: String| {
+            let flag = match field {
+                "head_lr" | "c" | "head_steps" | "pair_rounds" => String::new(),
+                _ => format!(" (--{})", field.replace('_', "-")),
+            };
+            Err(Error::Config(format!(
+                "text training plan: `{field}`{flag} {what}"
+            )))
+        };
+        for (field, value) in [
+            ("epochs", self.epochs),
+            ("batch_size", self.batch_size),
+            ("lora_rank", self.lora_rank),
+            ("head_steps", self.head_steps),
+            ("pair_rounds", self.pair_rounds),
+            ("max_steps", self.max_steps.unwrap_or(1)),
+        ] {
+            if value == 0 {
+                return refuse(field, "must be at least 1".into());
+            }
+        }
+        for (field, value) in [("lr", self.lr), ("head_lr", self.head_lr), ("c", self.c)] {
+            if !(value.is_finite() && value > 0.0) {
+                return refuse(field, format!("must be a number > 0, got {value}"));
+            }
+        }
+        for (field, value) in [
+            ("weight_decay", self.weight_decay),
+            ("contrastive_weight", self.contrastive_weight),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return refuse(field, format!("must be a number >= 0, got {value}"));
+            }
+        }
+        if self.contrastive_weight > 0.0 && !self.method.trains_encoder() {
+            return refuse(
+                "contrastive_weight",
+                format!(
+                    "applies only to finetune and lora, which train the encoder and the head \
+                     together, not to {}",
+                    self.method.name()
+                ),
+            );
+        }
+        if self.top_layers.is_some() && self.method != TextMethod::Finetune {
+            return refuse(
+                "top_layers",
+                format!("applies only to finetune, not to {}", self.method.name()),
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Default for TextTrainPlan {
@@ -245,6 +303,7 @@ pub fn train_text_classifier(
     label_column: &str,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(TextClassifier, TextTrainReport)> {
+    plan.check()?;
     let started = Instant::now();
     let classes = train.classes(unknown);
     if classes.len() < 2 {
@@ -833,6 +892,68 @@ impl TextTrainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plan_check_names_the_field_a_run_cannot_use() {
+        for (_, method) in TextMethod::ALL {
+            assert!(TextTrainPlan::for_method(method).check().is_ok());
+        }
+        let finetune = TextTrainPlan::default;
+        let refused = |plan: TextTrainPlan, needle: &str| {
+            let err = plan.check().expect_err(needle).to_string();
+            assert!(err.contains(needle), "{err}");
+        };
+        refused(
+            TextTrainPlan {
+                batch_size: 0,
+                ..finetune()
+            },
+            "`batch_size` (--batch-size) must be at least 1",
+        );
+        refused(
+            TextTrainPlan {
+                max_steps: Some(0),
+                ..finetune()
+            },
+            "`max_steps` (--max-steps) must be at least 1",
+        );
+        refused(
+            TextTrainPlan {
+                lr: f64::NAN,
+                ..finetune()
+            },
+            "`lr` (--lr) must be a number > 0, got NaN",
+        );
+        refused(
+            TextTrainPlan {
+                c: 0.0,
+                ..finetune()
+            },
+            "`c` must be a number > 0",
+        );
+        refused(
+            TextTrainPlan {
+                contrastive_weight: -0.5,
+                ..finetune()
+            },
+            "`contrastive_weight` (--contrastive-weight) must be a number >= 0, got -0.5",
+        );
+        refused(
+            TextTrainPlan {
+                contrastive_weight: 0.5,
+                ..TextTrainPlan::for_method(TextMethod::Prototype)
+            },
+            "applies only to finetune and lora, which train the encoder and the head together, \
+             not to prototype",
+        );
+        refused(
+            TextTrainPlan {
+                top_layers: Some(2),
+                ..TextTrainPlan::for_method(TextMethod::Lora)
+            },
+            "`top_layers` (--top-layers) applies only to finetune, not to lora",
+        );
+    }
 
     #[test]
     fn same_class_pairs_regroup_every_text_into_pairs_of_one_class() {
