@@ -57,24 +57,21 @@ impl Setup {
     }
     /// `train --encoder` on the tiny model and train.csv, writing `out`, with `extra` flags.
     fn train_args(&self, out: &str, extra: &[&str]) -> Vec<String> {
-        let mut args: Vec<String> = [
+        let (encoder, data) = (self.path("encoder"), self.path("train.csv"));
+        let head = [
             "train",
             "--encoder",
-            &self.path("encoder"),
+            &encoder,
             "--data",
-            &self.path("train.csv"),
+            &data,
             "--text-column",
             "text",
             "--target",
             "intent",
             "--out",
             out,
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
-        args.extend(extra.iter().map(|a| a.to_string()));
-        args
+        ];
+        owned(&[&head[..], extra].concat())
     }
     fn train(&self, out: &str, extra: &[&str]) -> serde_json::Value {
         let mut args = self.train_args(out, extra);
@@ -242,6 +239,11 @@ fn as_refs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
+/// A command line as owned strings.
+fn owned(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
 #[test]
 fn lora_trains_only_adapters_and_head() {
     let s = Setup::new();
@@ -272,17 +274,13 @@ fn lora_trains_only_adapters_and_head() {
     assert!(file < base, "{file} bytes vs the base's {base}");
 
     let predict = |extra: &[&str]| {
-        let mut args = vec![
-            "predict".to_string(),
-            "--model".into(),
+        let (model, data, out) = (
             s.path("lora.safetensors"),
-            "--data".into(),
             s.path("val.csv"),
-            "--out".into(),
             s.path("pred.csv"),
-        ];
-        args.extend(extra.iter().map(|a| a.to_string()));
-        args
+        );
+        let head = ["predict", "--model", &model, "--data", &data, "--out", &out];
+        owned(&[&head[..], extra].concat())
     };
     run_ok_in(&as_refs(&predict(&[])), None);
     let before = std::fs::read_to_string(s.path("pred.csv")).unwrap();
@@ -502,10 +500,7 @@ fn bad_text_input_is_named() {
             s.path("bad.safetensors"),
         ]
     };
-    let run = |args: Vec<String>| {
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_err_in(&refs, None)
-    };
+    let run = |args: Vec<String>| run_err_in(&as_refs(&args), None);
     let err = run(base("txt", &s.path("train.csv")));
     assert!(
         err.contains("text column `txt` not found") && err.contains("did you mean `text`"),
@@ -535,16 +530,9 @@ fn bad_text_input_is_named() {
     assert!(err.contains("did you mean \"prototype\""), "{err}");
     // `train` on the texts without --encoder, with `flags`.
     let without_encoder = |flags: &[&str]| {
-        let mut args = vec![
-            "train".to_string(),
-            "--data".into(),
-            s.path("train.csv"),
-            "--target".into(),
-            "intent".into(),
-        ];
-        args.extend(flags.iter().map(|f| f.to_string()));
-        args.extend(["--out".into(), s.path("bad.safetensors")]);
-        args
+        let (data, out) = (s.path("train.csv"), s.path("bad.safetensors"));
+        let head = ["train", "--data", &data, "--target", "intent"];
+        owned(&[&head[..], flags, &["--out", &out]].concat())
     };
     let err = run(without_encoder(&["--labels-as-examples"]));
     assert!(
