@@ -243,5 +243,26 @@ fn layer_description(layer: &Layer) -> String {
         }
         Layer::SequencePool { mode } => format!("sequence_pool, {mode:?}").to_lowercase(),
         Layer::L2Normalize => "l2_normalize".into(),
+        Layer::FeatureEmbedding { fields } => format!(
+            "feature_embedding, {}",
+            fields
+                .iter()
+                .map(|f| match f.kind {
+                    crate::nn::architecture::FeatureKind::Numeric => format!("{} (numeric)", f.name),
+                    kind => format!(
+                        "{} ({}, {} values, width {})",
+                        f.name,
+                        if kind == crate::nn::architecture::FeatureKind::Categorical {
+                            "categorical"
+                        } else {
+                            "multi-valued"
+                        },
+                        f.vocab,
+                        f.dim
+                    ),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }

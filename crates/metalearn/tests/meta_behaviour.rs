@@ -384,6 +384,7 @@ fn maml_config(inner_lr: f64) -> AlgorithmConfig {
         inner_steps: 1,
         eval_inner_steps: 1,
         distance_scale: 1.0,
+        adapt_from: None,
     }
 }
 
@@ -538,6 +539,7 @@ fn sinusoid_learner(kind: AlgorithmKind) -> Result<MetaLearner> {
         inner_steps: 2,
         eval_inner_steps: 3,
         distance_scale: 1.0,
+        adapt_from: None,
     };
     Ok(MetaLearner::new(
         &arch,

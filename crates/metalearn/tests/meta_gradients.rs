@@ -418,6 +418,7 @@ fn check_maml(
     let theta = generic_params(&net, 7);
     let meta = meta_params(&theta, None);
     let maml = Maml {
+        adapt_from: None,
         inner_lr,
         inner_steps: 2,
         first_order: false,
@@ -553,6 +554,7 @@ fn check_first_order(
     };
     let expected = first_order_reference(&net, &theta, tasks, cfg)?;
     let fo = Maml {
+        adapt_from: None,
         inner_lr,
         inner_steps: 2,
         first_order: true,
@@ -569,6 +571,7 @@ fn check_first_order(
         expected[worst]
     );
     let so = Maml {
+        adapt_from: None,
         first_order: false,
         ..fo
     };
@@ -630,6 +633,7 @@ fn check_reptile(label: &str, tasks: &[Task]) -> Result<()> {
         inner_steps: steps,
         eval_inner_steps: 1,
         distance_scale: 1.0,
+        adapt_from: None,
     };
     let mut learner = MetaLearner::new(
         &arch,
@@ -696,6 +700,7 @@ fn check_meta_sgd(label: &str, arch: &Architecture, tasks: &[Task], kind: TaskKi
     let rates = theta.map(|_, t| Ok(uniform(&mut rng, t.dims(), 0.05, 0.3)))?;
     let meta = meta_params(&theta, Some(&rates));
     let alg = MetaSgd {
+        adapt_from: None,
         inner_steps: 2,
         first_order: false,
     };
@@ -1195,6 +1200,7 @@ fn mlp_maml_kernel_matches_the_reference_path() -> Result<()> {
         let meta = meta_params(&generic_params(&net, 5), None);
         for (steps, first_order) in [(1, false), (3, false), (2, true)] {
             let maml = Maml {
+                adapt_from: None,
                 inner_lr: 0.05,
                 inner_steps: steps,
                 first_order,
@@ -1264,6 +1270,7 @@ fn mlp_maml_kernel_in_f32_matches_the_reference_path() -> Result<()> {
         .collect();
     for (steps, first_order) in [(1, false), (3, false), (2, true)] {
         let maml = Maml {
+            adapt_from: None,
             inner_lr: 0.01,
             inner_steps: steps,
             first_order,

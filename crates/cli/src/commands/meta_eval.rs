@@ -137,6 +137,14 @@ pub fn run(args: &MetaEvalArgs) -> Result<()> {
         config.task.data = Some(data.clone());
     }
     config.validate()?;
+    if config.task.kind == "recommendation" {
+        let Some(learner) = learner else {
+            return Err(Error::Config(
+                "a recommendation model is scored with --model RUN (a meta-trained model)".into(),
+            ));
+        };
+        return recommendation(args, &learner, &config, &model_label);
+    }
     let source = config.task_source()?;
     let mut learner = match (learner, path) {
         (Some(_), Some(path)) if args.ways.is_some() && args.ways != trained_ways => {
@@ -223,6 +231,102 @@ pub fn run(args: &MetaEvalArgs) -> Result<()> {
     }
     if args.json && root {
         println!("{out}");
+    }
+    Ok(())
+}
+
+/// `meta-eval` of a recommendation model: every cold partition present, with the baselines.
+fn recommendation(
+    args: &MetaEvalArgs,
+    learner: &metalearn::meta::learner::MetaLearner,
+    config: &ExperimentConfig,
+    model_label: &str,
+) -> Result<()> {
+    use metalearn::eval::recommendation::{evaluate_baselines, evaluate_model, WarmMeans};
+    let started = std::time::Instant::now();
+    let tasks = config.recommendation_tasks(args.seed)?;
+    let steps = args.steps.unwrap_or(config.algorithm.eval_inner_steps);
+    let means = WarmMeans::new(&tasks);
+    let mut partitions = serde_json::Map::new();
+    let mut baselines: std::collections::BTreeMap<
+        String,
+        serde_json::Map<String, serde_json::Value>,
+    > = Default::default();
+    let mut table = Vec::new();
+    for name in &metalearn::data::ratings::PARTITIONS[1..] {
+        let users = tasks.partition(name).unwrap_or_default();
+        if users.is_empty() {
+            continue;
+        }
+        let scores = evaluate_model(learner, &tasks, users, Some(steps))?;
+        table.push((
+            name.to_string(),
+            config.algorithm.label().to_string(),
+            scores.clone(),
+        ));
+        partitions.insert(name.to_string(), scores.to_json());
+        for (baseline, scores) in evaluate_baselines(&tasks, users, &means) {
+            baselines
+                .entry(baseline.clone())
+                .or_default()
+                .insert(name.to_string(), scores.to_json());
+            table.push((name.to_string(), baseline, scores));
+        }
+    }
+    if partitions.is_empty() {
+        return Err(Error::Data(format!(
+            "no cold partition has users with {}..={} ratings to score; the data's partitions \
+             come from {}",
+            config.ratings_config().min_ratings,
+            config.ratings_config().max_ratings,
+            tasks.data.report.partitions_from
+        )));
+    }
+    let skipped: serde_json::Map<String, serde_json::Value> = metalearn::data::ratings::PARTITIONS
+        .iter()
+        .zip(&tasks.skipped)
+        .map(|(p, s)| (p.to_string(), json!(s)))
+        .collect();
+    if !args.json {
+        println!(
+            "{:<16} {:<18} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            "partition", "method", "users", "MAE", "RMSE", "nDCG@1", "nDCG@3", "nDCG@5"
+        );
+        for (partition, method, s) in &table {
+            println!(
+                "{:<16} {:<18} {:>7} {:>8.4} {:>8.4} {:>8.4} {:>8.4} {:>8.4}",
+                partition,
+                method,
+                s.users,
+                s.mean("mae"),
+                s.mean("rmse"),
+                s.mean("ndcg@1"),
+                s.mean("ndcg@3"),
+                s.mean("ndcg@5")
+            );
+        }
+        println!(
+            "support/query seed {}, {}; skipped users (too few / too many ratings): {}",
+            args.seed,
+            config.algorithm.name.adaptation_summary(steps, false),
+            serde_json::Value::Object(skipped.clone())
+        );
+    }
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "model": model_label,
+                "algorithm": config.algorithm.label(),
+                "seed": args.seed,
+                "steps": steps,
+                "partitions": partitions,
+                "baselines": baselines,
+                "skipped": skipped,
+                "global_mean_rating": means.global,
+                "eval_seconds": started.elapsed().as_secs_f64(),
+            })
+        );
     }
     Ok(())
 }

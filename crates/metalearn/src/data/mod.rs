@@ -13,6 +13,7 @@ pub mod csv;
 pub mod fetch;
 pub mod image_folder;
 pub mod omniglot;
+pub mod ratings;
 pub mod text;
 
 use candle_core::{DType, Device, Tensor};

@@ -2,6 +2,7 @@
 //! transfer-learning baseline that meta-learning is compared against.
 
 pub mod baseline;
+pub mod recommendation;
 pub mod runs;
 
 use rand::SeedableRng;

@@ -40,7 +40,7 @@ impl ExperimentConfig {
     /// Regression or classification with its ways.
     pub fn task_kind(&self) -> Result<TaskKind> {
         Ok(match self.task.kind.as_str() {
-            "sinusoid" => TaskKind::Regression,
+            "sinusoid" | "recommendation" => TaskKind::Regression,
             _ => TaskKind::Classification {
                 ways: self.episode()?.ways,
             },
@@ -52,6 +52,9 @@ impl ExperimentConfig {
     pub fn task_source(&self) -> Result<Box<dyn TaskSource>> {
         if self.task.kind == "sinusoid" {
             return Ok(Box::new(self.sinusoid()?));
+        }
+        if self.task.kind == "recommendation" {
+            return Ok(Box::new(self.recommendation_tasks(self.training.seed)?));
         }
         let path = self
             .task
@@ -111,6 +114,38 @@ impl ExperimentConfig {
         };
         let sampler = EpisodicSampler::new(pool, self.episode()?, &split)?;
         Ok(Box::new(self.augmented(sampler)?))
+    }
+
+    /// The `[task.ratings]` settings (MovieLens' columns when the section is absent).
+    pub fn ratings_config(&self) -> crate::data::ratings::RatingsConfig {
+        self.task
+            .ratings
+            .clone()
+            .unwrap_or_else(crate::data::ratings::RatingsConfig::movielens)
+    }
+
+    /// The recommender data of `task.data` (read once per process and configuration).
+    pub fn ratings_data(&self) -> Result<std::sync::Arc<crate::data::ratings::RatingsData>> {
+        let path = self.task.data.clone().ok_or_else(|| {
+            Error::Config(
+                "task.data (or --data) is required: the folder with ratings.csv, users.csv and \
+                 items.csv"
+                    .into(),
+            )
+        })?;
+        crate::data::ratings::load_ratings_cached(&path, &self.ratings_config())
+    }
+
+    /// Every user of every partition as a task, support and query drawn with `seed`.
+    pub fn recommendation_tasks(
+        &self,
+        seed: u64,
+    ) -> Result<crate::tasks::recommendation::RecommendationTasks> {
+        crate::tasks::recommendation::RecommendationTasks::new(
+            self.ratings_data()?,
+            &self.ratings_config(),
+            seed,
+        )
     }
 
     /// The learner that meta-training starts from: the network of `[model]` for inputs of
@@ -454,6 +489,24 @@ impl ExperimentConfig {
             TaskKind::Classification { ways } => ways,
         };
         match self.model.arch.as_str() {
+            "recommender" => {
+                let data = self.ratings_data()?;
+                let mut arch = Architecture::new(&[data.slots()]);
+                arch.push_named(
+                    "embeddings",
+                    Layer::FeatureEmbedding {
+                        fields: data.fields.clone(),
+                    },
+                )?;
+                let activation: crate::nn::architecture::Activation =
+                    self.model.activation.parse()?;
+                for (i, &units) in self.model.hidden.iter().enumerate() {
+                    arch.push_named(&format!("fc{}", i + 1), Layer::dense(units))?;
+                    arch.push_named(&format!("act{}", i + 1), Layer::activation(activation))?;
+                }
+                arch.push_named("head", Layer::dense(1))?;
+                Ok(arch)
+            }
             "encoder" => {
                 let mut arch = self.text_encoder()?.network().architecture().clone();
                 if !protonet {

@@ -161,6 +161,11 @@ pub struct TaskConfig {
     /// validation tasks, so that every alphabet of `data` can be meta-trained on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation_data: Option<PathBuf>,
+    /// Recommendation (`kind = "recommendation"`, `data` a folder): the files, columns,
+    /// features and cold-start protocol, `[task.ratings]` (see
+    /// [`crate::data::ratings::RatingsConfig`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratings: Option<crate::data::ratings::RatingsConfig>,
     /// Image data: random perturbation of meta-training images, `{ shift = 1.5, rotation = 10,
     /// scale = 0.1, shear = 0.1, stroke = 0.5 }` (see [`crate::data::augment::Augment`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -331,6 +336,10 @@ impl ExperimentConfig {
                     .with_table(
                         "augment",
                         TableSchema::of::<crate::data::augment::Augment>(),
+                    )
+                    .with_table(
+                        "ratings",
+                        TableSchema::of::<crate::data::ratings::RatingsConfig>(),
                     ),
             )
             .with_table("model", TableSchema::of::<ModelConfig>())
@@ -388,6 +397,12 @@ impl ExperimentConfig {
 
     fn check_task(&self) -> std::result::Result<(), KeyProblem> {
         let t = &self.task;
+        if t.ratings.is_some() && t.kind != "recommendation" {
+            return Err(KeyProblem::new(
+                "task.ratings",
+                "`[task.ratings]` applies only to task.kind = \"recommendation\"; remove it",
+            ));
+        }
         let sinusoid_keys = [
             ("amplitude", t.amplitude.is_some()),
             ("phase", t.phase.is_some()),
@@ -464,14 +479,67 @@ impl ExperimentConfig {
                 self.episode_spec()?;
                 self.classification_ranges()
             }
+            "recommendation" => self.check_recommendation(&classification_keys, &sinusoid_keys),
             other => Err(KeyProblem::new(
                 "task.kind",
                 format!(
-                    "`task.kind` = \"{other}\" is unknown{}: use \"sinusoid\" or \"classification\"",
-                    did_you_mean(other, &["sinusoid", "classification"])
+                    "`task.kind` = \"{other}\" is unknown{}: use \"sinusoid\", \
+                     \"classification\" or \"recommendation\"",
+                    did_you_mean(other, &["sinusoid", "classification", "recommendation"])
                 ),
             )),
         }
+    }
+
+    fn check_recommendation(
+        &self,
+        classification_keys: &[(&str, bool)],
+        sinusoid_keys: &[(&str, bool)],
+    ) -> std::result::Result<(), KeyProblem> {
+        let t = &self.task;
+        let foreign = classification_keys
+            .iter()
+            .chain(sinusoid_keys)
+            .find(|(key, set)| *set && *key != "data");
+        if let Some((key, _)) = foreign {
+            return Err(KeyProblem::new(
+                format!("task.{key}"),
+                format!(
+                    "`task.{key}` does not apply to task.kind = \"recommendation\"; remove it \
+                     (the recommender's settings live in [task.ratings])"
+                ),
+            ));
+        }
+        if let Some(ratings) = &t.ratings {
+            ratings
+                .check()
+                .map_err(|(key, message)| KeyProblem::new(key, message))?;
+        }
+        if self.model.arch != "recommender" {
+            return Err(KeyProblem::new(
+                "model.arch",
+                format!(
+                    "task.kind = \"recommendation\" needs model.arch = \"recommender\" (feature \
+                     embeddings and an MLP that predicts the rating), got \"{}\"",
+                    self.model.arch
+                ),
+            ));
+        }
+        if self.algorithm.name == AlgorithmKind::Protonet {
+            return Err(KeyProblem::new(
+                "algorithm.name",
+                "algorithm `protonet` classifies; recommendation predicts ratings: use maml, \
+                 meta_sgd, anil or reptile",
+            ));
+        }
+        if self.training.validate_every > 0 {
+            return Err(KeyProblem::new(
+                "training.validate_every",
+                "recommendation runs have no validation tasks (the cold partitions are scored \
+                 by meta-eval): set training.validate_every = 0",
+            ));
+        }
+        Ok(())
     }
 
     fn sinusoid_ranges(&self) -> std::result::Result<(), KeyProblem> {
@@ -654,14 +722,21 @@ impl ExperimentConfig {
 
     fn check_model(&self) -> std::result::Result<(), KeyProblem> {
         let m = &self.model;
-        if !matches!(m.arch.as_str(), "mlp" | "conv4" | "encoder") {
+        if !matches!(m.arch.as_str(), "mlp" | "conv4" | "encoder" | "recommender") {
             return Err(KeyProblem::new(
                 "model.arch",
                 format!(
-                    "`model.arch` = \"{}\" is unknown{}: use \"mlp\", \"conv4\" or \"encoder\"",
+                    "`model.arch` = \"{}\" is unknown{}: use \"mlp\", \"conv4\", \"encoder\" \
+                     or \"recommender\"",
                     m.arch,
-                    did_you_mean(&m.arch, &["mlp", "conv4", "encoder"])
+                    did_you_mean(&m.arch, &["mlp", "conv4", "encoder", "recommender"])
                 ),
+            ));
+        }
+        if m.arch == "recommender" && self.task.kind != "recommendation" {
+            return Err(KeyProblem::new(
+                "model.arch",
+                "`model.arch` = \"recommender\" needs task.kind = \"recommendation\"",
             ));
         }
         if (m.arch == "encoder") != m.encoder.is_some() {

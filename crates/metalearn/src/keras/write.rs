@@ -159,6 +159,12 @@ fn export_layers(model: &Sequential) -> Result<Vec<ExportLayer>> {
                     named.layer.kind()
                 )))
             }
+            Layer::FeatureEmbedding { .. } => {
+                return Err(Error::Config(format!(
+                    "layer `{name}` (feature_embedding) reads tabular features, which a Keras \
+                     Sequential model cannot; export recommendation models as metalearn checkpoints"
+                )))
+            }
             Layer::Dense { units } => {
                 let fan_in: usize = shape.iter().product();
                 let mut kernel = values(p("weight")?)?;

@@ -80,6 +80,11 @@ pub struct AlgorithmConfig {
     /// distances are at most 4, need more (e.g. 10) to make confident predictions.
     #[serde(default = "one_f64", skip_serializing_if = "is_one")]
     pub distance_scale: f64,
+    /// MAML, Meta-SGD, Reptile: adapt only this layer (by name) and the layers after it in
+    /// the inner loop; the layers before it (a recommender's embeddings, MeLU) are learned in
+    /// the outer loop only. `None`: every layer adapts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapt_from: Option<String>,
 }
 
 fn one_f64() -> f64 {
@@ -106,6 +111,7 @@ impl AlgorithmConfig {
             inner_steps: 1,
             eval_inner_steps: 1,
             distance_scale: 1.0,
+            adapt_from: None,
         }
     }
 
@@ -139,6 +145,23 @@ impl AlgorithmConfig {
                 0,
                 1,
                 "inner steps per task in meta-training; eval_inner_steps = 0 scores without adapting",
+            ));
+        }
+        if self.adapt_from.is_some()
+            && matches!(self.name, AlgorithmKind::Anil | AlgorithmKind::Protonet)
+        {
+            return Err(KeyProblem::new(
+                "algorithm.adapt_from",
+                format!(
+                    "`algorithm.adapt_from` applies to maml, meta_sgd and reptile; {} {}, so \
+                     remove it",
+                    self.name.name(),
+                    if self.name == AlgorithmKind::Anil {
+                        "always adapts the head alone"
+                    } else {
+                        "takes no gradient steps"
+                    }
+                ),
             ));
         }
         if self.first_order && matches!(self.name, AlgorithmKind::Reptile | AlgorithmKind::Protonet)

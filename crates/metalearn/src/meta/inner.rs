@@ -41,6 +41,22 @@ pub struct InnerLoop<'a> {
     pub second_order: bool,
 }
 
+/// The index of the first layer the inner loop adapts: the layer named `adapt_from`, or 0.
+pub fn first_adapted_layer(net: &Network, adapt_from: Option<&str>) -> Result<usize> {
+    let Some(name) = adapt_from else {
+        return Ok(0);
+    };
+    let layers = &net.architecture().layers;
+    layers.iter().position(|l| l.name == name).ok_or_else(|| {
+        let names: Vec<&str> = layers.iter().map(|l| l.name.as_str()).collect();
+        Error::Config(format!(
+            "algorithm.adapt_from names layer `{name}`, which the network does not have; its \
+             layers are {}",
+            names.join(", ")
+        ))
+    })
+}
+
 /// Repeats every weight along a new leading task dimension (a view; gradients sum back).
 pub fn broadcast_tasks(weights: &ParamSet, tasks: usize) -> Result<ParamSet> {
     weights.map(|_, t| {
@@ -69,7 +85,30 @@ pub fn run_inner_loop(
     cfg: &InnerLoop,
     tasks: Option<usize>,
 ) -> Result<ParamSet> {
+    run_weighted_inner_loop(net, weights, x, y, None, cfg, tasks)
+}
+
+/// [`run_inner_loop`] on a padded task batch: `weight` (`[T, k]`, see
+/// [`TaskBatch::pad`]) weighs each example's squared error, so padding rows count for nothing
+/// and each task's gradient is that of its own mean loss over its real examples. Mean squared
+/// error only.
+pub fn run_weighted_inner_loop(
+    net: &Network,
+    weights: &ParamSet,
+    x: &Tensor,
+    y: &Tensor,
+    weight: Option<&Tensor>,
+    cfg: &InnerLoop,
+    tasks: Option<usize>,
+) -> Result<ParamSet> {
     let batched = tasks.is_some();
+    if weight.is_some() && (!batched || cfg.loss != Loss::Mse) {
+        return Err(Error::Config(
+            "per-example weights (tasks of different sizes in one batch) need task-batched \
+             regression with mean squared error"
+                .into(),
+        ));
+    }
     // The mean over all tasks' examples, times the task count, is the sum of per-task means.
     let scale = tasks.unwrap_or(1) as f64;
     let layers = net.architecture().layers.len();
@@ -88,7 +127,7 @@ pub fn run_inner_loop(
     let mut fast = weights.clone();
     if explicit_gradients_supported(net, cfg) {
         for _ in 0..cfg.steps {
-            let grads = explicit_gradients(net, &fast, &features, y, cfg, scale, batched)?;
+            let grads = explicit_gradients(net, &fast, &features, y, weight, cfg, scale, batched)?;
             fast = fast.map(|name, t| {
                 let Some(g) = grads.try_get(name) else {
                     return Ok(t.clone());
@@ -132,7 +171,10 @@ pub fn run_inner_loop(
             layers,
             batched,
         )?;
-        let loss = cfg.loss.compute(&pred, y)?.affine(scale, 0.0)?;
+        let loss = match weight {
+            Some(w) => weighted_squared_error(&pred, y, w)?,
+            None => cfg.loss.compute(&pred, y)?.affine(scale, 0.0)?,
+        };
         let grads = if cfg.second_order {
             loss.backward()?
         } else {
@@ -183,11 +225,13 @@ fn explicit_gradients_supported(net: &Network, cfg: &InnerLoop) -> bool {
 /// arithmetic. The expressions here are ordinary differentiable candle ops, so the outer
 /// `backward()` differentiates through them exactly: second-order MAML stays exact, which the
 /// finite-difference tests check.
+#[allow(clippy::too_many_arguments)]
 fn explicit_gradients(
     net: &Network,
     params: &ParamSet,
     x: &Tensor,
     y: &Tensor,
+    weight: Option<&Tensor>,
     cfg: &InnerLoop,
     scale: f64,
     batched: bool,
@@ -204,8 +248,15 @@ fn explicit_gradients(
     }
     let pred = h;
     // dL/dpred of the mean loss, times `scale`.
-    let mut g = match cfg.loss {
-        Loss::Mse => {
+    let mut g = match (cfg.loss, weight) {
+        (Loss::Mse, Some(w)) => {
+            let target = crate::train::loss::match_shape(&pred, y)?;
+            let outputs = pred.dim(candle_core::D::Minus1)? as f64;
+            pred.sub(&target)?
+                .broadcast_mul(&w.unsqueeze(candle_core::D::Minus1)?)?
+                .affine(2.0 / outputs, 0.0)?
+        }
+        (Loss::Mse, None) => {
             let target = crate::train::loss::match_shape(&pred, y)?;
             pred.sub(&target)?
                 .affine(2.0 * scale / pred.elem_count() as f64, 0.0)?
@@ -266,15 +317,21 @@ pub fn gradient_meta_step(
     cfg: &InnerLoop,
 ) -> Result<MetaStep> {
     let loss_fn = task_loss(kind);
-    let query_loss = match TaskBatch::stack(tasks)? {
+    let batch = match kind {
+        // Regression tasks of different sizes (users with 3 or 90 ratings) are padded.
+        TaskKind::Regression if loss_fn == Loss::Mse => TaskBatch::pad(tasks)?,
+        _ => TaskBatch::stack(tasks)?,
+    };
+    let query_loss = match batch {
         Some(batch) => {
             let t = batch.len();
             let weights = broadcast_tasks(&meta.weights, t)?;
-            let fast = run_inner_loop(
+            let fast = run_weighted_inner_loop(
                 net,
                 &weights,
                 &batch.support_x,
                 &batch.support_y,
+                batch.support_weight.as_ref(),
                 cfg,
                 Some(t),
             )?;
@@ -283,7 +340,12 @@ pub fn gradient_meta_step(
                 &batch.query_x,
                 &mut ForwardCtx::train().first_order(),
             )?;
-            loss_fn.compute(&pred, &batch.query_y)?
+            match &batch.query_weight {
+                Some(w) => {
+                    weighted_squared_error(&pred, &batch.query_y, w)?.affine(1.0 / t as f64, 0.0)?
+                }
+                None => loss_fn.compute(&pred, &batch.query_y)?,
+            }
         }
         None => {
             let mut total: Option<Tensor> = None;
@@ -310,6 +372,19 @@ pub fn gradient_meta_step(
         }
     };
     gradients_of(&query_loss, meta)
+}
+
+/// `Σ w · (pred − y)²` over a padded task batch, averaged over the outputs: with the weights of
+/// [`TaskBatch::pad`], the sum of the tasks' mean squared errors.
+pub fn weighted_squared_error(pred: &Tensor, y: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let target = crate::train::loss::match_shape(pred, y)?;
+    let outputs = pred.dim(candle_core::D::Minus1)? as f64;
+    let per_example = pred.sub(&target)?.sqr()?.sum(candle_core::D::Minus1)?;
+    Ok(per_example
+        .reshape(weight.shape())?
+        .mul(weight)?
+        .sum_all()?
+        .affine(1.0 / outputs, 0.0)?)
 }
 
 /// Backpropagates `loss` and collects (detached) gradients for every meta-parameter.

@@ -8,7 +8,9 @@ use crate::error::Result;
 use crate::meta::algorithm::{
     task_loss, Adapted, AlgorithmKind, EvalState, MetaAlgorithm, MetaParams, MetaStep,
 };
-use crate::meta::inner::{adapt_weights, gradient_meta_step, InnerLoop, InnerLr};
+use crate::meta::inner::{
+    adapt_weights, first_adapted_layer, gradient_meta_step, InnerLoop, InnerLr,
+};
 use crate::nn::network::Network;
 use crate::tasks::{Task, TaskKind};
 
@@ -21,17 +23,25 @@ pub struct Maml {
     pub inner_steps: usize,
     /// Detach inner gradients (first-order MAML).
     pub first_order: bool,
+    /// Adapt only this layer and the ones after it (MeLU: the decision layers); `None`: all.
+    pub adapt_from: Option<String>,
 }
 
 impl Maml {
-    fn inner(&self, kind: TaskKind, steps: usize, second_order: bool) -> InnerLoop<'static> {
-        InnerLoop {
+    fn inner(
+        &self,
+        net: &Network,
+        kind: TaskKind,
+        steps: usize,
+        second_order: bool,
+    ) -> Result<InnerLoop<'static>> {
+        Ok(InnerLoop {
             loss: task_loss(kind),
             steps,
             lr: InnerLr::Scalar(self.inner_lr),
-            from_layer: 0,
+            from_layer: first_adapted_layer(net, self.adapt_from.as_deref())?,
             second_order,
-        }
+        })
     }
 }
 
@@ -47,6 +57,11 @@ impl MetaAlgorithm for Maml {
         tasks: &[Task],
         kind: TaskKind,
     ) -> Result<MetaStep> {
+        let cfg = self.inner(net, kind, self.inner_steps, !self.first_order)?;
+        // The plain-loop kernel adapts every layer.
+        if cfg.from_layer > 0 {
+            return gradient_meta_step(net, meta, tasks, kind, &cfg);
+        }
         if let Some(step) = crate::meta::mlp_maml::meta_step(
             net,
             meta,
@@ -58,7 +73,6 @@ impl MetaAlgorithm for Maml {
         )? {
             return Ok(step);
         }
-        let cfg = self.inner(kind, self.inner_steps, !self.first_order);
         gradient_meta_step(net, meta, tasks, kind, &cfg)
     }
 
@@ -71,7 +85,7 @@ impl MetaAlgorithm for Maml {
         kind: TaskKind,
         _state: &EvalState,
     ) -> Result<Adapted> {
-        let cfg = self.inner(kind, steps, false);
+        let cfg = self.inner(net, kind, steps, false)?;
         Ok(Adapted::Weights(adapt_weights(
             net,
             &meta.weights,

@@ -7,7 +7,9 @@ use crate::error::{Error, Result};
 use crate::meta::algorithm::{
     task_loss, Adapted, AlgorithmKind, EvalState, MetaAlgorithm, MetaParams, MetaStep,
 };
-use crate::meta::inner::{adapt_weights, gradient_meta_step, InnerLoop, InnerLr};
+use crate::meta::inner::{
+    adapt_weights, first_adapted_layer, gradient_meta_step, InnerLoop, InnerLr,
+};
 use crate::nn::network::Network;
 use crate::nn::params::ParamSet;
 use crate::tasks::{Task, TaskKind};
@@ -19,6 +21,8 @@ pub struct MetaSgd {
     pub inner_steps: usize,
     /// Detach inner gradients (first-order approximation).
     pub first_order: bool,
+    /// Adapt only this layer and the ones after it; `None`: all.
+    pub adapt_from: Option<String>,
 }
 
 fn rates(meta: &MetaParams) -> Result<&ParamSet> {
@@ -30,18 +34,19 @@ fn rates(meta: &MetaParams) -> Result<&ParamSet> {
 impl MetaSgd {
     fn inner<'a>(
         &self,
+        net: &Network,
         kind: TaskKind,
         steps: usize,
         rates: &'a ParamSet,
         second_order: bool,
-    ) -> InnerLoop<'a> {
-        InnerLoop {
+    ) -> Result<InnerLoop<'a>> {
+        Ok(InnerLoop {
             loss: task_loss(kind),
             steps,
             lr: InnerLr::PerParam(rates),
-            from_layer: 0,
+            from_layer: first_adapted_layer(net, self.adapt_from.as_deref())?,
             second_order,
-        }
+        })
     }
 }
 
@@ -57,7 +62,7 @@ impl MetaAlgorithm for MetaSgd {
         tasks: &[Task],
         kind: TaskKind,
     ) -> Result<MetaStep> {
-        let cfg = self.inner(kind, self.inner_steps, rates(meta)?, !self.first_order);
+        let cfg = self.inner(net, kind, self.inner_steps, rates(meta)?, !self.first_order)?;
         gradient_meta_step(net, meta, tasks, kind, &cfg)
     }
 
@@ -71,7 +76,7 @@ impl MetaAlgorithm for MetaSgd {
         _state: &EvalState,
     ) -> Result<Adapted> {
         let lrs = rates(meta)?.detach();
-        let cfg = self.inner(kind, steps, &lrs, false);
+        let cfg = self.inner(net, kind, steps, &lrs, false)?;
         Ok(Adapted::Weights(adapt_weights(
             net,
             &meta.weights,

@@ -38,10 +38,12 @@ pub fn build_algorithm(config: &AlgorithmConfig) -> Result<Box<dyn MetaAlgorithm
             inner_lr: config.inner_lr,
             inner_steps: config.inner_steps,
             first_order: config.first_order,
+            adapt_from: config.adapt_from.clone(),
         }),
         AlgorithmKind::MetaSgd => Box::new(metasgd::MetaSgd {
             inner_steps: config.inner_steps,
             first_order: config.first_order,
+            adapt_from: config.adapt_from.clone(),
         }),
         AlgorithmKind::Anil => Box::new(anil::Anil {
             inner_lr: config.inner_lr,
@@ -51,6 +53,7 @@ pub fn build_algorithm(config: &AlgorithmConfig) -> Result<Box<dyn MetaAlgorithm
         AlgorithmKind::Reptile => Box::new(reptile::Reptile {
             inner_lr: config.inner_lr,
             inner_steps: config.inner_steps,
+            adapt_from: config.adapt_from.clone(),
         }),
         AlgorithmKind::Protonet => Box::new(protonet::ProtoNet {
             distance_scale: config.distance_scale,

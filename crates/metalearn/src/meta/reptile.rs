@@ -9,7 +9,9 @@ use crate::error::{Error, Result};
 use crate::meta::algorithm::{
     task_loss, Adapted, AlgorithmKind, EvalState, MetaAlgorithm, MetaParams, MetaStep,
 };
-use crate::meta::inner::{adapt_weights, broadcast_tasks, run_inner_loop, InnerLoop, InnerLr};
+use crate::meta::inner::{
+    adapt_weights, broadcast_tasks, first_adapted_layer, run_inner_loop, InnerLoop, InnerLr,
+};
 use crate::nn::network::{ForwardCtx, Network};
 use crate::nn::params::ParamSet;
 use crate::tasks::{Task, TaskBatch, TaskKind};
@@ -21,17 +23,20 @@ pub struct Reptile {
     pub inner_lr: f64,
     /// Inner SGD steps per task during meta-training.
     pub inner_steps: usize,
+    /// Adapt only this layer and the ones after it (the others get no Reptile step); `None`:
+    /// all.
+    pub adapt_from: Option<String>,
 }
 
 impl Reptile {
-    fn inner(&self, kind: TaskKind, steps: usize) -> InnerLoop<'static> {
-        InnerLoop {
+    fn inner(&self, net: &Network, kind: TaskKind, steps: usize) -> Result<InnerLoop<'static>> {
+        Ok(InnerLoop {
             loss: task_loss(kind),
             steps,
             lr: InnerLr::Scalar(self.inner_lr),
-            from_layer: 0,
+            from_layer: first_adapted_layer(net, self.adapt_from.as_deref())?,
             second_order: false,
-        }
+        })
     }
 }
 
@@ -47,7 +52,7 @@ impl MetaAlgorithm for Reptile {
         tasks: &[Task],
         kind: TaskKind,
     ) -> Result<MetaStep> {
-        let cfg = self.inner(kind, self.inner_steps);
+        let cfg = self.inner(net, kind, self.inner_steps)?;
         let theta = meta.weights.detach();
         // Reptile trains on all of a task's examples: support and query together.
         let (mean_fast, loss) = match TaskBatch::stack(tasks)? {
@@ -112,7 +117,7 @@ impl MetaAlgorithm for Reptile {
         kind: TaskKind,
         _state: &EvalState,
     ) -> Result<Adapted> {
-        let cfg = self.inner(kind, steps);
+        let cfg = self.inner(net, kind, steps)?;
         Ok(Adapted::Weights(adapt_weights(
             net,
             &meta.weights,

@@ -131,6 +131,46 @@ pub enum Layer {
     },
     /// Scales every example to unit Euclidean norm over its last dimension.
     L2Normalize,
+    /// Embeddings of an example's tabular features (a recommender's user and item columns),
+    /// concatenated in field order. Input: `[slots]` numbers per example, each field reading
+    /// its own consecutive slots: a categorical field one id, a multi-valued field up to
+    /// `slots` ids (`-1` marks an empty slot; the output is the mean of the values' embeddings,
+    /// zeros for an empty cell), a numeric field one value passed through. Id 0 of every table
+    /// is "unknown", the row a value outside the vocabulary takes.
+    FeatureEmbedding {
+        /// The fields, in input and output order.
+        fields: Vec<FeatureField>,
+    },
+}
+
+/// One input field of a [`Layer::FeatureEmbedding`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureField {
+    /// The column it comes from; the field's table is the parameter `<layer>.<name>`.
+    pub name: String,
+    /// How the column's cells are read.
+    pub kind: FeatureKind,
+    /// Rows of the embedding table (the vocabulary with the unknown row 0); 0 for numeric.
+    #[serde(default)]
+    pub vocab: usize,
+    /// Embedding width (1 for numeric).
+    pub dim: usize,
+    /// Input slots: 1, or the most values a multi-valued cell holds.
+    pub slots: usize,
+}
+
+/// How a [`FeatureField`]'s cells are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeatureKind {
+    /// One value from a vocabulary, embedded (table initialised N(0, 1), as `nn.Embedding`).
+    Categorical,
+    /// Several values (`a|b|c`), the mean of their embeddings (table initialised U(±1/√vocab),
+    /// as a bias-free linear layer on the normalised multi-hot vector).
+    MultiValued,
+    /// A number, passed through.
+    Numeric,
 }
 
 /// How a [`Layer::SequencePool`] combines the positions of a sequence.
@@ -244,6 +284,7 @@ impl Layer {
             Layer::TransformerBlock { .. } => "transformer_block",
             Layer::SequencePool { .. } => "sequence_pool",
             Layer::L2Normalize => "l2_normalize",
+            Layer::FeatureEmbedding { .. } => "feature_embedding",
         }
     }
 
@@ -256,6 +297,7 @@ impl Layer {
                 | Layer::BatchNorm { .. }
                 | Layer::TokenEmbedding { .. }
                 | Layer::TransformerBlock { .. }
+                | Layer::FeatureEmbedding { .. }
         )
     }
 }

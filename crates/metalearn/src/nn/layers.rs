@@ -129,6 +129,9 @@ pub(crate) fn apply_layer(
         }
         Layer::SequencePool { mode } => transformer::sequence_pool(h, &token_mask(h, ctx)?, *mode)?,
         Layer::L2Normalize => ops::l2_normalize(h)?,
+        Layer::FeatureEmbedding { fields } => {
+            crate::nn::features::embed(h, fields, &named.name, params, batched)?
+        }
     })
 }
 

@@ -3,6 +3,7 @@
 
 pub mod architecture;
 mod fast_path;
+pub mod features;
 pub mod layers;
 pub mod network;
 pub mod ops;

@@ -40,6 +40,11 @@ pub enum Init {
         /// Standard deviation.
         std: f64,
     },
+    /// Uniform in ±limit.
+    Uniform {
+        /// Half-width of the interval.
+        limit: f64,
+    },
 }
 
 /// Description of one parameter tensor.
@@ -291,6 +296,20 @@ impl Network {
                     vec![hidden]
                 }
                 Layer::L2Normalize => shape,
+                Layer::FeatureEmbedding { fields } => {
+                    let slots = crate::nn::features::check_fields(fields).map_err(bad)?;
+                    if shape != [slots] {
+                        return Err(bad(format!(
+                            "feature embedding reads {slots} slots per example, got input {shape:?}"
+                        )));
+                    }
+                    for field in fields {
+                        if let Some(init) = crate::nn::features::table_init(field) {
+                            params.push(spec(&field.name, vec![field.vocab, field.dim], init));
+                        }
+                    }
+                    vec![fields.iter().map(|f| f.dim).sum()]
+                }
             };
             shapes.push(shape.clone());
         }
@@ -500,6 +519,7 @@ fn init_set(
                 let normal = Normal::new(0.0, std).expect("valid std");
                 (0..n).map(|_| normal.sample(rng)).collect()
             }
+            Init::Uniform { limit } => (0..n).map(|_| rng.gen_range(-limit..limit)).collect(),
         };
         let t = Tensor::from_vec(values, spec.shape.as_slice(), device)?.to_dtype(dtype)?;
         set.insert(spec.name.clone(), t)?;

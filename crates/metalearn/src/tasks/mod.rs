@@ -4,6 +4,7 @@
 //! [`episodic::EpisodicSampler`] (N-way K-shot classification over any labelled data set).
 
 pub mod episodic;
+pub mod recommendation;
 pub mod sinusoid;
 
 use candle_core::Tensor;
@@ -94,6 +95,12 @@ pub struct TaskBatch {
     pub query_x: Tensor,
     /// Query targets `[T, q, ...]`.
     pub query_y: Tensor,
+    /// Per-example loss weights `[T, k]` of a padded batch ([`TaskBatch::pad`]): `1 / n_t` for
+    /// each of task `t`'s `n_t` real examples and 0 for padding, so that the weighted sum of
+    /// squared errors is the sum of the tasks' mean losses. `None`: every task has `k` examples.
+    pub support_weight: Option<Tensor>,
+    /// Per-example loss weights `[T, q]` of the query sets, as `support_weight`.
+    pub query_weight: Option<Tensor>,
 }
 
 impl TaskBatch {
@@ -119,6 +126,64 @@ impl TaskBatch {
             support_y: stack(&|t| &t.support.1)?,
             query_x: stack(&|t| &t.query.0)?,
             query_y: stack(&|t| &t.query.1)?,
+            support_weight: None,
+            query_weight: None,
+        }))
+    }
+
+    /// Stacks tasks whose support (and query) sets differ in size only: each set is padded with
+    /// zero rows to the longest one of the batch, and the weights say which rows are real (a
+    /// user with 3 ratings and one with 90 in one computation). `None` when the example shapes
+    /// differ; equal sizes give the same batch as [`TaskBatch::stack`].
+    pub fn pad(tasks: &[Task]) -> Result<Option<Self>> {
+        let Some(first) = tasks.first() else {
+            return Err(Error::Data("empty meta-batch".into()));
+        };
+        if let Some(batch) = Self::stack(tasks)? {
+            return Ok(Some(batch));
+        }
+        let tail = |t: &Tensor| t.dims().get(1..).map(|d| d.to_vec()).unwrap_or_default();
+        let fits = |t: &Task| {
+            tail(&t.support.0) == tail(&first.support.0)
+                && tail(&t.query.0) == tail(&first.query.0)
+                && tail(&t.support.1) == tail(&first.support.1)
+                && tail(&t.query.1) == tail(&first.query.1)
+                && t.support.0.dims().first() == t.support.1.dims().first()
+                && t.query.0.dims().first() == t.query.1.dims().first()
+        };
+        if first.support.0.rank() == 0 || !tasks.iter().all(fits) {
+            return Ok(None);
+        }
+        let padded = |f: &dyn Fn(&Task) -> &Tensor| -> Result<(Tensor, Tensor)> {
+            let longest = tasks.iter().map(|t| f(t).dims()[0]).max().unwrap_or(0);
+            let mut rows = Vec::with_capacity(tasks.len());
+            let mut weights = Vec::with_capacity(tasks.len() * longest);
+            for t in tasks {
+                let x = f(t);
+                let n = x.dims()[0];
+                rows.push(if n < longest {
+                    x.pad_with_zeros(0, 0, longest - n)?
+                } else {
+                    x.clone()
+                });
+                let w = 1.0 / n.max(1) as f64;
+                weights.extend((0..longest).map(|i| if i < n { w } else { 0.0 }));
+            }
+            let weight = Tensor::from_vec(weights, (tasks.len(), longest), f(first).device())?
+                .to_dtype(f(first).dtype())?;
+            Ok((Tensor::stack(&rows, 0)?, weight))
+        };
+        let (support_x, support_weight) = padded(&|t| &t.support.0)?;
+        let (support_y, _) = padded(&|t| &t.support.1)?;
+        let (query_x, query_weight) = padded(&|t| &t.query.0)?;
+        let (query_y, _) = padded(&|t| &t.query.1)?;
+        Ok(Some(Self {
+            support_x,
+            support_y,
+            query_x,
+            query_y,
+            support_weight: Some(support_weight.to_dtype(first.support.1.dtype())?),
+            query_weight: Some(query_weight.to_dtype(first.query.1.dtype())?),
         }))
     }
 
