@@ -1,6 +1,7 @@
-//! `metalearn data fetch omniglot|clinc150`: downloads the Omniglot archives and the one-shot
-//! benchmark runs (unpacked for `eval-runs`), or the CLINC150 intent data (written as CSV files),
-//! verifying checksums.
+//! `metalearn data fetch omniglot|clinc150|movielens-1m`: downloads the Omniglot archives and the
+//! one-shot benchmark runs (unpacked for `eval-runs`), the CLINC150 intent data (written as CSV
+//! files), or MovieLens-1M (its usage licence shown once, the ratings, users and movies written as
+//! CSV files), verifying checksums.
 
 use std::path::PathBuf;
 
@@ -10,6 +11,10 @@ use serde_json::json;
 use metalearn::data::clinc150::{clinc150_files, write_clinc150_csvs, CLINC150_BASE_URL};
 use metalearn::data::fetch::{
     extract_zip, fetch_files, omniglot_files, FetchOptions, Verification, OMNIGLOT_BASE_URL,
+};
+use metalearn::data::movielens::{
+    convert_movielens_1m, licence_notice_due, movielens_1m_files, record_licence_notice,
+    MOVIELENS_1M_ZIP, MOVIELENS_BASE_URL, MOVIELENS_LICENCE,
 };
 use metalearn::error::{Error, Result};
 
@@ -31,9 +36,11 @@ pub enum DataAction {
 /// Arguments of `data fetch`.
 #[derive(Args, Debug, Clone)]
 pub struct FetchArgs {
-    /// The data set: omniglot, or clinc150 (downloaded, then written as train.csv, val.csv and
-    /// test.csv with columns text,intent,domain; out-of-scope rows have intent `oos`).
-    #[arg(value_parser = ["omniglot", "clinc150"])]
+    /// The data set: omniglot; clinc150 (downloaded, then written as train.csv, val.csv and
+    /// test.csv with columns text,intent,domain; out-of-scope rows have intent `oos`); or
+    /// movielens-1m (research use under GroupLens' licence, shown on the first fetch into DIR;
+    /// written as ratings.csv, users.csv and items.csv).
+    #[arg(value_parser = ["omniglot", "clinc150", "movielens-1m"])]
     pub dataset: String,
     /// Folder to download into (created if needed) [default: data/DATASET].
     #[arg(long, value_name = "DIR")]
@@ -64,6 +71,7 @@ pub fn run(args: &DataArgs) -> Result<()> {
 
 fn run_fetch(args: &FetchArgs) -> Result<()> {
     let clinc = args.dataset == "clinc150";
+    let movielens = args.dataset == "movielens-1m";
     let dir = args
         .dir
         .clone()
@@ -71,6 +79,8 @@ fn run_fetch(args: &FetchArgs) -> Result<()> {
     let base_url = args.base_url.clone().unwrap_or_else(|| {
         if clinc {
             CLINC150_BASE_URL
+        } else if movielens {
+            MOVIELENS_BASE_URL
         } else {
             OMNIGLOT_BASE_URL
         }
@@ -78,6 +88,8 @@ fn run_fetch(args: &FetchArgs) -> Result<()> {
     });
     let mut files = if clinc {
         clinc150_files()
+    } else if movielens {
+        movielens_1m_files()
     } else {
         omniglot_files()
     };
@@ -96,7 +108,20 @@ fn run_fetch(args: &FetchArgs) -> Result<()> {
         progress: !args.quiet && !args.json && crate::console::stderr_is_terminal(),
         ..FetchOptions::default()
     };
+    // The licence comes before the download; it is recorded as shown once the download is
+    // complete, so a failed download leaves nothing behind.
+    let licence_due = movielens && licence_notice_due(&dir);
+    if licence_due {
+        if args.json {
+            eprintln!("{MOVIELENS_LICENCE}");
+        } else {
+            println!("{MOVIELENS_LICENCE}");
+        }
+    }
     let fetched = fetch_files(&base_url, &dir, &files, &options)?;
+    if licence_due {
+        record_licence_notice(&dir)?;
+    }
     let mut extracted = None;
     for file in &fetched {
         let action = if file.downloaded {
@@ -141,10 +166,34 @@ fn run_fetch(args: &FetchArgs) -> Result<()> {
             csv_files.push(dir.join(name).display().to_string());
         }
     }
+    let mut row_counts = None;
+    if movielens {
+        let summary = convert_movielens_1m(&dir.join(MOVIELENS_1M_ZIP), &dir)?;
+        let rows = [
+            (summary.users, "users", "user,gender,age,occupation,zip"),
+            (summary.items, "movies", "item,title,year,genres"),
+            (summary.ratings, "ratings", "user,item,rating,timestamp"),
+        ];
+        for (path, (count, what, columns)) in summary.files.iter().zip(rows) {
+            if !args.json {
+                println!(
+                    "wrote {}: {count} {what} (columns {columns})",
+                    path.display()
+                );
+            }
+            csv_files.push(path.display().to_string());
+        }
+        row_counts = Some(json!({
+            "users": summary.users,
+            "items": summary.items,
+            "ratings": summary.ratings,
+        }));
+    }
     if args.json {
         println!(
             "{}",
             json!({
+                "counts": row_counts,
                 "csv_files": csv_files,
                 "command": "data fetch",
                 "dataset": args.dataset,

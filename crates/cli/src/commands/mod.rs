@@ -79,7 +79,7 @@ pub enum Command {
     Adapt(adapt::AdaptArgs),
     /// Write sentence embeddings of a CSV column with a pre-trained encoder.
     Embed(embed::EmbedArgs),
-    /// Download public data sets (Omniglot, CLINC150) with checksum verification.
+    /// Download public data sets (Omniglot, CLINC150, MovieLens-1M) with checksum verification.
     Data(data::DataArgs),
     /// Score a meta-trained model on the official Omniglot one-shot benchmark (20 runs).
     EvalRuns(eval_runs::EvalRunsArgs),
