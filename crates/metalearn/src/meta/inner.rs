@@ -66,6 +66,32 @@ pub fn broadcast_tasks(weights: &ParamSet, tasks: usize) -> Result<ParamSet> {
     })
 }
 
+/// [`broadcast_tasks`], except for the tables of feature-embedding layers below `from_layer`:
+/// the inner loop does not adapt them, and the layer reads one shared table in task-batched
+/// mode, so no `[T, vocab, dim]` view (and no gradient of that size) is made.
+pub fn broadcast_adapted(
+    net: &Network,
+    weights: &ParamSet,
+    tasks: usize,
+    from_layer: usize,
+) -> Result<ParamSet> {
+    use crate::nn::architecture::Layer;
+    let shared: Vec<&str> = net.architecture().layers[..from_layer.min(net.architecture().layers.len())]
+        .iter()
+        .filter(|l| matches!(l.layer, Layer::FeatureEmbedding { .. }))
+        .map(|l| l.name.as_str())
+        .collect();
+    weights.map(|name, t| {
+        let layer = name.split('.').next().unwrap_or_default();
+        if shared.contains(&layer) {
+            return Ok(t.clone());
+        }
+        let mut shape = vec![tasks];
+        shape.extend_from_slice(t.dims());
+        Ok(t.unsqueeze(0)?.broadcast_as(shape)?)
+    })
+}
+
 /// Whether parameter `name` belongs to a layer at or after `from_layer`.
 fn adapted(net: &Network, name: &str, from_layer: usize) -> bool {
     net.param_specs()
@@ -325,7 +351,7 @@ pub fn gradient_meta_step(
     let query_loss = match batch {
         Some(batch) => {
             let t = batch.len();
-            let weights = broadcast_tasks(&meta.weights, t)?;
+            let weights = broadcast_adapted(net, &meta.weights, t, cfg.from_layer)?;
             let fast = run_weighted_inner_loop(
                 net,
                 &weights,
