@@ -453,7 +453,7 @@ impl Table {
         self.rows[r].position().map_or(r as u64 + 2, |p| p.line())
     }
 
-    fn cell<'a>(&'a self, r: usize, c: usize) -> &'a str {
+    fn cell(&self, r: usize, c: usize) -> &str {
         self.rows[r].get(c).unwrap_or("").trim()
     }
 

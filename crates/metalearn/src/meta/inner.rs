@@ -76,7 +76,8 @@ pub fn broadcast_adapted(
     from_layer: usize,
 ) -> Result<ParamSet> {
     use crate::nn::architecture::Layer;
-    let shared: Vec<&str> = net.architecture().layers[..from_layer.min(net.architecture().layers.len())]
+    let shared: Vec<&str> = net.architecture().layers
+        [..from_layer.min(net.architecture().layers.len())]
         .iter()
         .filter(|l| matches!(l.layer, Layer::FeatureEmbedding { .. }))
         .map(|l| l.name.as_str())
