@@ -23,6 +23,7 @@ fn fields() -> Vec<FeatureField> {
         vocab,
         dim,
         slots,
+        zero_init: false,
     };
     vec![
         field("item_rate", FeatureKind::Categorical, 4, 2, 1),
@@ -101,6 +102,7 @@ fn a_multi_valued_cell_is_the_mean_of_its_values_and_an_empty_cell_is_zero() -> 
                 vocab: 3,
                 dim: 1,
                 slots: 3,
+                zero_init: false,
             }],
         },
     )?;

@@ -20,6 +20,7 @@ pub mod meta_eval;
 pub mod meta_train;
 pub mod plot;
 pub mod predict;
+pub mod recommend;
 pub mod train;
 
 /// Transfer learning and meta-learning from the command line: train, fine-tune, evaluate and
@@ -77,6 +78,8 @@ pub enum Command {
     MetaEval(meta_eval::MetaEvalArgs),
     /// Adapt a meta-trained model to your own support set and predict a query set.
     Adapt(adapt::AdaptArgs),
+    /// Recommend items to a new user from a few ratings (a meta-trained recommendation model).
+    Recommend(recommend::RecommendArgs),
     /// Write sentence embeddings of a CSV column with a pre-trained encoder.
     Embed(embed::EmbedArgs),
     /// Download public data sets (Omniglot, CLINC150, MovieLens-1M) with checksum verification.
@@ -106,6 +109,7 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::MetaTrain(args) => meta_train::run(args, cli.threads),
         Command::MetaEval(args) => meta_eval::run(args),
         Command::Adapt(args) => adapt::run(args),
+        Command::Recommend(args) => recommend::run(args),
         Command::Data(args) => data::run(args),
         Command::EvalRuns(args) => eval_runs::run(args),
         Command::Plot(args) => plot::run(args),

@@ -88,6 +88,11 @@ pub struct RatingsConfig {
     /// Numeric item columns.
     #[serde(default)]
     pub item_numeric: Vec<String>,
+    /// Feature columns whose embedding tables start at zero instead of at random: id columns
+    /// (e.g. `item` listed in `item_categorical`), whose rows for ids never rated in training
+    /// then add nothing.
+    #[serde(default)]
+    pub zero_init: Vec<String>,
     /// Width of every embedding.
     #[serde(default = "default_embedding_dim")]
     pub embedding_dim: usize,
@@ -174,6 +179,7 @@ impl Default for RatingsConfig {
             item_categorical: Vec::new(),
             item_multi_valued: Vec::new(),
             item_numeric: Vec::new(),
+            zero_init: Vec::new(),
             embedding_dim: default_embedding_dim(),
             new_users: None,
             new_items: None,
@@ -406,6 +412,46 @@ impl RatingsData {
     }
 }
 
+impl RatingsData {
+    /// The user slots of a user described by `values` (column → cell), with this data's
+    /// vocabularies: a value never seen takes the unknown id, a missing column the unknown
+    /// slots; a numeric cell that is no number is an error naming the column.
+    pub fn encode_user(&self, values: &HashMap<String, String>) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        for (k, field) in self.fields.iter().enumerate().skip(self.item_fields) {
+            let column = field.name.strip_prefix("user_").unwrap_or(&field.name);
+            let cell = values.get(column).map(|v| v.trim());
+            let vocab = &self.vocabularies[k];
+            let id = |v: &str| {
+                vocab
+                    .binary_search_by(|s| s.as_str().cmp(v))
+                    .map_or(0, |i| i + 1)
+            };
+            match field.kind {
+                FeatureKind::Numeric => out.push(match cell {
+                    None => 0.0,
+                    Some(c) => c.parse::<f32>().map_err(|_| {
+                        Error::Data(format!("user feature `{column}`: `{c}` is not a number"))
+                    })?,
+                }),
+                FeatureKind::Categorical => out.push(cell.map_or(0, id) as f32),
+                FeatureKind::MultiValued => {
+                    let values = cell.map(split_multi).unwrap_or_default();
+                    let ids: Vec<f32> = values
+                        .iter()
+                        .take(field.slots)
+                        .map(|v| id(v) as f32)
+                        .collect();
+                    let n = ids.len();
+                    out.extend(ids);
+                    out.extend(std::iter::repeat_n(-1.0, field.slots - n));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// One CSV file read whole: header and rows, with the file name for errors.
 struct Table {
     path: PathBuf,
@@ -511,6 +557,7 @@ fn read_features(
     prefix: &str,
     skip_missing: bool,
     condition_column: Option<&str>,
+    zero_init: &[String],
 ) -> Result<(Vec<FeatureField>, Vec<Vec<String>>, FeatureTable)> {
     let table = Table::read(path)?;
     let id_col = table.column(id_column, "the id column")?;
@@ -575,6 +622,7 @@ fn read_features(
                 dim
             },
             slots,
+            zero_init: zero_init.iter().any(|z| z == name),
         });
         vocabularies.push(vocab);
     }
@@ -701,6 +749,7 @@ pub fn load_ratings(dir: &Path, config: &RatingsConfig) -> Result<RatingsData> {
             "item_",
             config.skip_missing_features,
             condition_column.as_deref(),
+            &config.zero_init,
         )?
     };
     let (user_fields, user_vocab, users) = if config.users_file.is_empty() {
@@ -714,6 +763,7 @@ pub fn load_ratings(dir: &Path, config: &RatingsConfig) -> Result<RatingsData> {
             "user_",
             config.skip_missing_features,
             None,
+            &config.zero_init,
         )?
     };
     let item_field_count = item_fields.len();

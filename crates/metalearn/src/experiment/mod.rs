@@ -5,6 +5,7 @@
 //! loaders, task samplers and algorithms at once.
 
 mod build;
+pub mod recommend;
 mod saved;
 mod settings;
 

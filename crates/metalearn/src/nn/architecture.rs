@@ -158,6 +158,10 @@ pub struct FeatureField {
     pub dim: usize,
     /// Input slots: 1, or the most values a multi-valued cell holds.
     pub slots: usize,
+    /// The table starts at zero instead of at random: for id columns (a user or item id as a
+    /// feature), so that ids never seen in training add nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub zero_init: bool,
 }
 
 /// How a [`FeatureField`]'s cells are read.

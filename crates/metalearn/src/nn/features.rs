@@ -52,6 +52,9 @@ pub(crate) fn check_fields(fields: &[FeatureField]) -> std::result::Result<usize
 /// How a field's table is initialised (MeLU's modules: `nn.Embedding` for one value, a
 /// bias-free `nn.Linear` on a normalised multi-hot vector for several); `None` for numeric.
 pub(crate) fn table_init(field: &FeatureField) -> Option<Init> {
+    if field.zero_init && field.kind != FeatureKind::Numeric {
+        return Some(Init::Zeros);
+    }
     match field.kind {
         FeatureKind::Categorical => Some(Init::Normal { std: 1.0 }),
         FeatureKind::MultiValued => Some(Init::Uniform {

@@ -9,6 +9,7 @@
 //! | `maml-sine` | second-order MAML on sinusoids, MLP 1-40-40-1, meta-batch 25, K = 10, 1 step at 0.01 |
 //! | `maml-sine-5` | the same with 5 inner steps |
 //! | `adapt-protonet-conv4` | prototypes of a 5-way 5-shot task and classification of its 75 queries |
+//! | `melu` | MeLU's meta-step: 32 users (3–90 support and 10 query ratings each, MovieLens' feature vocabularies), 5 inner steps of second-order MAML on the decision layers, Adam |
 //!
 //! The conv workloads use fixed random inputs, as the peer scripts do; the sine workloads sample
 //! fresh tasks every iteration (sampling included in the time), as the JAX script does.
@@ -32,13 +33,14 @@ use crate::train::optim::OptimizerConfig;
 pub use text::{run_text, TextInput, TEXT_WORKLOADS};
 
 /// The benchmark workloads, by name.
-pub const WORKLOADS: [&str; 6] = [
+pub const WORKLOADS: [&str; 7] = [
     "protonet-conv4",
     "maml-conv4",
     "fomaml-conv4",
     "maml-sine",
     "maml-sine-5",
     "adapt-protonet-conv4",
+    "melu",
 ];
 
 /// Timing of one workload.
@@ -86,6 +88,7 @@ pub fn default_iterations(workload: &str) -> usize {
     match workload {
         "maml-sine" | "maml-sine-5" => 500,
         "adapt-protonet-conv4" => 50,
+        "melu" => 20,
         "encode-minilm" => 3,
         "encode-minilm-single" => 200,
         "finetune-minilm" => 10,
@@ -166,6 +169,7 @@ fn prepare(workload: &str, device: &Device) -> Result<Prepared> {
         "maml-sine" => maml_sine(1, device),
         "maml-sine-5" => maml_sine(5, device),
         "adapt-protonet-conv4" => adapt_protonet(device),
+        "melu" => melu(device),
         other => Err(Error::Config(format!(
             "unknown workload `{other}`; choose one of: {}",
             WORKLOADS.join(", ")
@@ -281,6 +285,100 @@ fn maml_sine(steps: usize, device: &Device) -> Result<Prepared> {
             learner.meta_train_step(&batch).map(|_| ())
         }),
         warmup: 20,
+        sentences: None,
+    })
+}
+
+/// MeLU's network and meta-step on random users with MovieLens-1M's feature vocabularies
+/// (MeLU's split: rate 6, genres 25 (up to 7 a film), directors 2,186 (12), actors 7,978 (4);
+/// gender 2, age 7, occupation 21, zip 3,402) and support sizes spread over 3–90.
+fn melu(device: &Device) -> Result<Prepared> {
+    use crate::nn::architecture::{FeatureField, FeatureKind, Layer};
+    let field = |name: &str, kind, vocab: usize, slots| FeatureField {
+        name: name.into(),
+        kind,
+        vocab: vocab + 1,
+        dim: 32,
+        slots,
+        zero_init: false,
+    };
+    let fields = vec![
+        field("rate", FeatureKind::Categorical, 6, 1),
+        field("genres", FeatureKind::MultiValued, 25, 7),
+        field("directors", FeatureKind::MultiValued, 2186, 12),
+        field("actors", FeatureKind::MultiValued, 7978, 4),
+        field("gender", FeatureKind::Categorical, 2, 1),
+        field("age", FeatureKind::Categorical, 7, 1),
+        field("occupation", FeatureKind::Categorical, 21, 1),
+        field("zip", FeatureKind::Categorical, 3402, 1),
+    ];
+    let slots: usize = fields.iter().map(|f| f.slots).sum();
+    let mut arch = Architecture::new(&[slots]);
+    arch.push_named(
+        "embeddings",
+        Layer::FeatureEmbedding {
+            fields: fields.clone(),
+        },
+    )?;
+    arch.push_named("fc1", Layer::dense(64))?;
+    arch.push_named("act1", Layer::relu())?;
+    arch.push_named("fc2", Layer::dense(64))?;
+    arch.push_named("act2", Layer::relu())?;
+    arch.push_named("head", Layer::dense(1))?;
+    let mut algorithm = AlgorithmConfig::new(AlgorithmKind::Maml);
+    algorithm.inner_steps = 5;
+    algorithm.inner_lr = 5e-6;
+    algorithm.adapt_from = Some("fc1".into());
+    let mut learner = learner(&arch, algorithm, TaskKind::Regression, device)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let row = |rng: &mut ChaCha8Rng| -> Vec<f32> {
+        use rand::Rng;
+        let mut v = Vec::with_capacity(slots);
+        for f in &fields {
+            let present = match f.kind {
+                FeatureKind::MultiValued => rng.gen_range(1..=f.slots),
+                _ => 1,
+            };
+            for s in 0..f.slots {
+                v.push(if s < present {
+                    rng.gen_range(1..f.vocab) as f32
+                } else {
+                    -1.0
+                });
+            }
+        }
+        v
+    };
+    let set = |rng: &mut ChaCha8Rng, n: usize| -> Result<(Tensor, Tensor)> {
+        use rand::Rng;
+        let x: Vec<f32> = (0..n).flat_map(|_| row(rng)).collect();
+        let y: Vec<f32> = (0..n).map(|_| rng.gen_range(1..=5) as f32).collect();
+        Ok((
+            Tensor::from_vec(x, (n, slots), device)?,
+            Tensor::from_vec(y, (n, 1), device)?,
+        ))
+    };
+    // Eight meta-batches of fixed users, cycled.
+    let mut batches = Vec::new();
+    for _ in 0..8 {
+        let mut users = Vec::with_capacity(32);
+        for _ in 0..32 {
+            use rand::Rng;
+            let support = rng.gen_range(3..=90);
+            users.push(Task {
+                support: set(&mut rng, support)?,
+                query: set(&mut rng, 10)?,
+            });
+        }
+        batches.push(users);
+    }
+    let mut next = 0;
+    Ok(Prepared {
+        step: Box::new(move || {
+            next = (next + 1) % batches.len();
+            learner.meta_train_step(&batches[next]).map(|_| ())
+        }),
+        warmup: 5,
         sentences: None,
     })
 }
