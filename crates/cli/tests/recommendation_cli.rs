@@ -183,6 +183,55 @@ fn meta_learning_beats_the_baselines_on_new_users_with_a_planted_preference() {
             "meta-learned MAE {model:.4} does not beat {baseline} ({b:.4}): {report}"
         );
     }
+    // One new user's few ratings: the top items exclude what they rated, best first.
+    let mine = dir.path().join("mine.csv");
+    std::fs::write(&mine, "item,rating\n0,5\n1,1\n2,4\n").unwrap();
+    let features = dir.path().join("me.csv");
+    std::fs::write(&features, "segment,age\ns1,30\n").unwrap();
+    let top = last_json(&run_ok_in(
+        &[
+            "recommend",
+            "--model",
+            run.to_str().unwrap(),
+            "--ratings",
+            mine.to_str().unwrap(),
+            "--user-features",
+            features.to_str().unwrap(),
+            "--top",
+            "5",
+            "--json",
+        ],
+        None,
+    ));
+    let items = top["recommendations"].as_array().unwrap();
+    assert_eq!(items.len(), 5, "{top}");
+    let predicted: Vec<f64> = items
+        .iter()
+        .map(|r| r["predicted"].as_f64().unwrap())
+        .collect();
+    assert!(predicted.windows(2).all(|w| w[0] >= w[1]), "{top}");
+    assert!(
+        items
+            .iter()
+            .all(|r| !["0", "1", "2"].contains(&r["item"].as_str().unwrap())),
+        "rated items recommended: {top}"
+    );
+    std::fs::write(&mine, "item,rating\n0,5\nnope,3\n").unwrap();
+    let err = run_err_in(
+        &[
+            "recommend",
+            "--model",
+            run.to_str().unwrap(),
+            "--ratings",
+            mine.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(
+        err.contains("unknown to the model") && err.contains("nope"),
+        "{err}"
+    );
+
     // Another support/query draw scores other query sets.
     let other = last_json(&run_ok_in(
         &[

@@ -243,26 +243,16 @@ fn layer_description(layer: &Layer) -> String {
         }
         Layer::SequencePool { mode } => format!("sequence_pool, {mode:?}").to_lowercase(),
         Layer::L2Normalize => "l2_normalize".into(),
-        Layer::FeatureEmbedding { fields } => format!(
-            "feature_embedding, {}",
-            fields
-                .iter()
-                .map(|f| match f.kind {
-                    crate::nn::architecture::FeatureKind::Numeric => format!("{} (numeric)", f.name),
-                    kind => format!(
-                        "{} ({}, {} values, width {})",
-                        f.name,
-                        if kind == crate::nn::architecture::FeatureKind::Categorical {
-                            "categorical"
-                        } else {
-                            "multi-valued"
-                        },
-                        f.vocab,
-                        f.dim
-                    ),
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        Layer::FeatureEmbedding { fields } => {
+            use crate::nn::architecture::FeatureKind;
+            let count = |k: FeatureKind| fields.iter().filter(|f| f.kind == k).count();
+            format!(
+                "feature_embedding, {} fields ({} categorical, {} multi-valued, {} numeric)",
+                fields.len(),
+                count(FeatureKind::Categorical),
+                count(FeatureKind::MultiValued),
+                count(FeatureKind::Numeric)
+            )
+        }
     }
 }

@@ -253,6 +253,25 @@ fn recommendation(
         serde_json::Map<String, serde_json::Value>,
     > = Default::default();
     let mut table = Vec::new();
+    // The transfer baseline trains as long and as fast as meta-training did.
+    let transfer = if args.baseline {
+        let arch = learner.network().architecture().clone();
+        Some(train_transfer_baseline(
+            &arch,
+            &tasks,
+            &BaselineOptions {
+                iterations: config.training.iterations as usize,
+                tasks_per_batch: config.training.meta_batch,
+                lr: config.training.outer_lr,
+                seed: config.training.seed,
+                inner_lr: config.algorithm.inner_lr,
+            },
+        )?)
+    } else {
+        None
+    };
+    let factorization =
+        metalearn::eval::recommendation::Factorization::train(&tasks, config.training.seed);
     for name in &metalearn::data::ratings::PARTITIONS[1..] {
         let users = tasks.partition(name).unwrap_or_default();
         if users.is_empty() {
@@ -265,7 +284,18 @@ fn recommendation(
             scores.clone(),
         ));
         partitions.insert(name.to_string(), scores.to_json());
-        for (baseline, scores) in evaluate_baselines(&tasks, users, &means) {
+        let mut others = evaluate_baselines(&tasks, users, &means);
+        others.insert(
+            "matrix_factorization".into(),
+            metalearn::eval::recommendation::evaluate_factorization(&factorization, &tasks, users),
+        );
+        if let Some(transfer) = &transfer {
+            others.insert(
+                "pretrain_finetune".into(),
+                metalearn::eval::recommendation::evaluate_transfer(transfer, &tasks, users, steps)?,
+            );
+        }
+        for (baseline, scores) in others {
             baselines
                 .entry(baseline.clone())
                 .or_default()

@@ -11,7 +11,6 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::nn::architecture::{FeatureField, FeatureKind};
-use crate::nn::network::Init;
 use crate::nn::params::ParamSet;
 
 /// Checks the fields of a feature-embedding layer; returns the input slots they read.
@@ -47,21 +46,6 @@ pub(crate) fn check_fields(fields: &[FeatureField]) -> std::result::Result<usize
         slots += f.slots;
     }
     Ok(slots)
-}
-
-/// How a field's table is initialised (MeLU's modules: `nn.Embedding` for one value, a
-/// bias-free `nn.Linear` on a normalised multi-hot vector for several); `None` for numeric.
-pub(crate) fn table_init(field: &FeatureField) -> Option<Init> {
-    if field.zero_init && field.kind != FeatureKind::Numeric {
-        return Some(Init::Zeros);
-    }
-    match field.kind {
-        FeatureKind::Categorical => Some(Init::Normal { std: 1.0 }),
-        FeatureKind::MultiValued => Some(Init::Uniform {
-            limit: 1.0 / (field.vocab as f64).sqrt(),
-        }),
-        FeatureKind::Numeric => None,
-    }
 }
 
 /// Embeds `h` (`[batch, slots]`, or `[tasks, batch, slots]` when `batched`) with the tables

@@ -304,7 +304,7 @@ impl Network {
                         )));
                     }
                     for field in fields {
-                        if let Some(init) = crate::nn::features::table_init(field) {
+                        if let Some(init) = feature_table_init(field) {
                             params.push(spec(&field.name, vec![field.vocab, field.dim], init));
                         }
                     }
@@ -475,6 +475,21 @@ impl Network {
             h = apply_layer(named, params, &h, ctx, batched)?;
         }
         Ok(h)
+    }
+}
+
+/// How a feature field's table is initialised (MeLU's modules: `nn.Embedding`, N(0, 1), for
+/// one value; a bias-free `nn.Linear` on a normalised multi-hot vector, U(±1/√vocab), for
+/// several; zeros for id columns); `None` for numeric fields, which have no table.
+fn feature_table_init(field: &crate::nn::architecture::FeatureField) -> Option<Init> {
+    use crate::nn::architecture::FeatureKind;
+    match field.kind {
+        FeatureKind::Numeric => None,
+        _ if field.zero_init => Some(Init::Zeros),
+        FeatureKind::Categorical => Some(Init::Normal { std: 1.0 }),
+        FeatureKind::MultiValued => Some(Init::Uniform {
+            limit: 1.0 / (field.vocab as f64).sqrt(),
+        }),
     }
 }
 
