@@ -553,12 +553,15 @@ fn read_features(
     path: &Path,
     id_column: &str,
     columns: &[(&str, FeatureKind)],
-    dim: usize,
     prefix: &str,
-    skip_missing: bool,
     condition_column: Option<&str>,
-    zero_init: &[String],
+    config: &RatingsConfig,
 ) -> Result<(Vec<FeatureField>, Vec<Vec<String>>, FeatureTable)> {
+    let (dim, skip_missing, zero_init) = (
+        config.embedding_dim,
+        config.skip_missing_features,
+        &config.zero_init,
+    );
     let table = Table::read(path)?;
     let id_col = table.column(id_column, "the id column")?;
     let present: Vec<(&str, FeatureKind)>;
@@ -712,7 +715,6 @@ pub fn load_ratings(dir: &Path, config: &RatingsConfig) -> Result<RatingsData> {
             config.items_file
         )));
     }
-    let dim = config.embedding_dim;
     let empty = (Vec::new(), Vec::new(), FeatureTable::default());
     let item_columns = side_columns(
         &config.item_categorical,
@@ -745,11 +747,9 @@ pub fn load_ratings(dir: &Path, config: &RatingsConfig) -> Result<RatingsData> {
             &dir.join(&config.items_file),
             &config.item_column,
             &item_columns,
-            dim,
             "item_",
-            config.skip_missing_features,
             condition_column.as_deref(),
-            &config.zero_init,
+            config,
         )?
     };
     let (user_fields, user_vocab, users) = if config.users_file.is_empty() {
@@ -759,11 +759,9 @@ pub fn load_ratings(dir: &Path, config: &RatingsConfig) -> Result<RatingsData> {
             &dir.join(&config.users_file),
             &config.user_column,
             &user_columns,
-            dim,
             "user_",
-            config.skip_missing_features,
             None,
-            &config.zero_init,
+            config,
         )?
     };
     let item_field_count = item_fields.len();
