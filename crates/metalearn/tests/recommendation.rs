@@ -1,7 +1,9 @@
 //! Recommendation pieces through the public API: the feature-embedding layer's gradients
 //! (first and second order) against f64 finite differences, padded task batches against the
 //! task-by-task computation, and MAML's meta-gradient on users with different numbers of
-//! ratings (the padded, task-batched path) against finite differences.
+//! ratings against finite differences: the padded, task-batched path (tanh decision layers)
+//! and the plain-loop kernel over candle's features (ReLU decision layers), which is also
+//! checked against the candle path directly.
 
 mod common;
 
@@ -10,8 +12,9 @@ use candle_core::{DType, Device, Tensor};
 use rand::Rng;
 
 use common::{check_gradient, check_hessian_vector_product, Point};
+use metalearn::meta::inner::{first_adapted_layer, gradient_meta_step, InnerLoop, InnerLr};
 use metalearn::meta::maml::Maml;
-use metalearn::meta::{MetaAlgorithm, MetaParams};
+use metalearn::meta::{MetaAlgorithm, MetaParams, MetaStep};
 use metalearn::nn::architecture::{FeatureField, FeatureKind};
 use metalearn::tasks::{Task, TaskBatch, TaskKind};
 use metalearn::{Architecture, ForwardCtx, Layer, Loss, Network, ParamSet};
@@ -40,6 +43,20 @@ fn arch() -> Architecture {
         .expect("layer");
     arch.push_named("fc1", Layer::dense(3)).expect("layer");
     arch.push_named("act1", Layer::tanh()).expect("layer");
+    arch.push_named("head", Layer::dense(1)).expect("layer");
+    arch
+}
+
+/// MeLU's shape in small: 6 slots → 7 features → dense 4 → ReLU → dense 3 → ReLU → dense 1
+/// (the decision layers are all dense and ReLU: the plain-loop kernel runs them).
+fn relu_arch() -> Architecture {
+    let mut arch = Architecture::new(&[6]);
+    arch.push_named("embeddings", Layer::FeatureEmbedding { fields: fields() })
+        .expect("layer");
+    arch.push_named("fc1", Layer::dense(4)).expect("layer");
+    arch.push_named("act1", Layer::relu()).expect("layer");
+    arch.push_named("fc2", Layer::dense(3)).expect("layer");
+    arch.push_named("act2", Layer::relu()).expect("layer");
     arch.push_named("head", Layer::dense(1)).expect("layer");
     arch
 }
@@ -171,11 +188,16 @@ fn unflatten(like: &ParamSet, values: &[f64]) -> ParamSet {
     .expect("unflatten")
 }
 
-/// MAML's meta-gradient on a padded batch of users of different sizes against central
-/// differences of the mean of the users' own (unpadded, one-by-one) meta-losses.
-fn check_padded_maml(label: &str, adapt_from: Option<&str>, first_order: bool) -> Result<()> {
+/// MAML's meta-gradient on a batch of users of different sizes against central differences
+/// of the mean of the users' own (one-by-one) meta-losses.
+fn check_padded_maml(
+    label: &str,
+    arch: &Architecture,
+    adapt_from: Option<&str>,
+    first_order: bool,
+) -> Result<()> {
     metalearn::runtime::init();
-    let net = Network::build(&arch())?;
+    let net = Network::build(arch)?;
     let weights = common::generic_params(&net, 11);
     // Gradients are kept for variables only.
     let vars = weights.to_vars()?;
@@ -278,15 +300,152 @@ fn check_padded_maml(label: &str, adapt_from: Option<&str>, first_order: bool) -
 #[test]
 fn padded_second_order_maml_adapting_the_decision_layers_matches_finite_differences() -> Result<()>
 {
-    check_padded_maml("MeLU-style MAML (fc1 on), padded", Some("fc1"), false)
+    check_padded_maml(
+        "MeLU-style MAML (fc1 on), padded",
+        &arch(),
+        Some("fc1"),
+        false,
+    )
 }
 
 #[test]
 fn padded_second_order_maml_adapting_the_embeddings_too_matches_finite_differences() -> Result<()> {
-    check_padded_maml("MAML (every layer), padded", None, false)
+    check_padded_maml("MAML (every layer), padded", &arch(), None, false)
 }
 
 #[test]
 fn padded_first_order_maml_equals_the_task_by_task_step() -> Result<()> {
-    check_padded_maml("first-order MAML (fc1 on), padded", Some("fc1"), true)
+    check_padded_maml(
+        "first-order MAML (fc1 on), padded",
+        &arch(),
+        Some("fc1"),
+        true,
+    )
+}
+
+/// Whether `Maml::meta_train_step` takes the plain-loop kernel for these users.
+fn kernel_applies(net: &Network, meta: &MetaParams, tasks: &[Task], first_order: bool) -> bool {
+    let from_layer = first_adapted_layer(net, Some("fc1")).expect("fc1");
+    metalearn::meta::mlp_maml::meta_step_on_features(
+        net,
+        meta,
+        tasks,
+        TaskKind::Regression,
+        from_layer,
+        0.1,
+        1,
+        !first_order,
+    )
+    .expect("kernel step")
+    .is_some()
+}
+
+#[test]
+fn second_order_maml_on_relu_decision_layers_matches_finite_differences() -> Result<()> {
+    let net = Network::build(&relu_arch())?;
+    let meta = MetaParams {
+        weights: common::generic_params(&net, 11),
+        inner_lrs: None,
+    };
+    let tasks = user_tasks(12, &[(2, 3), (4, 2), (3, 4)]);
+    ensure!(
+        kernel_applies(&net, &meta, &tasks, false),
+        "the kernel declined"
+    );
+    check_padded_maml(
+        "MeLU-style MAML (fc1 on, ReLU), kernel",
+        &relu_arch(),
+        Some("fc1"),
+        false,
+    )
+}
+
+#[test]
+fn first_order_maml_on_relu_decision_layers_equals_the_task_by_task_step() -> Result<()> {
+    check_padded_maml(
+        "first-order MAML (fc1 on, ReLU), kernel",
+        &relu_arch(),
+        Some("fc1"),
+        true,
+    )
+}
+
+/// Every gradient of a meta-step as f64 vectors (`None` kept), one per meta-parameter.
+fn gradient_values(step: &MetaStep) -> Vec<Option<Vec<f64>>> {
+    step.grads
+        .iter()
+        .map(|g| g.as_ref().map(common::values))
+        .collect()
+}
+
+#[test]
+fn the_kernel_over_features_matches_the_candle_path() -> Result<()> {
+    metalearn::runtime::init();
+    let net = Network::build(&relu_arch())?;
+    let from_layer = first_adapted_layer(&net, Some("fc1"))?;
+    // Users with 1 to 9 ratings, so tasks differ in both support and query sizes.
+    let tasks = user_tasks(21, &[(3, 2), (9, 4), (1, 1), (6, 3), (4, 5)]);
+    let mut worst_overall = 0.0f64;
+    for seed in [31, 32] {
+        let weights = common::generic_params(&net, seed);
+        let vars = weights.to_vars()?;
+        let meta = MetaParams {
+            weights: ParamSet::from_vars(weights.names(), &vars)?,
+            inner_lrs: None,
+        };
+        for (steps, first_order) in [(1, false), (3, false), (1, true), (3, true)] {
+            let case = format!("seed {seed}, {steps} steps, first order {first_order}");
+            let lr = 0.1;
+            let kernel = metalearn::meta::mlp_maml::meta_step_on_features(
+                &net,
+                &meta,
+                &tasks,
+                TaskKind::Regression,
+                from_layer,
+                lr,
+                steps,
+                !first_order,
+            )?
+            .ok_or_else(|| anyhow::anyhow!("{case}: the kernel declined"))?;
+            let cfg = InnerLoop {
+                loss: Loss::Mse,
+                steps,
+                lr: InnerLr::Scalar(lr),
+                from_layer,
+                second_order: !first_order,
+            };
+            let reference = gradient_meta_step(&net, &meta, &tasks, TaskKind::Regression, &cfg)?;
+            ensure!(
+                (kernel.loss - reference.loss).abs() <= 1e-12 * reference.loss.abs(),
+                "{case}: loss {} vs candle {}",
+                kernel.loss,
+                reference.loss
+            );
+            let (a, b) = (gradient_values(&kernel), gradient_values(&reference));
+            ensure!(a.len() == b.len(), "{case}: gradient counts differ");
+            for ((name, a), b) in weights.names().iter().zip(&a).zip(&b) {
+                let (Some(a), Some(b)) = (a, b) else {
+                    ensure!(
+                        a.is_none() && b.is_none(),
+                        "{case}: `{name}` has a gradient on one path only"
+                    );
+                    continue;
+                };
+                let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                ensure!(scale > 0.0, "{case}: `{name}`'s gradient is zero");
+                let worst = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs() / scale)
+                    .fold(0.0, f64::max);
+                ensure!(
+                    worst <= 1e-10,
+                    "{case}: `{name}` differs by {worst:e} of its largest entry {scale:e}"
+                );
+                worst_overall = worst_overall.max(worst);
+            }
+        }
+    }
+    eprintln!("kernel over features vs candle: worst relative difference {worst_overall:.1e}");
+    Ok(())
 }

@@ -58,15 +58,14 @@ impl MetaAlgorithm for Maml {
         kind: TaskKind,
     ) -> Result<MetaStep> {
         let cfg = self.inner(net, kind, self.inner_steps, !self.first_order)?;
-        // The plain-loop kernel adapts every layer.
-        if cfg.from_layer > 0 {
-            return gradient_meta_step(net, meta, tasks, kind, &cfg);
-        }
-        if let Some(step) = crate::meta::mlp_maml::meta_step(
+        // Small dense networks (or their adapted top, over features candle computes) cost
+        // candle more in per-op bookkeeping than in arithmetic: the plain-loop kernel.
+        if let Some(step) = crate::meta::mlp_maml::meta_step_on_features(
             net,
             meta,
             tasks,
             kind,
+            cfg.from_layer,
             self.inner_lr,
             self.inner_steps,
             !self.first_order,

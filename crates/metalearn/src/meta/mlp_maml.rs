@@ -15,13 +15,13 @@
 //! The meta-gradient is the mean of the tasks' `v`. Tasks run in parallel on rayon's pool and
 //! are summed in task order, so the result does not depend on the thread count.
 
-use candle_core::{DType, Device, Tensor, WithDType};
+use candle_core::{DType, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::meta::algorithm::{MetaParams, MetaStep};
 use crate::nn::architecture::{Activation, Layer};
-use crate::nn::network::Network;
+use crate::nn::network::{ForwardCtx, Network};
 use crate::tasks::{Task, TaskKind};
 
 /// One dense layer of the flattened parameter vector.
@@ -35,31 +35,50 @@ struct Dense {
     bias: usize,
 }
 
-/// The network as a chain of dense layers over one flat parameter vector.
+/// The adapted layers of a network as a chain of dense layers over one flat parameter vector.
 #[derive(Clone, Debug)]
 struct Mlp {
     layers: Vec<Dense>,
-    /// Per meta-parameter (in `MetaParams::tensors` order): offset, length and shape.
-    params: Vec<(usize, usize, Vec<usize>)>,
+    /// Per meta-parameter (in `MetaParams::tensors` order): offset, length and shape in the flat
+    /// vector; `None` for a weight of a layer below the adapted ones.
+    params: Vec<Option<(usize, usize, Vec<usize>)>>,
     len: usize,
 }
 
+/// A task's loss and the gradients the kernel computed for it.
+struct TaskGradient<T> {
+    loss: f64,
+    /// With respect to the flat parameter vector of the adapted layers.
+    theta: Vec<T>,
+    /// With respect to the support and query inputs (`[rows, inputs]`, row-major); empty
+    /// unless asked for.
+    support_x: Vec<T>,
+    query_x: Vec<T>,
+}
+
 impl Mlp {
-    /// The chain behind `net`, or `None` when it has other layers or activations.
-    fn of(net: &Network, meta: &MetaParams) -> Option<Self> {
+    /// The chain of layers `from_layer..` of `net`, or `None` when it has other layers or
+    /// activations. The flat vector holds the weights of those layers only.
+    fn of(net: &Network, meta: &MetaParams, from_layer: usize) -> Option<Self> {
         let names = meta.weights.names();
         let tensors = meta.weights.tensors();
+        let specs = net.param_specs();
         let mut offsets = std::collections::HashMap::new();
         let mut params = Vec::with_capacity(names.len());
         let mut len = 0;
         for (name, t) in names.iter().zip(tensors) {
+            let layer = specs.iter().find(|s| &s.name == name)?.layer;
+            if layer < from_layer {
+                params.push(None);
+                continue;
+            }
             offsets.insert(name.as_str(), (len, t.dims().to_vec()));
-            params.push((len, t.elem_count(), t.dims().to_vec()));
+            params.push(Some((len, t.elem_count(), t.dims().to_vec())));
             len += t.elem_count();
         }
         let mut layers: Vec<Dense> = Vec::new();
         let mut activated = true;
-        for named in &net.architecture().layers {
+        for named in net.architecture().layers.get(from_layer..)? {
             match &named.layer {
                 Layer::Dense { units } => {
                     let (weight, dims) = offsets.get(format!("{}.weight", named.name).as_str())?;
@@ -89,9 +108,9 @@ impl Mlp {
                 _ => return None,
             }
         }
-        // Every parameter must belong to a dense layer.
+        // Every adapted parameter must belong to a dense layer.
         let used = layers.len() * 2;
-        (used == params.len() && !layers.is_empty()).then_some(Self {
+        (used == params.iter().flatten().count() && !layers.is_empty()).then_some(Self {
             layers,
             params,
             len,
@@ -146,7 +165,9 @@ impl Mlp {
         (loss / n, grad)
     }
 
-    /// Gradient of the loss whose derivative with respect to the prediction is `d_out`.
+    /// Gradient of the loss whose derivative with respect to the prediction is `d_out`; with
+    /// `input_grad`, also adds the gradient with respect to the input there (`transposes[0]`
+    /// must then be present).
     #[inline(always)]
     fn backward<T: Real>(
         &self,
@@ -154,6 +175,7 @@ impl Mlp {
         acts: &[Vec<T>],
         d_out: Vec<T>,
         rows: usize,
+        input_grad: Option<&mut [T]>,
     ) -> Vec<T> {
         let mut grad = vec![T::zero(); self.len];
         let mut d = d_out;
@@ -168,10 +190,15 @@ impl Mlp {
                 d = next;
             }
         }
+        if let Some(out) = input_grad {
+            self.layers[0].back_through(&transposes[0], &d, rows, out);
+        }
         grad
     }
 
-    /// `H v`, the Hessian of the support loss at `theta` times `v` (R-operator).
+    /// `H v`, the Hessian of the support loss at `theta` times `v` (R-operator). With
+    /// `input_grad`, also adds `R_v{∇ₓL}`, the derivative of the input gradient along `v` (which
+    /// equals `(∂_x ∇_θ L)ᵀ v`, the mixed second derivative applied to `v`).
     #[inline(always)]
     fn hessian_vector<T: Real>(
         &self,
@@ -179,6 +206,7 @@ impl Mlp {
         v: &[T],
         y: &[T],
         rows: usize,
+        input_grad: Option<&mut [T]>,
     ) -> Vec<T> {
         let PathPoint {
             theta,
@@ -246,27 +274,40 @@ impl Mlp {
                 d = next_d;
             }
         }
+        if let Some(out) = input_grad {
+            // ∂L/∂x = d W₀ᵀ, so R{∂L/∂x} = R{d} W₀ᵀ + d V₀ᵀ (V₀: v's part for W₀).
+            let first = &self.layers[0];
+            first.back_through(&transposes[0], &r_d, rows, out);
+            first.back_through(&first.transposed(v), &d, rows, out);
+        }
         hv
     }
 
-    /// The weights `theta`, their transposes and the layer outputs on `x`.
-    fn path_point<T: Real>(&self, theta: Vec<T>, x: &[T], rows: usize) -> PathPoint<T> {
+    /// The weights `theta`, their transposes and the layer outputs on `x`; the first layer's
+    /// transpose only with `first` (input gradients wanted).
+    fn path_point<T: Real>(
+        &self,
+        theta: Vec<T>,
+        x: &[T],
+        rows: usize,
+        first: bool,
+    ) -> PathPoint<T> {
         let acts = self.forward(&theta, x, rows);
         PathPoint {
-            transposes: self.transposes(&theta),
+            transposes: self.transposes(&theta, first),
             theta,
             acts,
         }
     }
 
-    /// Every layer's weight matrix transposed (empty for the first layer, whose input gradient
-    /// is never needed).
-    fn transposes<T: Real>(&self, theta: &[T]) -> Vec<Vec<T>> {
+    /// Every layer's weight matrix transposed; the first layer's is empty unless `first`, as
+    /// only input gradients need it.
+    fn transposes<T: Real>(&self, theta: &[T], first: bool) -> Vec<Vec<T>> {
         self.layers
             .iter()
             .enumerate()
             .map(|(l, layer)| {
-                if l == 0 {
+                if l == 0 && !first {
                     Vec::new()
                 } else {
                     layer.transposed(theta)
@@ -276,7 +317,14 @@ impl Mlp {
     }
 
     /// One task's query loss and gradient of the query loss with respect to `theta` (through
-    /// the inner loop when `second_order`).
+    /// the inner loop when `second_order`); with `input_grads`, also its gradients with respect
+    /// to the support and query inputs.
+    ///
+    /// The support inputs reach the query loss through every inner gradient
+    /// `g_k = ∇_θ L_s(θ_k, x_s)`, so their gradient is `−α Σ_k (∂_x g_k)ᵀ λ_{k+1}`, where
+    /// `λ_{k+1}` is the gradient with respect to `θ_{k+1}`: exactly the `v` that the backward
+    /// recursion holds when it reaches point `k`, and `(∂_x g_k)ᵀ v = R_v{∇ₓL_s(θ_k)}` comes out
+    /// of the same R-operator pass as `H_k v`. First order detaches the `g_k`: zero.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn task_meta_gradient<T: Real>(
@@ -287,15 +335,18 @@ impl Mlp {
         lr: T,
         steps: usize,
         second_order: bool,
-    ) -> (f64, Vec<T>) {
+        input_grads: bool,
+    ) -> TaskGradient<T> {
         let (sx, sy, s_rows) = support;
         let (qx, qy, q_rows) = query;
+        let inputs = self.layers[0].inputs;
         let mut path: Vec<PathPoint<T>> = Vec::with_capacity(steps);
         let mut current = theta.to_vec();
+        let support_first = input_grads && second_order;
         for _ in 0..steps {
-            let point = self.path_point(current, sx, s_rows);
+            let point = self.path_point(current, sx, s_rows, support_first);
             let (_, d) = Self::loss(point.acts.last().expect("output"), sy);
-            let grad = self.backward(&point.transposes, &point.acts, d, s_rows);
+            let grad = self.backward(&point.transposes, &point.acts, d, s_rows, None);
             current = point
                 .theta
                 .iter()
@@ -304,18 +355,41 @@ impl Mlp {
                 .collect();
             path.push(point);
         }
-        let fast = self.path_point(current, qx, q_rows);
+        let fast = self.path_point(current, qx, q_rows, input_grads);
         let (loss, d) = Self::loss(fast.acts.last().expect("output"), qy);
-        let mut v = self.backward(&fast.transposes, &fast.acts, d, q_rows);
+        let mut query_x = vec![T::zero(); if input_grads { q_rows * inputs } else { 0 }];
+        let mut v = self.backward(
+            &fast.transposes,
+            &fast.acts,
+            d,
+            q_rows,
+            input_grads.then_some(query_x.as_mut_slice()),
+        );
+        let mut support_x = vec![T::zero(); if input_grads { s_rows * inputs } else { 0 }];
         if second_order {
             for point in path.iter().rev() {
-                let hv = self.hessian_vector(point, &v, sy, s_rows);
+                let hv = self.hessian_vector(
+                    point,
+                    &v,
+                    sy,
+                    s_rows,
+                    input_grads.then_some(support_x.as_mut_slice()),
+                );
                 for (vi, h) in v.iter_mut().zip(&hv) {
                     *vi -= lr * *h;
                 }
             }
+            // The sum above holds Σ_k R{∇ₓL_s(θ_k)}; every term enters with −α.
+            for g in support_x.iter_mut() {
+                *g = T::zero() - lr * *g;
+            }
         }
-        (loss, v)
+        TaskGradient {
+            loss,
+            theta: v,
+            support_x,
+            query_x,
+        }
     }
 }
 
@@ -514,6 +588,16 @@ impl Dense {
     }
 }
 
+/// The dtype the kernel would run in, or `None` when it cannot run at all: kernels switched
+/// off, not regression, learned inner rates, weights not on the CPU, or no tasks.
+fn eligible(meta: &MetaParams, tasks: &[Task], kind: TaskKind) -> Option<DType> {
+    if !crate::kernels::enabled() || kind != TaskKind::Regression || meta.inner_lrs.is_some() {
+        return None;
+    }
+    let first = meta.weights.tensors().first()?;
+    (first.device().is_cpu() && !tasks.is_empty()).then_some(first.dtype())
+}
+
 /// The MAML (or first-order MAML) meta-step on `tasks`, or `None` when this kernel does not
 /// apply: kernels switched off, not on the CPU, not regression, learned inner rates, layers
 /// other than dense ones with ReLU or linear activations, or shapes it does not expect.
@@ -526,23 +610,85 @@ pub fn meta_step(
     steps: usize,
     second_order: bool,
 ) -> Result<Option<MetaStep>> {
-    if !crate::kernels::enabled() || kind != TaskKind::Regression || meta.inner_lrs.is_some() {
-        return Ok(None);
-    }
-    let Some(first) = meta.weights.tensors().first() else {
+    let Some(dtype) = eligible(meta, tasks, kind) else {
         return Ok(None);
     };
-    if !first.device().is_cpu() || tasks.is_empty() {
-        return Ok(None);
-    }
-    let Some(mlp) = Mlp::of(net, meta) else {
+    let Some(mlp) = Mlp::of(net, meta, 0) else {
         return Ok(None);
     };
-    match first.dtype() {
+    match dtype {
         DType::F32 => run::<f32>(&mlp, meta, tasks, inner_lr, steps, second_order),
         DType::F64 => run::<f64>(&mlp, meta, tasks, inner_lr, steps, second_order),
         _ => Ok(None),
     }
+}
+
+/// The MAML (or first-order MAML) meta-step when the inner loop adapts only the layers from
+/// `from_layer` on (MeLU: the decision layers above shared feature embeddings), or `None` when
+/// this kernel does not apply: as [`meta_step`] for the adapted layers, and the layers below
+/// must each work on one example at a time (feature embeddings, dense layers, activations,
+/// flatten; no batch normalisation).
+///
+/// candle computes the features below `from_layer` once, for the support and query rows of
+/// every task in one forward pass. The kernel runs each task's inner loop and meta-gradient on
+/// them at the task's own sizes (no padding) and also returns the gradient of the meta-loss with
+/// respect to every feature row; candle then carries that gradient into the weights below
+/// through the backward pass of `Σ features ⊙ gradient`. With `from_layer = 0` this is
+/// [`meta_step`].
+#[allow(clippy::too_many_arguments)]
+pub fn meta_step_on_features(
+    net: &Network,
+    meta: &MetaParams,
+    tasks: &[Task],
+    kind: TaskKind,
+    from_layer: usize,
+    inner_lr: f64,
+    steps: usize,
+    second_order: bool,
+) -> Result<Option<MetaStep>> {
+    if from_layer == 0 {
+        return meta_step(net, meta, tasks, kind, inner_lr, steps, second_order);
+    }
+    let Some(dtype) = eligible(meta, tasks, kind) else {
+        return Ok(None);
+    };
+    // Concatenating the tasks' rows into one forward pass changes nothing only for layers that
+    // treat every example on its own (batch statistics would mix the tasks).
+    let row_wise = net
+        .architecture()
+        .layers
+        .get(..from_layer)
+        .is_some_and(|below| {
+            below.iter().all(|l| {
+                matches!(
+                    l.layer,
+                    Layer::FeatureEmbedding { .. }
+                        | Layer::Dense { .. }
+                        | Layer::Activation { .. }
+                        | Layer::Flatten
+                        | Layer::Dropout { .. }
+                )
+            })
+        });
+    if !row_wise {
+        return Ok(None);
+    }
+    let Some(mlp) = Mlp::of(net, meta, from_layer) else {
+        return Ok(None);
+    };
+    let run = match dtype {
+        DType::F32 => run_on_features::<f32>,
+        DType::F64 => run_on_features::<f64>,
+        _ => return Ok(None),
+    };
+    run(
+        net,
+        &mlp,
+        meta,
+        tasks,
+        from_layer,
+        (inner_lr, steps, second_order),
+    )
 }
 
 /// Inputs and targets of a support or query set as flat vectors, with the row count.
@@ -569,6 +715,66 @@ fn task_data<T: WithDType>(mlp: &Mlp, task: &Task) -> Result<Option<TaskData<T>>
     })
 }
 
+/// The adapted weights as one flat vector, in the order of `mlp`'s offsets.
+fn flat_theta<T: Real>(mlp: &Mlp, meta: &MetaParams) -> Result<Vec<T>> {
+    let mut theta = Vec::with_capacity(mlp.len);
+    for (slot, t) in mlp.params.iter().zip(meta.weights.tensors()) {
+        if slot.is_some() {
+            theta.extend(t.flatten_all()?.to_vec1::<T>()?);
+        }
+    }
+    Ok(theta)
+}
+
+/// The meta-step of per-task results: the mean loss, the mean of the tasks' gradients (summed
+/// in task order) for the adapted weights, and `below(weight)` for the others.
+fn finish<T: Real>(
+    mlp: &Mlp,
+    meta: &MetaParams,
+    per_task: &[TaskGradient<T>],
+    below: impl Fn(&Tensor) -> Option<Tensor>,
+) -> Result<MetaStep> {
+    let count = per_task.len() as f64;
+    let loss = per_task.iter().map(|t| t.loss).sum::<f64>() / count;
+    if !loss.is_finite() {
+        return Ok(MetaStep {
+            loss,
+            grads: vec![None; mlp.params.len()],
+            batch_stats: Vec::new(),
+        });
+    }
+    let mut sum = vec![0f64; mlp.len];
+    for task in per_task {
+        for (s, v) in sum.iter_mut().zip(&task.theta) {
+            *s += v.to_f64();
+        }
+    }
+    let grads = mlp
+        .params
+        .iter()
+        .zip(meta.weights.tensors())
+        .map(|(slot, t)| {
+            let Some((offset, len, shape)) = slot else {
+                return Ok(below(t));
+            };
+            let values: Vec<T> = sum[*offset..offset + len]
+                .iter()
+                .map(|&s| T::from_f64(s / count))
+                .collect();
+            Ok(Some(Tensor::from_vec(
+                values,
+                shape.as_slice(),
+                t.device(),
+            )?))
+        })
+        .collect::<Result<_>>()?;
+    Ok(MetaStep {
+        loss,
+        grads,
+        batch_stats: Vec::new(),
+    })
+}
+
 fn run<T: Real>(
     mlp: &Mlp,
     meta: &MetaParams,
@@ -577,10 +783,7 @@ fn run<T: Real>(
     steps: usize,
     second_order: bool,
 ) -> Result<Option<MetaStep>> {
-    let mut theta = Vec::with_capacity(mlp.len);
-    for t in meta.weights.tensors() {
-        theta.extend(t.flatten_all()?.to_vec1::<T>()?);
-    }
+    let theta = flat_theta::<T>(mlp, meta)?;
     let mut data = Vec::with_capacity(tasks.len());
     for task in tasks {
         match task_data::<T>(mlp, task)? {
@@ -589,7 +792,7 @@ fn run<T: Real>(
         }
     }
     let lr = T::from_f64(inner_lr);
-    let per_task: Vec<(f64, Vec<T>)> = data
+    let per_task: Vec<TaskGradient<T>> = data
         .par_iter()
         .map(|((sx, sy, sr), (qx, qy, qr))| {
             mlp.task_meta_gradient(
@@ -599,42 +802,194 @@ fn run<T: Real>(
                 lr,
                 steps,
                 second_order,
+                false,
             )
         })
         .collect();
-    let count = tasks.len() as f64;
-    let loss = per_task.iter().map(|(l, _)| l).sum::<f64>() / count;
-    if !loss.is_finite() {
-        return Ok(Some(MetaStep {
-            loss,
-            grads: vec![None; mlp.params.len()],
-            batch_stats: Vec::new(),
-        }));
+    finish(mlp, meta, &per_task, |_| None).map(Some)
+}
+
+/// [`meta_step_on_features`] in `T`; `inner` is (learning rate, steps, second order).
+fn run_on_features<T: Real>(
+    net: &Network,
+    mlp: &Mlp,
+    meta: &MetaParams,
+    tasks: &[Task],
+    from_layer: usize,
+    (inner_lr, steps, second_order): (f64, usize, bool),
+) -> Result<Option<MetaStep>> {
+    let inputs = mlp.layers[0].inputs;
+    let outputs = mlp.outputs();
+    let example = &net.architecture().input_shape;
+    // Every task's support rows, then every task's query rows: one forward pass for all.
+    let sets: Vec<&(Tensor, Tensor)> = tasks
+        .iter()
+        .map(|t| &t.support)
+        .chain(tasks.iter().map(|t| &t.query))
+        .collect();
+    let mut starts = Vec::with_capacity(sets.len());
+    let mut targets = Vec::with_capacity(sets.len());
+    let mut total = 0;
+    for (x, y) in &sets {
+        let rows = x.dims().first().copied().unwrap_or(0);
+        if rows == 0 || x.dims()[1..] != example[..] || y.elem_count() != rows * outputs {
+            return Ok(None);
+        }
+        starts.push(total);
+        total += rows;
+        targets.push(y.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>()?);
     }
-    let mut sum = vec![0f64; mlp.len];
-    for (_, g) in &per_task {
-        for (s, v) in sum.iter_mut().zip(g) {
-            *s += v.to_f64();
+    starts.push(total);
+    let xs: Vec<&Tensor> = sets.iter().map(|(x, _)| x).collect();
+    let all = Tensor::cat(&xs, 0)?;
+    // Only first-order gradients of the features are taken (through the surrogate below).
+    let features = net.forward_layers(
+        &meta.weights,
+        &all,
+        &mut ForwardCtx::train().first_order(),
+        from_layer,
+    )?;
+    if features.dims() != [total, inputs] {
+        return Ok(None);
+    }
+    let host = features
+        .detach()
+        .to_dtype(T::DTYPE)?
+        .flatten_all()?
+        .to_vec1::<T>()?;
+    let set = |i: usize| {
+        let (start, end) = (starts[i], starts[i + 1]);
+        (
+            &host[start * inputs..end * inputs],
+            targets[i].as_slice(),
+            end - start,
+        )
+    };
+    let theta = flat_theta::<T>(mlp, meta)?;
+    let lr = T::from_f64(inner_lr);
+    let n = tasks.len();
+    let per_task: Vec<TaskGradient<T>> = (0..n)
+        .into_par_iter()
+        .map(|t| mlp.task_meta_gradient(&theta, set(t), set(n + t), lr, steps, second_order, true))
+        .collect();
+    // The feature gradients in the row order of `features`, each task's scaled by 1 / n as
+    // its loss enters the mean.
+    let scale = 1.0 / n as f64;
+    let grad_features: Vec<T> = per_task
+        .iter()
+        .map(|t| &t.support_x)
+        .chain(per_task.iter().map(|t| &t.query_x))
+        .flat_map(|g| g.iter().map(|&v| T::from_f64(v.to_f64() * scale)))
+        .collect();
+    let loss_finite = per_task.iter().all(|t| t.loss.is_finite());
+    let store = if loss_finite {
+        let grad_features = Tensor::from_vec(grad_features, features.shape(), features.device())?
+            .to_dtype(features.dtype())?;
+        // The gradient of Σ features ⊙ G with respect to the features is G: its backward pass
+        // carries the kernel's feature gradients into the weights below `from_layer`.
+        let surrogate = features.mul(&grad_features)?.sum_all()?;
+        Some(crate::runtime::backward(&surrogate)?)
+    } else {
+        None
+    };
+    let below = |t: &Tensor| store.as_ref()?.get(t).map(Tensor::detach);
+    finish(mlp, meta, &per_task, below).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 5 inputs → dense 4 → ReLU → dense 3 → ReLU → dense 1, over one flat vector.
+    fn small_mlp() -> Mlp {
+        let mut layers = Vec::new();
+        let mut len = 0;
+        for (inputs, units, relu) in [(5, 4, true), (4, 3, true), (3, 1, false)] {
+            layers.push(Dense {
+                inputs,
+                units,
+                relu,
+                weight: len,
+                bias: len + inputs * units,
+            });
+            len += inputs * units + units;
+        }
+        Mlp {
+            layers,
+            params: Vec::new(),
+            len,
         }
     }
-    let grads = mlp
-        .params
-        .iter()
-        .map(|(offset, len, shape)| {
-            let values: Vec<T> = sum[*offset..offset + len]
-                .iter()
-                .map(|&s| T::from_f64(s / count))
-                .collect();
-            Ok(Some(Tensor::from_vec(
-                values,
-                shape.as_slice(),
-                &Device::Cpu,
-            )?))
-        })
-        .collect::<Result<_>>()?;
-    Ok(Some(MetaStep {
-        loss,
-        grads,
-        batch_stats: Vec::new(),
-    }))
+
+    /// Deterministic values in about ±1 (a fixed LCG: no random crate needed here).
+    fn values(seed: u64, n: usize) -> Vec<f64> {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The input gradients (and the weight gradient) of one task's meta-loss against central
+    /// differences, first and second order: the mixed terms through the inner updates included.
+    #[test]
+    fn input_gradients_match_finite_differences() {
+        let mlp = small_mlp();
+        let theta = values(1, mlp.len);
+        let (s_rows, q_rows) = (6, 4);
+        let sx = values(2, s_rows * 5);
+        let sy = values(3, s_rows);
+        let qx = values(4, q_rows * 5);
+        let qy = values(5, q_rows);
+        let (lr, steps) = (0.2, 3);
+        for second_order in [true, false] {
+            let at = |theta: &[f64], sx: &[f64], qx: &[f64]| {
+                mlp.task_meta_gradient(
+                    theta,
+                    (sx, &sy, s_rows),
+                    (qx, &qy, q_rows),
+                    lr,
+                    steps,
+                    second_order,
+                    true,
+                )
+            };
+            let g = at(&theta, &sx, &qx);
+            let eps = 1e-6;
+            let central = |point: &[f64], i: usize, f: &dyn Fn(&[f64]) -> f64| {
+                let (mut plus, mut minus) = (point.to_vec(), point.to_vec());
+                plus[i] += eps;
+                minus[i] -= eps;
+                (f(&plus) - f(&minus)) / (2.0 * eps)
+            };
+            let mut worst = 0.0f64;
+            let mut compare = |analytic: f64, numeric: f64| {
+                worst = worst.max((analytic - numeric).abs() / numeric.abs().max(1e-3));
+            };
+            for i in 0..sx.len() {
+                let numeric = central(&sx, i, &|x| at(&theta, x, &qx).loss);
+                // First order detaches the inner gradients: the support rows get nothing.
+                compare(g.support_x[i], if second_order { numeric } else { 0.0 });
+            }
+            for i in 0..qx.len() {
+                compare(g.query_x[i], central(&qx, i, &|x| at(&theta, &sx, x).loss));
+            }
+            if second_order {
+                for i in 0..theta.len() {
+                    compare(g.theta[i], central(&theta, i, &|t| at(t, &sx, &qx).loss));
+                }
+                assert!(g.support_x.iter().any(|v| v.abs() > 1e-3));
+            }
+            assert!(
+                worst < 1e-6,
+                "second order {second_order}: worst relative error {worst:e}"
+            );
+        }
+    }
 }
