@@ -14,6 +14,7 @@ use rand::Rng;
 use common::{check_gradient, check_hessian_vector_product, Point};
 use metalearn::meta::inner::{first_adapted_layer, gradient_meta_step, InnerLoop, InnerLr};
 use metalearn::meta::maml::Maml;
+use metalearn::meta::mlp_maml::{with_first_layer_form, FirstLayerForm};
 use metalearn::meta::{MetaAlgorithm, MetaParams, MetaStep};
 use metalearn::nn::architecture::{FeatureField, FeatureKind};
 use metalearn::tasks::{Task, TaskBatch, TaskKind};
@@ -352,12 +353,17 @@ fn second_order_maml_on_relu_decision_layers_matches_finite_differences() -> Res
         kernel_applies(&net, &meta, &tasks, false),
         "the kernel declined"
     );
-    check_padded_maml(
-        "MeLU-style MAML (fc1 on, ReLU), kernel",
-        &relu_arch(),
-        Some("fc1"),
-        false,
-    )
+    for form in [FirstLayerForm::Plain, FirstLayerForm::Gram] {
+        with_first_layer_form(form, || {
+            check_padded_maml(
+                &format!("MeLU-style MAML (fc1 on, ReLU), kernel, {form:?}"),
+                &relu_arch(),
+                Some("fc1"),
+                false,
+            )
+        })?;
+    }
+    Ok(())
 }
 
 #[test]
@@ -393,19 +399,23 @@ fn the_kernel_over_features_matches_the_candle_path() -> Result<()> {
             weights: ParamSet::from_vars(weights.names(), &vars)?,
             inner_lrs: None,
         };
-        for (steps, first_order) in [(1, false), (3, false), (1, true), (3, true)] {
-            let case = format!("seed {seed}, {steps} steps, first order {first_order}");
+        let cases = [(1, false), (3, false), (1, true), (3, true)];
+        let forms = [FirstLayerForm::Plain, FirstLayerForm::Gram];
+        for ((steps, first_order), form) in cases.into_iter().flat_map(|c| forms.map(|f| (c, f))) {
+            let case = format!("seed {seed}, {steps} steps, first order {first_order}, {form:?}");
             let lr = 0.1;
-            let kernel = metalearn::meta::mlp_maml::meta_step_on_features(
-                &net,
-                &meta,
-                &tasks,
-                TaskKind::Regression,
-                from_layer,
-                lr,
-                steps,
-                !first_order,
-            )?
+            let kernel = with_first_layer_form(form, || {
+                metalearn::meta::mlp_maml::meta_step_on_features(
+                    &net,
+                    &meta,
+                    &tasks,
+                    TaskKind::Regression,
+                    from_layer,
+                    lr,
+                    steps,
+                    !first_order,
+                )
+            })?
             .ok_or_else(|| anyhow::anyhow!("{case}: the kernel declined"))?;
             let cfg = InnerLoop {
                 loss: Loss::Mse,
