@@ -424,6 +424,53 @@ impl Mlp {
         }
     }
 
+    /// The chain with the first layer's weight matrix left out of the flat vector (the Gram
+    /// form keeps it implicit), and the segments `(offset here, offset there, length)` that
+    /// map this chain's vector onto the new one.
+    fn without_first_weight(&self) -> (Mlp, Vec<(usize, usize, usize)>) {
+        let mut blocks: Vec<(usize, usize)> = Vec::with_capacity(2 * self.layers.len());
+        for (l, layer) in self.layers.iter().enumerate() {
+            if l > 0 {
+                blocks.push((layer.weight, layer.inputs * layer.units));
+            }
+            blocks.push((layer.bias, layer.units));
+        }
+        blocks.sort_unstable();
+        let mut segments = Vec::with_capacity(blocks.len());
+        let mut len = 0;
+        for (offset, size) in blocks {
+            segments.push((offset, len, size));
+            len += size;
+        }
+        let moved = |offset: usize| {
+            segments
+                .iter()
+                .find(|s| s.0 == offset)
+                .map_or(usize::MAX, |s| s.1)
+        };
+        let layers = self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, layer)| Dense {
+                // Never read: usize::MAX makes any use fail loudly.
+                weight: if l == 0 {
+                    usize::MAX
+                } else {
+                    moved(layer.weight)
+                },
+                bias: moved(layer.bias),
+                ..layer.clone()
+            })
+            .collect();
+        let upper = Mlp {
+            layers,
+            params: Vec::new(),
+            len,
+        };
+        (upper, segments)
+    }
+
     /// Whether [`Self::task_meta_gradient_gram`] costs fewer multiply-adds than
     /// [`Self::task_meta_gradient`] with input gradients: when the first layer's inputs are
     /// wider than a task has rows (MeLU: 256 features, 3 to 90 support ratings).
@@ -439,7 +486,8 @@ impl Mlp {
         gram < plain
     }
 
-    /// [`Self::task_meta_gradient`] with input gradients, with the first layer in kernel form.
+    /// [`Self::task_meta_gradient`] with input gradients, with the first layer in kernel form;
+    /// `w0_t` is the first weight matrix of `theta` transposed (the same for every task).
     ///
     /// The support inputs `X_s` stay fixed through the inner loop, so every update of the
     /// first weight matrix lies in their row space: `W_k = W₀ − α X_sᵀ S_k` with
@@ -455,6 +503,7 @@ impl Mlp {
     fn task_meta_gradient_gram<T: Real>(
         &self,
         theta: &[T],
+        w0_t: &[T],
         support: (&[T], &[T], usize),
         query: (&[T], &[T], usize),
         lr: T,
@@ -463,9 +512,12 @@ impl Mlp {
     ) -> TaskGradient<T> {
         let (sx, sy, s) = support;
         let (qx, qy, q) = query;
-        let first = &self.layers[0];
+        // Everything but W₀ runs in the compact layout `upper`: per-step vector work then
+        // skips the n × h entries that stay put.
+        let (upper, segments) = self.without_first_weight();
+        let first = &upper.layers[0];
         let (n, h) = (first.inputs, first.units);
-        let w0 = first.weights(theta);
+        let w0 = self.layers[0].weights(theta);
         // Once per task: X_s W₀, X_q W₀, K_ss and K_qs.
         let sx_t = transpose(sx, s, n);
         let mut zs = vec![T::zero(); s * h];
@@ -479,16 +531,18 @@ impl Mlp {
         // The inner loop; `zs` holds X_s W_k, `sums` S_k, and each point keeps its S_k.
         let mut path: Vec<(PathPoint<T>, Vec<T>)> = Vec::with_capacity(steps);
         let mut sums = vec![T::zero(); s * h];
-        let mut current = theta.to_vec();
+        let mut current = vec![T::zero(); upper.len];
+        for &(from, to, len) in &segments {
+            current[to..to + len].copy_from_slice(&theta[from..from + len]);
+        }
         for _ in 0..steps {
             let z0 = add_rows(&zs, first.bias(&current));
-            let acts = self.forward_above(&current, z0, s);
-            let (_, grad, point) = self.path_point(current, acts, sy, s, false);
+            let acts = upper.forward_above(&current, z0, s);
+            let (_, grad, point) = upper.path_point(current, acts, sy, s, false);
             let d0 = &point.deltas[0];
             let mut kd = vec![T::zero(); s * h];
             multiply_accumulate([s, h, s], (&kss, s, 1), d0, &mut kd);
             axpy(&mut zs, T::zero() - lr, &kd);
-            // The first weight's slot of `grad` is zero: W₀ stays in `current`.
             current = point
                 .theta
                 .iter()
@@ -503,13 +557,12 @@ impl Mlp {
         multiply_accumulate([q, h, s], (&kqs, s, 1), &sums, &mut ks);
         axpy(&mut zq, T::zero() - lr, &ks);
         let z0 = add_rows(&zq, first.bias(&current));
-        let acts = self.forward_above(&current, z0, q);
-        let (loss, mut v, fast) = self.path_point(current, acts, qy, q, false);
+        let acts = upper.forward_above(&current, z0, q);
+        let (loss, mut v, fast) = upper.path_point(current, acts, qy, q, false);
         let dq = &fast.deltas[0];
         // ∂L/∂X_q = D_q W_Nᵀ = D_q W₀ᵀ − α (D_q S_Nᵀ) X_s.
-        let w0_t = first.transposed(theta);
         let mut query_x = vec![T::zero(); q * n];
-        multiply_accumulate([q, n, h], (dq, h, 1), &w0_t, &mut query_x);
+        multiply_accumulate([q, n, h], (dq, h, 1), w0_t, &mut query_x);
         let mut cqs = vec![T::zero(); q * s];
         multiply_accumulate([q, s, h], (dq, h, 1), &transpose(&sums, s, h), &mut cqs);
         scale_in_place(&mut cqs, T::zero() - lr);
@@ -529,7 +582,7 @@ impl Mlp {
                 // R{z₀} = X_s V₀ + v_b = K_qsᵀ A + K_ss B + v_b.
                 let mut r_z0 = add_rows(&ka, first.bias(&v));
                 multiply_accumulate([s, h, s], (&kss, s, 1), &b, &mut r_z0);
-                let (hv, r_d0) = self.hessian_vector(point, &v, s, Some(&r_z0));
+                let (hv, r_d0) = upper.hessian_vector(point, &v, s, Some(&r_z0));
                 let d0 = &point.deltas[0];
                 // R{D} W_kᵀ = R{D} W₀ᵀ − α (R{D} S_kᵀ) X_s, and D V₀ᵀ = (D Aᵀ) X_q + (D Bᵀ) X_s.
                 axpy(&mut c_w, T::one(), &r_d0);
@@ -542,32 +595,39 @@ impl Mlp {
                 axpy(&mut v, T::zero() - lr, &hv);
                 axpy(&mut b, T::zero() - lr, &r_d0);
             }
-            multiply_accumulate([s, n, h], (&c_w, h, 1), &w0_t, &mut support_x);
+            multiply_accumulate([s, n, h], (&c_w, h, 1), w0_t, &mut support_x);
             multiply_accumulate([s, n, s], (&c_s, s, 1), sx, &mut support_x);
             let mut c_q = vec![T::zero(); s * q];
             multiply_accumulate([s, q, h], (&d_sum, h, 1), &transpose(dq, q, h), &mut c_q);
             multiply_accumulate([s, n, q], (&c_q, q, 1), qx, &mut support_x);
             scale_in_place(&mut support_x, T::zero() - lr);
         }
-        // The first weight's gradient, V₀ = X_qᵀ A + X_sᵀ B (its slot in `v` is still zero).
-        let w_grad = first.weights_mut(&mut v);
+        // Back to the full layout, with the first weight's gradient V₀ = X_qᵀ A + X_sᵀ B.
+        let mut grad = vec![T::zero(); self.len];
+        for &(to, from, len) in &segments {
+            grad[to..to + len].copy_from_slice(&v[from..from + len]);
+        }
+        let w_grad = self.layers[0].weights_mut(&mut grad);
         multiply_accumulate([n, h, q], (qx, 1, n), dq, w_grad);
         if second_order {
             multiply_accumulate([n, h, s], (sx, 1, n), &b, w_grad);
         }
         TaskGradient {
             loss,
-            theta: v,
+            theta: grad,
             support_x,
             query_x,
         }
     }
 
-    /// [`Self::task_meta_gradient`] with input gradients, in the first layer's `form`.
+    /// [`Self::task_meta_gradient`] with input gradients, in the first layer's `form`; `w0_t`
+    /// as for [`Self::task_meta_gradient_gram`].
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn task_gradient_with_inputs<T: Real>(
         &self,
         theta: &[T],
+        w0_t: &[T],
         support: (&[T], &[T], usize),
         query: (&[T], &[T], usize),
         (lr, steps, second_order): (T, usize, bool),
@@ -579,7 +639,7 @@ impl Mlp {
             FirstLayerForm::Gram => true,
         };
         if gram {
-            self.task_meta_gradient_gram(theta, support, query, lr, steps, second_order)
+            self.task_meta_gradient_gram(theta, w0_t, support, query, lr, steps, second_order)
         } else {
             self.task_meta_gradient(theta, support, query, lr, steps, second_order, true)
         }
@@ -626,10 +686,28 @@ struct PathPoint<T> {
 }
 
 /// `x` (`[rows, cols]`, row-major) transposed.
-fn transpose<T: Copy>(x: &[T], rows: usize, cols: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(x.len());
-    for j in 0..cols {
-        out.extend(x[j..].iter().step_by(cols).take(rows));
+fn transpose<T: Real>(x: &[T], rows: usize, cols: usize) -> Vec<T> {
+    assert_eq!(
+        x.len(),
+        rows * cols,
+        "transpose: {rows} × {cols} values expected"
+    );
+    let mut out = vec![T::zero(); rows * cols];
+    // Blocks of 8 × 8 keep both the rows read and the rows written in cache.
+    const BLOCK: usize = 8;
+    for i0 in (0..rows).step_by(BLOCK) {
+        let i1 = (i0 + BLOCK).min(rows);
+        for j0 in (0..cols).step_by(BLOCK) {
+            for j in j0..(j0 + BLOCK).min(cols) {
+                for i in i0..i1 {
+                    // SAFETY: i < rows and j < cols, and both buffers hold rows × cols values
+                    // (asserted above); bounds checks here cost as much as the copy.
+                    unsafe {
+                        *out.get_unchecked_mut(j * rows + i) = *x.get_unchecked(i * cols + j)
+                    };
+                }
+            }
+        }
     }
     out
 }
@@ -880,12 +958,7 @@ impl Dense {
 
     /// The weight matrix transposed to `[units, inputs]`.
     fn transposed<T: Real>(&self, theta: &[T]) -> Vec<T> {
-        let w = self.weights(theta);
-        let mut out = Vec::with_capacity(w.len());
-        for j in 0..self.units {
-            out.extend(w[j..].iter().step_by(self.units));
-        }
-        out
+        transpose(self.weights(theta), self.inputs, self.units)
     }
 
     /// Adds `inputᵀ d` to the weight gradient and the column sums of `d` to the bias gradient.
@@ -1205,21 +1278,22 @@ fn run_on_features<T: Real>(
     let n = tasks.len();
     // Read on this thread: the tasks run on rayon's.
     let form = FORM.with(std::cell::Cell::get);
+    let w0_t = mlp.layers[0].transposed(&theta);
     let per_task: Vec<TaskGradient<T>> = (0..n)
         .into_par_iter()
         .map(|t| {
             let inner = (lr, steps, second_order);
-            mlp.task_gradient_with_inputs(&theta, set(t), set(n + t), inner, form)
+            mlp.task_gradient_with_inputs(&theta, &w0_t, set(t), set(n + t), inner, form)
         })
         .collect();
     // The feature gradients in the row order of `features`, each task's scaled by 1 / n as
     // its loss enters the mean.
-    let scale = 1.0 / n as f64;
+    let scale = T::from_f64(1.0 / n as f64);
     let grad_features: Vec<T> = per_task
         .iter()
         .map(|t| &t.support_x)
         .chain(per_task.iter().map(|t| &t.query_x))
-        .flat_map(|g| g.iter().map(|&v| T::from_f64(v.to_f64() * scale)))
+        .flat_map(|g| g.iter().map(move |&v| v * scale))
         .collect();
     let loss_finite = per_task.iter().all(|t| t.loss.is_finite());
     let store = if loss_finite {
@@ -1323,7 +1397,16 @@ mod tests {
                 let at = |theta: &[f64], sx: &[f64], qx: &[f64], gram: bool| {
                     let (support, query) = ((sx, &sy[..], s_rows), (qx, &qy[..], q_rows));
                     if gram {
-                        mlp.task_meta_gradient_gram(theta, support, query, lr, steps, second_order)
+                        let w0_t = mlp.layers[0].transposed(theta);
+                        mlp.task_meta_gradient_gram(
+                            theta,
+                            &w0_t,
+                            support,
+                            query,
+                            lr,
+                            steps,
+                            second_order,
+                        )
                     } else {
                         mlp.task_meta_gradient(theta, support, query, lr, steps, second_order, true)
                     }
