@@ -2,10 +2,11 @@
 //! tabular features (categorical, multi-valued, numeric) to one concatenated vector.
 //!
 //! The ids arrive as numbers in the input tensor. They are read on the host once per call,
-//! checked, and turned into one gather (`index_select`) per field plus a weight per gathered row
-//! (1 for a categorical value, `1 / count` for each value of a multi-valued cell, 0 for an empty
-//! slot), so a multi-valued cell's output is the mean of its values' embeddings. Gather and
-//! weighting are ordinary differentiable candle ops: gradients reach the tables, to any order.
+//! checked, and turned into one gather (`index_select`) per field of the filled slots' rows,
+//! each weighted (1 for a categorical value, `1 / count` for each value of a multi-valued cell)
+//! and added into its example's output row (`index_add`; empty slots add nothing), so a
+//! multi-valued cell's output is the mean of its values' embeddings. Gather, weighting and
+//! adding are ordinary differentiable candle ops: gradients reach the tables, to any order.
 
 use candle_core::{DType, Tensor};
 
@@ -101,8 +102,11 @@ pub(crate) fn embed(
                 )))
             }
         };
+        // One entry per filled slot: (row, id, weight). Empty slots add nothing, and a row's
+        // output is the weighted sum of its entries' table rows.
         let mut ids = Vec::with_capacity(rows * field.slots);
         let mut weights = Vec::with_capacity(rows * field.slots);
+        let mut entry_rows = Vec::with_capacity(rows * field.slots);
         for r in 0..rows {
             let present = (0..field.slots)
                 .filter(|&s| column(r, s) >= 0.0)
@@ -111,8 +115,6 @@ pub(crate) fn embed(
             for s in 0..field.slots {
                 let v = column(r, s);
                 if v < 0.0 {
-                    ids.push(0u32);
-                    weights.push(0.0);
                     continue;
                 }
                 if v.fract() != 0.0 || v >= field.vocab as f64 {
@@ -130,15 +132,40 @@ pub(crate) fn embed(
                 };
                 ids.push((base + v as usize) as u32);
                 weights.push(1.0 / present as f64);
+                entry_rows.push(r as u32);
             }
         }
-        let ids = Tensor::from_vec(ids, rows * field.slots, device)?;
-        let weights =
-            Tensor::from_vec(weights, (rows, field.slots, 1), device)?.to_dtype(table.dtype())?;
-        let gathered = table
-            .index_select(&ids, 0)?
-            .reshape((rows, field.slots, field.dim))?;
-        parts.push(gathered.broadcast_mul(&weights)?.sum(1)?);
+        if rows == 0 {
+            parts.push(Tensor::zeros((0, field.dim), table.dtype(), device)?);
+            offset += field.slots;
+            continue;
+        }
+        if ids.is_empty() {
+            // Every slot empty: one entry of weight 0 keeps the table in the graph (a zero
+            // gradient, not none), as for any batch with some empty slots.
+            ids.push(0);
+            weights.push(0.0);
+            entry_rows.push(0);
+        }
+        let entries = ids.len();
+        let gathered = table.index_select(&Tensor::from_vec(ids, entries, device)?, 0)?;
+        let single = entries == rows && weights.iter().all(|&w| w == 1.0);
+        parts.push(if single {
+            // One value in every row (a categorical field without empty cells): the gathered
+            // rows are the output.
+            gathered
+        } else {
+            // A sum over a middle dimension is slow in candle; adding the weighted rows into
+            // their output rows is one pass.
+            let weights =
+                Tensor::from_vec(weights, (entries, 1), device)?.to_dtype(table.dtype())?;
+            let entry_rows = Tensor::from_vec(entry_rows, entries, device)?;
+            Tensor::zeros((rows, field.dim), table.dtype(), device)?.index_add(
+                &entry_rows,
+                &gathered.broadcast_mul(&weights)?,
+                0,
+            )?
+        });
         offset += field.slots;
     }
     let out = Tensor::cat(&parts, 1)?;
