@@ -1289,12 +1289,15 @@ fn run_on_features<T: Real>(
     // The feature gradients in the row order of `features`, each task's scaled by 1 / n as
     // its loss enters the mean.
     let scale = T::from_f64(1.0 / n as f64);
-    let grad_features: Vec<T> = per_task
+    let mut grad_features: Vec<T> = Vec::with_capacity(host.len());
+    for g in per_task
         .iter()
         .map(|t| &t.support_x)
         .chain(per_task.iter().map(|t| &t.query_x))
-        .flat_map(|g| g.iter().map(move |&v| v * scale))
-        .collect();
+    {
+        // Slice by slice (a flat_map's collect neither knows its length nor vectorises).
+        grad_features.extend(g.iter().map(|&v| v * scale));
+    }
     let loss_finite = per_task.iter().all(|t| t.loss.is_finite());
     let store = if loss_finite {
         let grad_features = Tensor::from_vec(grad_features, features.shape(), features.device())?
