@@ -319,12 +319,12 @@ fn recommendation(
         .collect();
     if !args.json {
         println!(
-            "{:<16} {:<18} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            "{:<16} {:<22} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8}",
             "partition", "method", "users", "MAE", "RMSE", "nDCG@1", "nDCG@3", "nDCG@5"
         );
         for (partition, method, s) in &table {
             println!(
-                "{:<16} {:<18} {:>7} {:>8.4} {:>8.4} {:>8.4} {:>8.4} {:>8.4}",
+                "{:<16} {:<22} {:>7} {:>8.4} {:>8.4} {:>8.4} {:>8.4} {:>8.4}",
                 partition,
                 method,
                 s.users,
