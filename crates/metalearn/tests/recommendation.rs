@@ -174,6 +174,18 @@ fn padded_batches_weigh_each_task_by_its_own_size() -> Result<()> {
     Ok(())
 }
 
+/// A step's gradients as one flat vector in the order of `weights` (zeros where none).
+fn flat_grads(step: &metalearn::meta::MetaStep, weights: &ParamSet) -> Vec<f64> {
+    step.grads
+        .iter()
+        .zip(weights.tensors())
+        .flat_map(|(g, t)| match g {
+            Some(g) => common::values(g),
+            None => vec![0.0; t.elem_count()],
+        })
+        .collect()
+}
+
 fn flatten(set: &ParamSet) -> Vec<f64> {
     set.tensors().iter().flat_map(common::values).collect()
 }
@@ -235,30 +247,14 @@ fn check_padded_maml(
         "{label}: padded meta-loss {} but one by one {reference}",
         step.loss
     );
-    let analytic: Vec<f64> = step
-        .grads
-        .iter()
-        .zip(weights.tensors())
-        .flat_map(|(g, t)| match g {
-            Some(g) => common::values(g),
-            None => vec![0.0; t.elem_count()],
-        })
-        .collect();
+    let analytic = flat_grads(&step, &weights);
     if first_order {
         // First order: the gradient at the fast weights, not the objective's gradient; check
         // it against the one-by-one first-order steps instead.
         let mut mean = vec![0.0; at.len()];
         for task in &tasks {
             let s = maml.meta_train_step(&net, &meta, std::slice::from_ref(task), kind)?;
-            let g: Vec<f64> = s
-                .grads
-                .iter()
-                .zip(weights.tensors())
-                .flat_map(|(g, t)| match g {
-                    Some(g) => common::values(g),
-                    None => vec![0.0; t.elem_count()],
-                })
-                .collect();
+            let g = flat_grads(&s, &weights);
             for (m, v) in mean.iter_mut().zip(g) {
                 *m += v / tasks.len() as f64;
             }

@@ -2,11 +2,12 @@
 //! print the items they have not rated with the highest predicted ratings.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::Args;
 use serde_json::json;
 
+use metalearn::data::ratings::{read_user_features, read_user_ratings};
 use metalearn::error::{Error, Result};
 use metalearn::experiment::load_meta_model;
 use metalearn::experiment::recommend::recommend;
@@ -39,22 +40,6 @@ pub struct RecommendArgs {
     pub json: bool,
 }
 
-fn read_table(path: &Path) -> Result<(Vec<String>, Vec<csv::StringRecord>)> {
-    let fail = |e: csv::Error| Error::Data(format!("{}: {e}", path.display()));
-    let mut reader = csv::Reader::from_path(path).map_err(fail)?;
-    let header = reader
-        .headers()
-        .map_err(fail)?
-        .iter()
-        .map(|h| h.trim().to_string())
-        .collect();
-    let rows = reader
-        .records()
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(fail)?;
-    Ok((header, rows))
-}
-
 /// Runs `recommend`.
 pub fn run(args: &RecommendArgs) -> Result<()> {
     let device = candle_core::Device::Cpu;
@@ -69,60 +54,11 @@ pub fn run(args: &RecommendArgs) -> Result<()> {
     if let Some(data) = &args.data {
         config.task.data = Some(data.clone());
     }
-    let columns = config.ratings_config();
-    let (header, rows) = read_table(&args.ratings)?;
-    let column = |name: &str| {
-        header.iter().position(|h| h == name).ok_or_else(|| {
-            Error::Data(format!(
-                "{}: no column `{name}`; its columns are {}",
-                args.ratings.display(),
-                header.join(", ")
-            ))
-        })
+    let ratings = read_user_ratings(&args.ratings, &config.ratings_config())?;
+    let features = match &args.user_features {
+        Some(path) => read_user_features(path)?,
+        None => HashMap::new(),
     };
-    let (item_col, rating_col) = (
-        column(&columns.item_column)?,
-        column(&columns.rating_column)?,
-    );
-    let [lo, hi] = columns.scale;
-    let mut ratings = Vec::with_capacity(rows.len());
-    for (i, row) in rows.iter().enumerate() {
-        let line = row.position().map_or(i as u64 + 2, |p| p.line());
-        let item = row.get(item_col).unwrap_or("").trim().to_string();
-        let text = row.get(rating_col).unwrap_or("").trim();
-        let rating: f32 = text
-            .parse()
-            .ok()
-            .filter(|r: &f32| (lo as f32..=hi as f32).contains(r))
-            .ok_or_else(|| {
-                Error::Data(format!(
-                    "{}:{line}: column `{}`: `{text}` is not a rating in [{lo}, {hi}]",
-                    args.ratings.display(),
-                    columns.rating_column
-                ))
-            })?;
-        if item.is_empty() {
-            return Err(Error::Data(format!(
-                "{}:{line}: empty item id",
-                args.ratings.display()
-            )));
-        }
-        ratings.push((item, rating));
-    }
-    let mut features = HashMap::new();
-    if let Some(path) = &args.user_features {
-        let (header, rows) = read_table(path)?;
-        let [row] = &rows[..] else {
-            return Err(Error::Data(format!(
-                "{}: needs exactly one row of user features, has {}",
-                path.display(),
-                rows.len()
-            )));
-        };
-        for (h, v) in header.iter().zip(row.iter()) {
-            features.insert(h.clone(), v.to_string());
-        }
-    }
     // Loading the data is not part of the time a recommendation takes.
     config.ratings_data()?;
     let started = std::time::Instant::now();

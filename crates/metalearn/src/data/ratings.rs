@@ -384,6 +384,21 @@ pub struct RatingsData {
 }
 
 impl RatingsData {
+    /// The mean warm rating (the middle of the scale when there is none): the global-mean
+    /// predictor, and where a recommender's head starts.
+    pub fn warm_mean(&self) -> f64 {
+        let (total, count) = self
+            .ratings
+            .iter()
+            .filter(|r| r.partition == 0)
+            .fold((0.0, 0usize), |(t, n), r| (t + r.rating as f64, n + 1));
+        if count > 0 {
+            total / count as f64
+        } else {
+            (self.scale[0] + self.scale[1]) / 2.0
+        }
+    }
+
     /// Input slots per example (item slots, then user slots).
     pub fn slots(&self) -> usize {
         self.items.width + self.users.width
@@ -450,6 +465,52 @@ impl RatingsData {
         }
         Ok(out)
     }
+}
+
+/// One user's ratings for `recommend`: a CSV file with `config`'s item and rating columns. A
+/// rating that is not a number within the scale, or an empty item id, is an error naming the
+/// line.
+pub fn read_user_ratings(path: &Path, config: &RatingsConfig) -> Result<Vec<(String, f32)>> {
+    let table = Table::read(path)?;
+    let item_col = table.column(&config.item_column, "item ids")?;
+    let rating_col = table.column(&config.rating_column, "ratings")?;
+    let [lo, hi] = config.scale;
+    (0..table.rows.len())
+        .map(|r| {
+            let item = table.cell(r, item_col);
+            if item.is_empty() {
+                return Err(Error::Data(format!("{}: empty id", table.at(r, item_col))));
+            }
+            let text = table.cell(r, rating_col);
+            let rating = text
+                .parse::<f64>()
+                .ok()
+                .filter(|v| (lo..=hi).contains(v))
+                .ok_or_else(|| {
+                    Error::Data(format!(
+                        "{}: `{text}` is not a rating in [{lo}, {hi}]",
+                        table.at(r, rating_col)
+                    ))
+                })?;
+            Ok((item.to_string(), rating as f32))
+        })
+        .collect()
+}
+
+/// One user's features for `recommend`: a CSV file with a header and exactly one row, as a map
+/// from column to cell.
+pub fn read_user_features(path: &Path) -> Result<HashMap<String, String>> {
+    let table = Table::read(path)?;
+    if table.rows.len() != 1 {
+        return Err(Error::Data(format!(
+            "{}: needs exactly one row of user features, has {}",
+            path.display(),
+            table.rows.len()
+        )));
+    }
+    Ok((0..table.header.len())
+        .map(|c| (table.header[c].clone(), table.cell(0, c).to_string()))
+        .collect())
 }
 
 /// One CSV file read whole: header and rows, with the file name for errors.

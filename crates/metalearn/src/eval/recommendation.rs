@@ -134,18 +134,10 @@ pub fn evaluate_model(
     users: &[UserTask],
     steps: Option<usize>,
 ) -> Result<PartitionScores> {
-    let mut per_user = Vec::with_capacity(users.len());
-    for user in users {
-        let task = tasks.task(user)?;
+    score_tensor_predictions(tasks, users, |task| {
         let adapted = learner.adapt((&task.support.0, &task.support.1), steps)?;
-        let predicted = learner
-            .predict(&adapted, &task.query.0)?
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_vec1::<f64>()?;
-        per_user.push((predicted, truth(tasks, user)));
-    }
-    Ok(score_users(&per_user))
+        learner.predict(&adapted, &task.query.0)
+    })
 }
 
 /// The transfer baseline's scores on `users`: the same network trained without meta-learning
@@ -157,11 +149,21 @@ pub fn evaluate_transfer(
     users: &[UserTask],
     steps: usize,
 ) -> Result<PartitionScores> {
+    score_tensor_predictions(tasks, users, |task| {
+        baseline.adapt_and_predict(&task.support, &task.query.0, steps)
+    })
+}
+
+/// Scores a network-based method: `predict` turns a user's task (support and query tensors)
+/// into predictions for the query set.
+fn score_tensor_predictions(
+    tasks: &RecommendationTasks,
+    users: &[UserTask],
+    mut predict: impl FnMut(&crate::tasks::Task) -> Result<candle_core::Tensor>,
+) -> Result<PartitionScores> {
     let mut per_user = Vec::with_capacity(users.len());
     for user in users {
-        let task = tasks.task(user)?;
-        let predicted = baseline
-            .adapt_and_predict(&task.support, &task.query.0, steps)?
+        let predicted = predict(&tasks.task(user)?)?
             .flatten_all()?
             .to_dtype(candle_core::DType::F64)?
             .to_vec1::<f64>()?;
@@ -184,22 +186,13 @@ impl WarmMeans {
     /// size range, as the protocol says).
     pub fn new(tasks: &RecommendationTasks) -> Self {
         let mut sums: HashMap<&str, (f64, usize)> = HashMap::new();
-        let (mut total, mut count) = (0.0, 0usize);
         for r in tasks.data.ratings.iter().filter(|r| r.partition == 0) {
-            total += r.rating as f64;
-            count += 1;
             let e = sums.entry(r.item.as_str()).or_default();
             e.0 += r.rating as f64;
             e.1 += 1;
         }
-        let global = if count > 0 {
-            total / count as f64
-        } else {
-            let [lo, hi] = tasks.data.scale;
-            (lo + hi) / 2.0
-        };
         Self {
-            global,
+            global: tasks.data.warm_mean(),
             items: sums
                 .into_iter()
                 .map(|(k, (s, n))| (k.to_string(), s / n as f64))
@@ -263,7 +256,7 @@ impl Factorization {
             .iter()
             .filter(|r| r.partition == 0)
             .collect();
-        let mean = warm.iter().map(|r| r.rating as f64).sum::<f64>() / warm.len().max(1) as f64;
+        let mean = tasks.data.warm_mean();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut init =
             |n: usize| -> Vec<f64> { (0..n).map(|_| rng.gen_range(-0.05..0.05)).collect() };

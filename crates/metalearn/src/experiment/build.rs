@@ -170,29 +170,20 @@ impl ExperimentConfig {
         if self.model.arch == "recommender" {
             // The head starts at the mean warm rating, so training begins from the global-mean
             // predictor rather than from zero (a squared error of ~13 on a 1–5 scale).
-            let data = self.ratings_data()?;
-            let warm: Vec<f64> = data
-                .ratings
-                .iter()
-                .filter(|r| r.partition == 0)
-                .map(|r| r.rating as f64)
-                .collect();
-            if !warm.is_empty() {
-                let mean = warm.iter().sum::<f64>() / warm.len() as f64;
-                let mut meta = learner.meta_params();
-                meta.weights = meta.weights.map(|name, t| {
-                    Ok(if name == "head.bias" {
-                        t.ones_like()?.affine(mean, 0.0)?
-                    } else {
-                        t.copy()?
-                    })
-                })?;
-                meta.inner_lrs = match meta.inner_lrs {
-                    Some(rates) => Some(rates.map(|_, t| Ok(t.copy()?))?),
-                    None => None,
-                };
-                learner.set_meta_params(&meta)?;
-            }
+            let mean = self.ratings_data()?.warm_mean();
+            let mut meta = learner.meta_params();
+            meta.weights = meta.weights.map(|name, t| {
+                Ok(if name == "head.bias" {
+                    t.ones_like()?.affine(mean, 0.0)?
+                } else {
+                    t.copy()?
+                })
+            })?;
+            meta.inner_lrs = match meta.inner_lrs {
+                Some(rates) => Some(rates.map(|_, t| Ok(t.copy()?))?),
+                None => None,
+            };
+            learner.set_meta_params(&meta)?;
         }
         if self.model.arch == "encoder" {
             let encoder = self.text_encoder()?;

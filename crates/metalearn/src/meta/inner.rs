@@ -59,11 +59,13 @@ pub fn first_adapted_layer(net: &Network, adapt_from: Option<&str>) -> Result<us
 
 /// Repeats every weight along a new leading task dimension (a view; gradients sum back).
 pub fn broadcast_tasks(weights: &ParamSet, tasks: usize) -> Result<ParamSet> {
-    weights.map(|_, t| {
-        let mut shape = vec![tasks];
-        shape.extend_from_slice(t.dims());
-        Ok(t.unsqueeze(0)?.broadcast_as(shape)?)
-    })
+    weights.map(|_, t| broadcast_one(t, tasks))
+}
+
+fn broadcast_one(t: &Tensor, tasks: usize) -> Result<Tensor> {
+    let mut shape = vec![tasks];
+    shape.extend_from_slice(t.dims());
+    Ok(t.unsqueeze(0)?.broadcast_as(shape)?)
 }
 
 /// [`broadcast_tasks`], except for the tables of feature-embedding layers below `from_layer`:
@@ -85,11 +87,10 @@ pub fn broadcast_adapted(
     weights.map(|name, t| {
         let layer = name.split('.').next().unwrap_or_default();
         if shared.contains(&layer) {
-            return Ok(t.clone());
+            Ok(t.clone())
+        } else {
+            broadcast_one(t, tasks)
         }
-        let mut shape = vec![tasks];
-        shape.extend_from_slice(t.dims());
-        Ok(t.unsqueeze(0)?.broadcast_as(shape)?)
     })
 }
 
