@@ -210,14 +210,31 @@ fn layer_description(layer: &Layer) -> String {
             kernel_size,
             stride,
             padding,
-        } => format!(
-            "conv2d, {filters} filters {kernel_size}x{kernel_size}, stride {stride}, padding {padding}"
-        ),
+            groups,
+            bias,
+            same_padding,
+        } => {
+            let padding = if *same_padding {
+                "same (TensorFlow)".to_string()
+            } else {
+                padding.to_string()
+            };
+            let groups = match groups {
+                1 => String::new(),
+                g => format!(", {g} groups"),
+            };
+            let bias = if *bias { "" } else { ", no bias" };
+            format!(
+                "conv2d, {filters} filters {kernel_size}x{kernel_size}, stride {stride}, padding {padding}{groups}{bias}"
+            )
+        }
         Layer::BatchNorm { momentum, eps } => {
             format!("batch_norm, momentum {momentum}, eps {eps:e}")
         }
         Layer::MaxPool2d { size } => format!("max_pool2d, {size}x{size}"),
         Layer::Flatten => "flatten".into(),
+        Layer::GlobalAvgPool => "global_avg_pool".into(),
+        Layer::Add { from } => format!("add, skip connection from `{from}`"),
         Layer::Dropout { rate } => format!("dropout, rate {rate}"),
         Layer::Activation { .. } => layer.kind().into(),
         Layer::TokenEmbedding {

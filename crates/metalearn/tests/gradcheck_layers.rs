@@ -135,6 +135,22 @@ fn conv(filters: usize, kernel_size: usize, stride: usize, padding: usize) -> La
         kernel_size,
         stride,
         padding,
+        groups: 1,
+        bias: true,
+        same_padding: false,
+    }
+}
+
+/// A bias-free convolution with TensorFlow's SAME padding and `groups` channel groups.
+fn same_conv(filters: usize, kernel_size: usize, stride: usize, groups: usize) -> Layer {
+    Layer::Conv2d {
+        filters,
+        kernel_size,
+        stride,
+        padding: 0,
+        groups,
+        bias: false,
+        same_padding: true,
     }
 }
 
@@ -390,6 +406,253 @@ fn conv2d_directly_into_loss() -> Result<()> {
         Loss::Mse,
         15,
     ))
+}
+
+#[test]
+fn depthwise_conv_with_asymmetric_same_padding() -> Result<()> {
+    // 7x7 with a 3x3 kernel at stride 2: 4x4 out, padding 1 before and 1 after; on 8x8 the
+    // padding is 0 before and 1 after (the asymmetric case of EfficientNet's stride-2 blocks).
+    for (size, seed) in [(7, 16), (8, 17)] {
+        run(Case::new(
+            &format!("depthwise conv k3 s2 SAME on {size}x{size} → tanh → flatten → dense, mse"),
+            arch(
+                &[3, size, size],
+                &[
+                    same_conv(3, 3, 2, 3),
+                    Layer::tanh(),
+                    Layer::Flatten,
+                    Layer::dense(2),
+                ],
+            ),
+            2,
+            Loss::Mse,
+            seed,
+        ))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn grouped_conv_without_bias() -> Result<()> {
+    run(Case::new(
+        "conv k3 s1 SAME, 2 groups, no bias → tanh → flatten → dense, mse",
+        arch(
+            &[4, 5, 5],
+            &[
+                same_conv(6, 3, 1, 2),
+                Layer::tanh(),
+                Layer::Flatten,
+                Layer::dense(2),
+            ],
+        ),
+        2,
+        Loss::Mse,
+        18,
+    ))
+}
+
+#[test]
+fn same_padding_matches_tensorflow() {
+    // (side, kernel, stride) -> (before, after), from TensorFlow's definition.
+    let cases = [
+        ((224, 3, 2), (0, 1)),
+        ((112, 5, 2), (1, 2)),
+        ((7, 3, 2), (1, 1)),
+        ((14, 5, 1), (2, 2)),
+        ((1, 3, 2), (1, 1)),
+    ];
+    for ((side, kernel, stride), want) in cases {
+        assert_eq!(
+            ops::same_padding(side, kernel, stride),
+            want,
+            "side {side}, kernel {kernel}, stride {stride}"
+        );
+    }
+}
+
+#[test]
+fn depthwise_conv_equals_candle_conv2d_with_groups() -> Result<()> {
+    let device = Device::Cpu;
+    let mut rng = common::rng(19);
+    let x = common::normal(&mut rng, &[2, 6, 9, 9]);
+    for (groups, out) in [(6, 6), (3, 6), (2, 4), (6, 12)] {
+        let w = common::normal(&mut rng, &[out, 6 / groups, 3, 3]);
+        for stride in [1, 2] {
+            let ours = ops::conv2d_grouped(&x, &w, stride, [1; 4], groups)?;
+            let theirs = x.conv2d(&w, 1, stride, 1, groups)?;
+            let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            ensure!(
+                diff < 1e-12,
+                "groups {groups}, stride {stride}: differs by {diff}"
+            );
+        }
+    }
+    let _ = device;
+    Ok(())
+}
+
+// ---- activations of mobile networks, pooling and skip connections ---------------------------
+
+/// Smallest distance of a tensor's values from 0 and 6, the kinks of ReLU6, and from -3 and 3,
+/// those of hard-swish.
+fn min_kink_distance(t: &Tensor, kinks: &[f64]) -> f64 {
+    common::values(t)
+        .into_iter()
+        .flat_map(|v| kinks.iter().map(move |k| (v - k).abs()))
+        .fold(f64::INFINITY, f64::min)
+}
+
+#[test]
+fn relu6_silu_and_hard_swish() -> Result<()> {
+    for (layer, kinks, seed) in [
+        (
+            Layer::activation(metalearn::Activation::Relu6),
+            vec![0.0, 6.0],
+            20,
+        ),
+        (Layer::activation(metalearn::Activation::Silu), vec![], 21),
+        (
+            Layer::activation(metalearn::Activation::HardSwish),
+            vec![-3.0, 3.0],
+            22,
+        ),
+    ] {
+        // The dense layer's scale puts inputs on both sides of every kink.
+        let case = Case::new(
+            &format!("dense → {} → dense, mse", layer.kind()),
+            arch(&[3], &[Layer::dense(8), layer.clone(), Layer::dense(2)]),
+            6,
+            Loss::Mse,
+            seed,
+        );
+        let mut params = case.params.clone();
+        let w = params.get("dense_1.weight")?.affine(4.0, 0.0)?;
+        params.replace("dense_1.weight", w)?;
+        let case = Case { params, ..case };
+        if !kinks.is_empty() {
+            let margin = min_kink_distance(&case.activation_after(1), &kinks);
+            ensure!(margin > 1e-3, "an input is {margin} from a kink");
+        }
+        run(case)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn relu6_values() -> Result<()> {
+    let x = Tensor::new(&[-2.0f64, 0.5, 5.0, 7.0], &Device::Cpu)?;
+    let y = ops::relu6(&x)?.to_vec1::<f64>()?;
+    ensure!(y == vec![0.0, 0.5, 5.0, 6.0], "relu6 gave {y:?}");
+    let h = ops::hard_swish(&x)?.to_vec1::<f64>()?;
+    let want = [-2.0 * 1.0 / 6.0, 0.5 * 3.5 / 6.0, 5.0, 7.0];
+    for (a, b) in h.iter().zip(want) {
+        ensure!((a - b).abs() < 1e-12, "hard-swish gave {h:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn global_average_pooling() -> Result<()> {
+    run(Case::new(
+        "conv k3 p1 → global average pool → dense, mse",
+        arch(
+            &[2, 5, 4],
+            &[conv(3, 3, 1, 1), Layer::GlobalAvgPool, Layer::dense(2)],
+        ),
+        3,
+        Loss::Mse,
+        23,
+    ))
+}
+
+/// An inverted-residual block (MobileNetV2, EfficientNet-Lite): expand 1x1 → batch norm →
+/// ReLU6 → depthwise 3x3 → batch norm → ReLU6 → project 1x1 → batch norm → add the block's
+/// input; then pooling and a dense head.
+fn inverted_residual() -> Architecture {
+    let mut arch = Architecture::new(&[4, 5, 5]);
+    arch.push_named("stem", conv(4, 3, 1, 1)).expect("name");
+    for layer in [
+        same_conv(8, 1, 1, 1),
+        Layer::batch_norm(),
+        Layer::activation(metalearn::Activation::Relu6),
+        same_conv(8, 3, 1, 8),
+        Layer::batch_norm(),
+        Layer::activation(metalearn::Activation::Relu6),
+        same_conv(4, 1, 1, 1),
+        Layer::batch_norm(),
+        Layer::Add {
+            from: "stem".into(),
+        },
+        Layer::GlobalAvgPool,
+        Layer::dense(2),
+    ] {
+        arch.push(layer);
+    }
+    arch
+}
+
+#[test]
+fn inverted_residual_block_with_skip_connection() -> Result<()> {
+    let case = Case::new(
+        "inverted residual block, mse",
+        inverted_residual(),
+        3,
+        Loss::Mse,
+        27,
+    );
+    let margin = min_kink_distance(&case.activation_after(3), &[0.0, 6.0])
+        .min(min_kink_distance(&case.activation_after(6), &[0.0, 6.0]));
+    ensure!(margin > 1e-3, "a ReLU6 input is {margin} from a kink");
+    run(case)
+}
+
+#[test]
+fn skip_connection_adds_the_named_output() -> Result<()> {
+    // With the block's last batch norm scaled to zero, the block passes its input through.
+    let net = Network::build(&inverted_residual())?;
+    let mut params = common::generic_params(&net, 25);
+    let bn = "batch_norm_3";
+    params.replace(
+        &format!("{bn}.gamma"),
+        params.get(&format!("{bn}.gamma"))?.zeros_like()?,
+    )?;
+    params.replace(
+        &format!("{bn}.beta"),
+        params.get(&format!("{bn}.beta"))?.zeros_like()?,
+    )?;
+    let x = common::normal(&mut common::rng(26), &[2, 4, 5, 5]);
+    let mut ctx = ForwardCtx::train();
+    let stem = net.forward_layers(&params, &x, &mut ctx, 1)?;
+    let after_add = net.forward_layers(&params, &x, &mut ctx, 10)?;
+    let diff = (stem - after_add)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    ensure!(
+        diff < 1e-12,
+        "the skip connection changed its input by {diff}"
+    );
+    // A skip connection whose source lies before the range run is an error, not a wrong sum.
+    let h = net.forward_layers(&params, &x, &mut ctx, 8)?;
+    let err = net
+        .forward_range(&params, &h, &mut ctx, 8, 10, false)
+        .expect_err("source not computed");
+    ensure!(err.to_string().contains("stem"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn skip_connection_shapes_are_checked() {
+    let mut arch = Architecture::new(&[2, 4, 4]);
+    arch.push_named("a", conv(3, 3, 1, 1)).expect("name");
+    arch.push(Layer::Add {
+        from: "input".into(),
+    });
+    let err = Network::build(&arch).expect_err("shape mismatch");
+    assert!(err.to_string().contains("[2, 4, 4]"), "{err}");
+    let mut arch = Architecture::new(&[2, 4, 4]);
+    arch.push(Layer::Add {
+        from: "later".into(),
+    });
+    let err = Network::build(&arch).expect_err("unknown source");
+    assert!(err.to_string().contains("later"), "{err}");
 }
 
 // ---- batch normalisation ---------------------------------------------------------------------

@@ -114,6 +114,9 @@ fn network(s: &Shape) -> Network {
         kernel_size: s.kernel,
         stride: s.stride,
         padding: s.padding,
+        groups: 1,
+        bias: true,
+        same_padding: false,
     };
     let block = |arch: &mut Architecture| {
         arch.push(conv.clone());

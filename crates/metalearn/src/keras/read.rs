@@ -598,6 +598,9 @@ fn build(model: &KerasModel, weights: LayerWeights, shown: &str) -> Result<Seque
                         kernel_size: k,
                         stride: s,
                         padding,
+                        groups: 1,
+                        bias: true,
+                        same_padding: false,
                     },
                 )?;
                 params.push((format!("{name}.weight"), tensor(&[filters, c, k, k], oihw)?));

@@ -165,6 +165,30 @@ fn export_layers(model: &Sequential) -> Result<Vec<ExportLayer>> {
                      Sequential model cannot; export recommendation models as metalearn checkpoints"
                 )))
             }
+            Layer::Add { .. } => {
+                return Err(Error::Config(format!(
+                    "layer `{name}` (add) is a skip connection, which a Keras Sequential model \
+                     cannot hold; export residual networks as metalearn checkpoints"
+                )))
+            }
+            Layer::Conv2d {
+                groups,
+                bias,
+                same_padding,
+                ..
+            } if *groups != 1 || !*bias || *same_padding => {
+                return Err(Error::Config(format!(
+                    "layer `{name}`: grouped, bias-free or TensorFlow-padded convolutions are not \
+                     exported to Keras Sequential models yet; export the model as a metalearn \
+                     checkpoint"
+                )))
+            }
+            Layer::GlobalAvgPool => ExportLayer {
+                class: "GlobalAveragePooling2D",
+                name,
+                config: serde_json::json!({"data_format": "channels_last", "keepdims": false}),
+                weights: Vec::new(),
+            },
             Layer::Dense { units } => {
                 let fan_in: usize = shape.iter().product();
                 let mut kernel = values(p("weight")?)?;
@@ -197,6 +221,7 @@ fn export_layers(model: &Sequential) -> Result<Vec<ExportLayer>> {
                 kernel_size: k,
                 stride,
                 padding,
+                ..
             } => {
                 let c = shape[0];
                 let padding_name = match (*padding, *stride) {

@@ -240,7 +240,10 @@ fn explicit_gradients_supported(net: &Network, cfg: &InnerLoop) -> bool {
             .iter()
             .all(|l| match &l.layer {
                 Layer::Dense { .. } | Layer::Flatten => true,
-                Layer::Activation { activation } => !matches!(activation, Activation::Softmax),
+                Layer::Activation { activation } => matches!(
+                    activation,
+                    Activation::Relu | Activation::Tanh | Activation::Sigmoid | Activation::Linear
+                ),
                 _ => false,
             })
 }
@@ -324,7 +327,7 @@ fn explicit_gradients(
                 Activation::Tanh => g.mul(&output.sqr()?.affine(-1.0, 1.0)?)?,
                 Activation::Sigmoid => g.mul(&output.mul(&output.affine(-1.0, 1.0)?)?)?,
                 Activation::Linear => g,
-                Activation::Softmax => unreachable!("excluded by explicit_gradients_supported"),
+                _ => unreachable!("excluded by explicit_gradients_supported"),
             },
             _ => unreachable!("excluded by explicit_gradients_supported"),
         };

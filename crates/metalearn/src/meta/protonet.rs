@@ -152,6 +152,7 @@ impl MetaAlgorithm for ProtoNet {
                 mode: Mode::Train,
                 differentiable_backward: false,
                 token_mask: None,
+                skip_sources: Vec::new(),
                 running_stats: None,
                 batch_stats: Some(&mut stats),
                 rng: None,

@@ -18,6 +18,12 @@ pub enum Activation {
     Softmax,
     /// identity
     Linear,
+    /// min(max(0, x), 6) (MobileNet, EfficientNet-Lite)
+    Relu6,
+    /// x · sigmoid(x), also called swish (EfficientNet)
+    Silu,
+    /// x · min(max(x + 3, 0), 6) / 6 (MobileNetV3)
+    HardSwish,
 }
 
 impl std::str::FromStr for Activation {
@@ -29,8 +35,12 @@ impl std::str::FromStr for Activation {
             "tanh" => Ok(Self::Tanh),
             "softmax" => Ok(Self::Softmax),
             "linear" | "none" | "identity" => Ok(Self::Linear),
+            "relu6" => Ok(Self::Relu6),
+            "silu" | "swish" => Ok(Self::Silu),
+            "hard_swish" | "hardswish" | "hard-swish" => Ok(Self::HardSwish),
             other => Err(Error::Config(format!(
-                "unknown activation `{other}`: use relu, sigmoid, tanh, softmax or linear"
+                "unknown activation `{other}`: use relu, relu6, sigmoid, tanh, softmax, silu, \
+                 hard_swish or linear"
             ))),
         }
     }
@@ -45,7 +55,8 @@ pub enum Layer {
         /// Output features.
         units: usize,
     },
-    /// 2-D convolution over `[batch, channels, height, width]`, weights `[filters, in, k, k]`.
+    /// 2-D convolution over `[batch, channels, height, width]`, weights
+    /// `[filters, in / groups, k, k]` (PyTorch's order).
     Conv2d {
         /// Output channels.
         filters: usize,
@@ -54,9 +65,21 @@ pub enum Layer {
         /// Stride in both directions.
         #[serde(default = "one")]
         stride: usize,
-        /// Zero padding on every side.
+        /// Zero padding on every side (0 with `same_padding`).
         #[serde(default)]
         padding: usize,
+        /// Channel groups: 1 for a dense convolution, the input channel count for a
+        /// depthwise one; it must divide both the input channels and `filters`.
+        #[serde(default = "one", skip_serializing_if = "is_one")]
+        groups: usize,
+        /// Whether a learned bias is added (convolutions followed by batch norm have none).
+        #[serde(default = "yes", skip_serializing_if = "is_true")]
+        bias: bool,
+        /// TensorFlow's "SAME" padding: output size `ceil(in / stride)`, with the padding
+        /// `max((out - 1) · stride + k - in, 0)` split `total / 2` before (top, left) and the
+        /// rest after, as the EfficientNet and MobileNet weights from TensorFlow expect.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        same_padding: bool,
     },
     /// Batch normalisation over features (`[batch, features]`) or channels
     /// (`[batch, channels, h, w]`), with learned scale (`gamma`) and shift (`beta`).
@@ -75,6 +98,16 @@ pub enum Layer {
     },
     /// Flattens every dimension but the batch dimension.
     Flatten,
+    /// Mean over the spatial dimensions: `[channels, h, w]` to `[channels]`.
+    GlobalAvgPool,
+    /// A skip connection: adds the output of the earlier layer `from` (or the network's input
+    /// when `from` is `"input"`) to this layer's input, which must have the same shape. With it
+    /// a layer stack expresses residual networks while parameter names, freezing and
+    /// checkpoints stay per layer.
+    Add {
+        /// Name of the layer whose output is added.
+        from: String,
+    },
     /// Zeroes each value with probability `rate` while training, scaling the rest by 1/(1-rate).
     Dropout {
         /// Probability of dropping a value, in [0, 1).
@@ -202,6 +235,15 @@ fn is_default_lora_alpha(a: &f64) -> bool {
 fn one() -> usize {
     1
 }
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+fn yes() -> bool {
+    true
+}
+fn is_true(b: &bool) -> bool {
+    *b
+}
 fn default_bn_momentum() -> f64 {
     0.1
 }
@@ -222,6 +264,9 @@ impl Layer {
             kernel_size,
             stride: 1,
             padding,
+            groups: 1,
+            bias: true,
+            same_padding: false,
         }
     }
     /// Batch normalisation with default momentum (0.1) and epsilon (1e-5).
@@ -276,6 +321,8 @@ impl Layer {
             Layer::BatchNorm { .. } => "batch_norm",
             Layer::MaxPool2d { .. } => "max_pool2d",
             Layer::Flatten => "flatten",
+            Layer::GlobalAvgPool => "global_avg_pool",
+            Layer::Add { .. } => "add",
             Layer::Dropout { .. } => "dropout",
             Layer::Activation { activation } => match activation {
                 Activation::Relu => "relu",
@@ -283,6 +330,9 @@ impl Layer {
                 Activation::Tanh => "tanh",
                 Activation::Softmax => "softmax",
                 Activation::Linear => "linear",
+                Activation::Relu6 => "relu6",
+                Activation::Silu => "silu",
+                Activation::HardSwish => "hard_swish",
             },
             Layer::TokenEmbedding { .. } => "token_embedding",
             Layer::TransformerBlock { .. } => "transformer_block",

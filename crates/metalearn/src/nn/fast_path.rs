@@ -38,6 +38,18 @@ pub(crate) fn applies(layers: &[NamedLayer], h: &Tensor) -> bool {
         && layers
             .iter()
             .any(|l| matches!(l.layer, Layer::Conv2d { .. }))
+        // The kernels cover plain convolutions in a chain; grouped, bias-free or TF-padded
+        // convolutions and skip connections take the reference path.
+        && layers.iter().all(|l| match &l.layer {
+            Layer::Conv2d {
+                groups,
+                bias,
+                same_padding,
+                ..
+            } => *groups == 1 && *bias && !*same_padding,
+            Layer::Add { .. } => false,
+            _ => true,
+        })
 }
 
 /// Channels-last image rows with their geometry.

@@ -42,6 +42,9 @@ pub struct ForwardCtx<'a> {
     /// The padding mask of the token batch being encoded (`[batch, seq]`, 1 for tokens and 0
     /// for padding): set by a token-embedding layer, read by transformer blocks and pooling.
     pub token_mask: Option<Tensor>,
+    /// Outputs of the layers that skip connections ([`Layer::Add`]) read later in this forward
+    /// pass, by layer name (`"input"` for the network's input); filled by the forward loop.
+    pub skip_sources: Vec<(String, Tensor)>,
 }
 
 impl<'a> ForwardCtx<'a> {
@@ -54,6 +57,7 @@ impl<'a> ForwardCtx<'a> {
             rng: None,
             differentiable_backward: true,
             token_mask: None,
+            skip_sources: Vec::new(),
         }
     }
     /// Inference mode using the given running statistics (or batch statistics when `None`).
@@ -65,6 +69,7 @@ impl<'a> ForwardCtx<'a> {
             rng: None,
             differentiable_backward: true,
             token_mask: None,
+            skip_sources: Vec::new(),
         }
     }
 
@@ -89,13 +94,43 @@ pub(crate) fn apply_layer(
     Ok(match &named.layer {
         Layer::Dense { .. } => dense(h, p("weight")?, p("bias")?, batched)?,
         Layer::Conv2d {
-            stride, padding, ..
-        } => conv2d(h, p("weight")?, p("bias")?, *stride, *padding, batched)?,
+            kernel_size,
+            stride,
+            padding,
+            groups,
+            bias,
+            same_padding,
+            ..
+        } => {
+            let pads = if *same_padding {
+                let rank = h.rank();
+                let (top, bottom) = ops::same_padding(h.dim(rank - 2)?, *kernel_size, *stride);
+                let (left, right) = ops::same_padding(h.dim(rank - 1)?, *kernel_size, *stride);
+                [top, bottom, left, right]
+            } else {
+                [*padding; 4]
+            };
+            let bias = if *bias { Some(p("bias")?) } else { None };
+            conv2d(h, p("weight")?, bias, *stride, pads, *groups, batched)?
+        }
         Layer::BatchNorm { eps, .. } => {
             batch_norm(h, &named.name, p("gamma")?, p("beta")?, *eps, batched, ctx)?
         }
         Layer::MaxPool2d { size } => ops::max_pool(h, *size)?,
         Layer::Flatten => h.flatten_from(lead)?,
+        Layer::GlobalAvgPool => ops::global_avg_pool(h)?,
+        Layer::Add { from } => {
+            // The network's forward loop keeps the activations skip connections read.
+            let saved = ctx.skip_sources.iter().find(|(name, _)| name == from);
+            let Some((_, source)) = saved else {
+                return Err(crate::error::Error::Shape(format!(
+                    "layer `{}` adds the output of `{from}`, which this forward pass did not \
+                     compute: run the network from its first layer",
+                    named.name
+                )));
+            };
+            h.add(source)?
+        }
         Layer::Dropout { rate } => dropout(h, *rate, ctx)?,
         Layer::Activation { activation } => activate(h, *activation)?,
         Layer::TokenEmbedding { pad_id, eps, .. } => {
@@ -162,14 +197,18 @@ fn dense(x: &Tensor, w: &Tensor, b: &Tensor, batched: bool) -> Result<Tensor> {
 fn conv2d(
     x: &Tensor,
     w: &Tensor,
-    b: &Tensor,
+    b: Option<&Tensor>,
     stride: usize,
-    padding: usize,
+    padding: ops::Padding2d,
+    groups: usize,
     batched: bool,
 ) -> Result<Tensor> {
     // Shifted slices and one matrix product: exact to any order on every device, where candle's
     // own conv2d runs out of memory in second-order MAML (see `ops::conv2d`).
-    let y = crate::nn::ops::conv2d(x, w, stride, padding)?;
+    let y = ops::conv2d_grouped(x, w, stride, padding, groups)?;
+    let Some(b) = b else {
+        return Ok(y);
+    };
     let o = w.dim(if batched { 1 } else { 0 })?;
     let bias_shape: &[usize] = if batched {
         &[b.dim(0)?, 1, o, 1, 1]
@@ -267,5 +306,8 @@ pub(crate) fn activate(x: &Tensor, activation: Activation) -> Result<Tensor> {
         Activation::Tanh => Ok(x.tanh()?),
         Activation::Softmax => ops::softmax(x),
         Activation::Linear => Ok(x.clone()),
+        Activation::Relu6 => ops::relu6(x),
+        Activation::Silu => ops::silu(x),
+        Activation::HardSwish => ops::hard_swish(x),
     }
 }

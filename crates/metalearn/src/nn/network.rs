@@ -119,16 +119,37 @@ impl Network {
                     kernel_size,
                     stride,
                     padding,
+                    groups,
+                    bias,
+                    same_padding,
                 } => {
                     if shape.len() != 3 {
                         return Err(bad(format!(
                             "conv2d needs [channels, height, width] input, got {shape:?}"
                         )));
                     }
-                    if *filters == 0 || *kernel_size == 0 || *stride == 0 {
-                        return Err(bad("filters, kernel_size and stride must be > 0".into()));
+                    if *filters == 0 || *kernel_size == 0 || *stride == 0 || *groups == 0 {
+                        return Err(bad(
+                            "filters, kernel_size, stride and groups must be > 0".into()
+                        ));
+                    }
+                    if shape[0] % groups != 0 || filters % groups != 0 {
+                        return Err(bad(format!(
+                            "{groups} groups must divide both the {} input channels and the {filters} filters",
+                            shape[0]
+                        )));
+                    }
+                    if *same_padding && *padding != 0 {
+                        return Err(bad(
+                            "same_padding computes its own padding: set padding to 0".into(),
+                        ));
                     }
                     let padded = |side: usize| {
+                        if *same_padding {
+                            let (before, after) =
+                                crate::nn::ops::same_padding(side, *kernel_size, *stride);
+                            return Ok(side + before + after);
+                        }
                         padding
                             .checked_mul(2)
                             .and_then(|p| p.checked_add(side))
@@ -137,24 +158,56 @@ impl Network {
                     let (c, h, w) = (shape[0], padded(shape[1])?, padded(shape[2])?);
                     if h < *kernel_size || w < *kernel_size {
                         return Err(bad(format!(
-                            "kernel {kernel_size} larger than padded input {h}x{w}"
+                            "kernel {kernel_size} larger than padded input {h}x{w}; the images \
+                             are too small for this network: give it larger ones"
                         )));
                     }
-                    let fan_in = c
+                    let fan_in = (c / groups)
                         .checked_mul(*kernel_size)
                         .and_then(|n| n.checked_mul(*kernel_size))
                         .ok_or_else(|| bad(format!("kernel {kernel_size} is too large")))?;
                     params.push(spec(
                         "weight",
-                        vec![*filters, c, *kernel_size, *kernel_size],
+                        vec![*filters, c / groups, *kernel_size, *kernel_size],
                         Init::HeNormal { fan_in },
                     ));
-                    params.push(spec("bias", vec![*filters], Init::Zeros));
+                    if *bias {
+                        params.push(spec("bias", vec![*filters], Init::Zeros));
+                    }
                     vec![
                         *filters,
                         (h - kernel_size) / stride + 1,
                         (w - kernel_size) / stride + 1,
                     ]
+                }
+                Layer::GlobalAvgPool => {
+                    if shape.len() != 3 {
+                        return Err(bad(format!(
+                            "global average pooling needs [channels, height, width] input, got {shape:?}"
+                        )));
+                    }
+                    vec![shape[0]]
+                }
+                Layer::Add { from } => {
+                    let source = if from == "input" {
+                        Some(&arch.input_shape)
+                    } else {
+                        arch.layers[..i]
+                            .iter()
+                            .position(|l| &l.name == from)
+                            .map(|j| &shapes[j])
+                    };
+                    let Some(source) = source else {
+                        return Err(bad(format!(
+                            "adds the output of `{from}`, which is no earlier layer (use the name of a layer before it, or `input`)"
+                        )));
+                    };
+                    if *source != shape {
+                        return Err(bad(format!(
+                            "adds the output of `{from}`, of shape {source:?}, to an input of shape {shape:?}"
+                        )));
+                    }
+                    shape
                 }
                 Layer::BatchNorm { momentum, eps } => {
                     if shape.len() != 1 && shape.len() != 3 {
@@ -470,10 +523,26 @@ impl Network {
         if crate::nn::fast_path::applies(layers, h) {
             return crate::nn::fast_path::forward(layers, params, h, ctx, batched);
         }
+        // The outputs that skip connections in this range read later.
+        let sources: Vec<&str> = layers
+            .iter()
+            .filter_map(|l| match &l.layer {
+                Layer::Add { from } => Some(from.as_str()),
+                _ => None,
+            })
+            .collect();
+        ctx.skip_sources.clear();
+        if start == 0 && sources.contains(&"input") {
+            ctx.skip_sources.push(("input".into(), h.clone()));
+        }
         let mut h = h.clone();
         for named in layers {
             h = apply_layer(named, params, &h, ctx, batched)?;
+            if sources.contains(&named.name.as_str()) {
+                ctx.skip_sources.push((named.name.clone(), h.clone()));
+            }
         }
+        ctx.skip_sources.clear();
         Ok(h)
     }
 }

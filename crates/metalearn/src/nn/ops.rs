@@ -103,6 +103,32 @@ pub fn one_hot(labels: &Tensor, classes: usize, dtype: DType) -> Result<Tensor> 
 /// kernel; differentiated again, as second-order MAML does, that allocates patch matrices of
 /// the image size squared (tens of GB for a Conv-4 meta-batch).
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    conv2d_grouped(x, w, stride, [padding; 4], 1)
+}
+
+/// Zero padding of a convolution's input: `[top, bottom, left, right]`.
+pub type Padding2d = [usize; 4];
+
+/// TensorFlow's "SAME" padding of a `side`-long input for a `kernel` with `stride`: output
+/// `ceil(side / stride)`, the total padding `max((out - 1) · stride + kernel - side, 0)` split
+/// `total / 2` before and the rest after. Returns `(before, after)`.
+pub fn same_padding(side: usize, kernel: usize, stride: usize) -> (usize, usize) {
+    let out = side.div_ceil(stride.max(1));
+    let total = ((out.max(1) - 1) * stride + kernel).saturating_sub(side);
+    (total / 2, total - total / 2)
+}
+
+/// 2-D convolution (no bias) with asymmetric zero padding and channel groups, built like
+/// [`conv2d`] from shifted slices. `w` is `[o, c / groups, k, k]` (with a leading task
+/// dimension when `x` has one). A depthwise convolution (`groups == c == o`) multiplies the
+/// shifted slices by each channel's kernel and sums them, without a matrix product.
+pub fn conv2d_grouped(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: Padding2d,
+    groups: usize,
+) -> Result<Tensor> {
     let rank = x.rank();
     if !((rank == 4 || rank == 5) && w.rank() == rank) {
         return Err(Error::Shape(format!(
@@ -116,12 +142,25 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
     let (c, h, width) = (xd[rank - 3], xd[rank - 2], xd[rank - 1]);
     let (o, kc, k) = (wd[rank - 4], wd[rank - 3], wd[rank - 2]);
     let leading_match = rank == 4 || xd[0] == wd[0];
-    if kc != c || wd[rank - 1] != k || !leading_match || stride == 0 {
+    let groups_fit = groups > 0 && c % groups == 0 && o % groups == 0 && kc * groups == c;
+    if !groups_fit || wd[rank - 1] != k || !leading_match || stride == 0 {
         return Err(Error::Shape(format!(
-            "conv2d: kernels {wd:?} do not fit input {xd:?} (stride {stride})"
+            "conv2d: kernels {wd:?} do not fit input {xd:?} (stride {stride}, {groups} groups)"
         )));
     }
-    let (padded_h, padded_w) = (h + 2 * padding, width + 2 * padding);
+    if groups > 1 && !(groups == c && o == c) {
+        // Grouped but not depthwise: one dense convolution per group.
+        let (cg, og) = (c / groups, o / groups);
+        let mut outs = Vec::with_capacity(groups);
+        for g in 0..groups {
+            let xg = x.narrow(rank - 3, g * cg, cg)?;
+            let wg = w.narrow(rank - 4, g * og, og)?;
+            outs.push(conv2d_grouped(&xg, &wg, stride, padding, 1)?);
+        }
+        return Ok(Tensor::cat(&outs, rank - 3)?);
+    }
+    let [top, bottom, left, right] = padding;
+    let (padded_h, padded_w) = (h + top + bottom, width + left + right);
     if padded_h < k || padded_w < k {
         return Err(Error::Shape(format!(
             "conv2d: the {k}x{k} kernel is larger than the {padded_h}x{padded_w} padded input"
@@ -135,10 +174,11 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
     } else {
         x.permute((0, 1, 3, 4, 2))?
     };
-    if padding > 0 {
-        xl = xl
-            .pad_with_zeros(h_dim, padding, padding)?
-            .pad_with_zeros(w_dim, padding, padding)?;
+    if top + bottom > 0 {
+        xl = xl.pad_with_zeros(h_dim, top, bottom)?;
+    }
+    if left + right > 0 {
+        xl = xl.pad_with_zeros(w_dim, left, right)?;
     }
     let mut shifts = Vec::with_capacity(k * k);
     for i in 0..k {
@@ -155,26 +195,66 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
     // [lead.., oh, ow, c, k*k]: the column order of the kernels flattened as [o, c*k*k].
     let patches = Tensor::stack(&shifts, rank)?;
     let lead = &xd[..rank - 3];
-    let images: usize = lead[rank - 4..].iter().product::<usize>() * oh * ow;
-    let (rows, kernels) = if rank == 4 {
-        (
-            patches.reshape((images, c * k * k))?,
-            w.reshape((o, c * k * k))?.t()?,
-        )
-    } else {
-        (
-            patches.reshape((xd[0], images, c * k * k))?,
-            w.reshape((xd[0], o, c * k * k))?.transpose(1, 2)?,
-        )
-    };
     let mut out_shape = lead.to_vec();
     out_shape.extend([oh, ow, o]);
-    let y = rows.matmul(&kernels)?.reshape(out_shape)?;
+    let y = if groups > 1 {
+        // Depthwise: [lead.., oh, ow, c, k*k] times each channel's k*k kernel, summed.
+        let kernels = if rank == 4 {
+            w.reshape((c, k * k))?
+        } else {
+            w.reshape((xd[0], 1, 1, 1, c, k * k))?
+        };
+        patches.broadcast_mul(&kernels)?.sum(rank)?
+    } else {
+        let images: usize = lead[rank - 4..].iter().product::<usize>() * oh * ow;
+        let (rows, kernels) = if rank == 4 {
+            (
+                patches.reshape((images, c * k * k))?,
+                w.reshape((o, c * k * k))?.t()?,
+            )
+        } else {
+            (
+                patches.reshape((xd[0], images, c * k * k))?,
+                w.reshape((xd[0], o, c * k * k))?.transpose(1, 2)?,
+            )
+        };
+        rows.matmul(&kernels)?.reshape(out_shape)?
+    };
     Ok(if rank == 4 {
         y.permute((0, 3, 1, 2))?
     } else {
         y.permute((0, 1, 4, 2, 3))?
     })
+}
+
+/// Mean over the last two (spatial) dimensions.
+pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    let r = x.rank();
+    if r < 3 {
+        return Err(Error::Shape(format!(
+            "global average pooling needs [.., channels, h, w], got shape {:?}",
+            x.dims()
+        )));
+    }
+    Ok(x.mean(r - 1)?.mean(r - 2)?)
+}
+
+/// min(max(x, 0), 6), from two ReLUs so that it is differentiable to any order (the kinks
+/// have derivative zero almost everywhere, like ReLU's).
+pub fn relu6(x: &Tensor) -> Result<Tensor> {
+    // relu(x) - relu(x - 6)
+    Ok(x.relu()?.sub(&x.affine(1.0, -6.0)?.relu()?)?)
+}
+
+/// x · sigmoid(x).
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.mul(&sigmoid(x)?)?)
+}
+
+/// x · relu6(x + 3) / 6.
+pub fn hard_swish(x: &Tensor) -> Result<Tensor> {
+    Ok(x.mul(&relu6(&x.affine(1.0, 3.0)?)?)?
+        .affine(1.0 / 6.0, 0.0)?)
 }
 
 /// Every `step`-th entry along `dim`, `count` of them, of a tensor holding `(count - 1) * step

@@ -361,6 +361,7 @@ impl Sequential {
             mode: Mode::Train,
             differentiable_backward: false,
             token_mask: None,
+            skip_sources: Vec::new(),
             running_stats: None,
             batch_stats: Some(&mut batch_stats),
             rng: Some(rng),
