@@ -53,6 +53,7 @@ pub mod text;
 pub use metalearn_kernels::runtime;
 pub mod train;
 pub mod transfer;
+pub mod vision;
 pub mod workloads;
 
 pub use checkpoint::{Checkpoint, Provenance};

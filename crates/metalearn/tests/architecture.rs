@@ -23,7 +23,7 @@ const LIBRARY_LAYERS: &[&[&str]] = &[
     &["train"],
     &["checkpoint"],
     &["sequential"],
-    &["data", "keras", "text"],
+    &["data", "keras", "text", "vision"],
     &["tasks"],
     &["meta"],
     &["eval"],

@@ -1,0 +1,5 @@
+//! Pre-trained image backbones: their architectures (EfficientNet-Lite), their weights as people
+//! have them (safetensors, PyTorch `.pth` read without running code) and the image
+//! preprocessing they were trained with.
+
+pub mod pth;

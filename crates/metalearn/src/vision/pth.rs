@@ -1,0 +1,1 @@
+//! PyTorch `.pth` weight files, read without Python and without executing anything.
