@@ -2,4 +2,10 @@
 //! have them (safetensors, PyTorch `.pth` read without running code) and the image
 //! preprocessing they were trained with.
 
+pub mod backbone;
+pub mod efficientnet;
+pub mod image;
 pub mod pth;
+
+pub use backbone::{Backbone, Preprocess};
+pub use efficientnet::EfficientNetLite;

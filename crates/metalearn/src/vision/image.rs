@@ -1,0 +1,145 @@
+//! Images to network inputs, as the pre-trained weights expect them: decoding (any colour
+//! type to RGB), resizing the shorter side, centre crop and per-channel normalisation for
+//! photos; bilinear enlargement of small grey images (Fashion-MNIST, Omniglot).
+
+use std::path::Path;
+
+use image::imageops::FilterType;
+use image::RgbImage;
+
+use crate::error::{Error, Result};
+use crate::vision::backbone::Preprocess;
+
+/// Decodes an image file (PNG, JPEG, WebP; grey, grey + alpha, RGBA and CMYK become RGB).
+/// The error names the file.
+pub fn decode_rgb(path: &Path) -> Result<RgbImage> {
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| Error::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?;
+    let image = reader.decode().map_err(|e| {
+        Error::Data(format!(
+            "{}: not a readable image ({e}); pass --skip-bad-images to skip such files",
+            path.display()
+        ))
+    })?;
+    Ok(image.to_rgb8())
+}
+
+/// A photo as the network's input `[3, size, size]` (channel-major): the shorter side resized
+/// to `preprocess.resize` with an antialiased bilinear filter (PIL's `BILINEAR`), the centre
+/// `size` x `size` crop, each channel normalised.
+pub fn photo_input(image: &RgbImage, preprocess: &Preprocess) -> Result<Vec<f32>> {
+    let (w, h) = image.dimensions();
+    let size = preprocess.size as u32;
+    if w == 0 || h == 0 {
+        return Err(Error::Data(
+            "an empty image has no pixels to classify".into(),
+        ));
+    }
+    let shorter = w.min(h) as f64;
+    let scale = preprocess.resize.max(preprocess.size) as f64 / shorter;
+    let (nw, nh) = (
+        ((w as f64 * scale).round() as u32).max(size),
+        ((h as f64 * scale).round() as u32).max(size),
+    );
+    let resized = if (nw, nh) == (w, h) {
+        image.clone()
+    } else {
+        image::imageops::resize(image, nw, nh, FilterType::Triangle)
+    };
+    let (left, top) = ((nw - size) / 2, (nh - size) / 2);
+    let crop = image::imageops::crop_imm(&resized, left, top, size, size).to_image();
+    Ok(rgb_input(&crop, preprocess))
+}
+
+/// An RGB image already of the input size, normalised, channel-major.
+pub fn rgb_input(image: &RgbImage, preprocess: &Preprocess) -> Vec<f32> {
+    let (w, h) = image.dimensions();
+    let plane = (w * h) as usize;
+    let mut out = vec![0f32; 3 * plane];
+    for (i, pixel) in image.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * plane + i] = preprocess.normalise(pixel[c] as f32, c);
+        }
+    }
+    out
+}
+
+/// A small grey image (`height` x `width` 8-bit values, row-major) as the network's input
+/// `[3, size, size]`: enlarged with bilinear interpolation on pixel centres (PyTorch's
+/// `interpolate(mode="bilinear", align_corners=False)`, no antialiasing), normalised, copied
+/// to the three channels.
+pub fn grey_input(pixels: &[u8], height: usize, width: usize, preprocess: &Preprocess) -> Vec<f32> {
+    let size = preprocess.size;
+    let plane = size * size;
+    let mut out = vec![0f32; 3 * plane];
+    let source = |side: usize, i: usize| {
+        // Centre of output pixel i in input coordinates, clamped at the border.
+        let x = ((i as f64 + 0.5) * side as f64 / size as f64 - 0.5).max(0.0);
+        let lo = (x.floor() as usize).min(side - 1);
+        let hi = (lo + 1).min(side - 1);
+        (lo, hi, (x - lo as f64) as f32)
+    };
+    let cols: Vec<_> = (0..size).map(|i| source(width, i)).collect();
+    for oy in 0..size {
+        let (y0, y1, fy) = source(height, oy);
+        for (ox, &(x0, x1, fx)) in cols.iter().enumerate() {
+            let p = |y: usize, x: usize| pixels[y * width + x] as f32;
+            let top = p(y0, x0) * (1.0 - fx) + p(y0, x1) * fx;
+            let bottom = p(y1, x0) * (1.0 - fx) + p(y1, x1) * fx;
+            let v = top * (1.0 - fy) + bottom * fy;
+            for c in 0..3 {
+                out[c * plane + oy * size + ox] = preprocess.normalise(v, c);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bilinear_enlargement_matches_pixel_centre_interpolation() {
+        // 2x2 to 4x4: output centres at input 0.25 steps from -0.25 (clamped to 0) to 1.25
+        // (clamped to 1).
+        let p = Preprocess {
+            size: 4,
+            resize: 4,
+            mean: [0.0; 3],
+            std: [1.0 / 255.0; 3],
+        };
+        let out = grey_input(&[0, 100, 200, 40], 2, 2, &p);
+        let row0: Vec<f32> = out[..4].to_vec();
+        assert_eq!(row0, vec![0.0, 25.0, 75.0, 100.0]);
+        // Row 1 lies a quarter of the way from row 0 to row 1 of the input.
+        let want = 0.75 * 25.0 + 0.25 * (200.0 * 0.75 + 40.0 * 0.25);
+        assert!((out[5] - want).abs() < 1e-4, "{} vs {want}", out[5]);
+        // The three channels are equal.
+        assert_eq!(out[..16], out[16..32]);
+    }
+
+    #[test]
+    fn photo_is_resized_on_its_shorter_side_and_centre_cropped() {
+        let mut image = RgbImage::new(40, 20);
+        for (x, _, px) in image.enumerate_pixels_mut() {
+            *px = image::Rgb([x as u8 * 6, 0, 255]);
+        }
+        let p = Preprocess {
+            size: 8,
+            resize: 10,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        };
+        let input = photo_input(&image, &p).expect("resizes");
+        assert_eq!(input.len(), 3 * 64);
+        // Resized to 20x10, the crop keeps columns 6..14: the red ramp is centred.
+        let red_row: Vec<f32> = input[..8].to_vec();
+        assert!(red_row.windows(2).all(|w| w[1] > w[0]), "{red_row:?}");
+        let middle = (red_row[3] + red_row[4]) / 2.0;
+        assert!((middle - 0.47).abs() < 0.03, "{middle}");
+        assert!(input[128..].iter().all(|&b| (b - 1.0).abs() < 1e-6));
+    }
+}

@@ -1,0 +1,224 @@
+//! Pre-trained image backbones: EfficientNet-Lite's layout, weights read by name and shape,
+//! outputs against PyTorch's (the tiny random model's fixture always; the shared
+//! EfficientNet-Lite0 and the peers' reference outputs when `../shared` is present).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use metalearn::vision::backbone::read_weights;
+use metalearn::vision::image::{decode_rgb, rgb_input};
+use metalearn::vision::{Backbone, EfficientNetLite};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vision")
+}
+
+fn shared_lite0() -> Option<PathBuf> {
+    let dir = repo().join("../shared/models/efficientnet-lite0");
+    dir.join("model.safetensors").exists().then_some(dir)
+}
+
+/// splitmix64 values in [-1, 1), as the peers' reference inputs are made.
+fn splitmix64_uniform(seed: u64, n: usize) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            ((z >> 40) as f64 / (1u64 << 24) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - y).abs())
+        .fold(0.0, f64::max)
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number"))
+        .collect()
+}
+
+fn top5(logits: &[f32]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    order.truncate(5);
+    order
+}
+
+#[test]
+fn lite_variants_have_the_published_sizes() -> Result<()> {
+    // Trainable parameters with the 1000-class classifier: Lite0 exactly as the shared
+    // weights hold them; the others to the published 0.1M (TensorFlow's Lite README).
+    for (name, want, tolerance) in [
+        ("efficientnet_lite0", 4_652_008, 0),
+        ("efficientnet_lite1", 5_400_000, 50_000),
+        ("efficientnet_lite2", 6_100_000, 50_000),
+        ("efficientnet_lite3", 8_200_000, 50_000),
+        ("efficientnet_lite4", 13_000_000, 50_000),
+    ] {
+        let spec = EfficientNetLite::named(name).context("known")?;
+        let (arch, _) = spec.build(spec.resolution, Some(1000))?;
+        let net = metalearn::Network::build(&arch)?;
+        let count: usize = net
+            .param_specs()
+            .iter()
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum();
+        ensure!(
+            count.abs_diff(want) <= tolerance,
+            "{name}: {count} parameters, published {want}"
+        );
+    }
+    ensure!(EfficientNetLite::named("tf-EfficientNet-Lite2").is_some());
+    ensure!(EfficientNetLite::named("efficientnet_b0").is_none());
+    Ok(())
+}
+
+/// The tiny random EfficientNet-Lite of `tests/fixtures/vision` (made by `make_fixtures.py`
+/// with PyTorch): its shape and PyTorch's outputs.
+fn tiny_lite() -> Result<(EfficientNetLite, serde_json::Value)> {
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny_lite.json"))?)?;
+    let spec = EfficientNetLite {
+        width: expected["width"].as_f64().context("width")?,
+        depth: expected["depth"].as_f64().context("depth")?,
+        resolution: expected["size"].as_u64().context("size")? as usize,
+        stem: expected["stem"].as_u64().context("stem")? as usize,
+        head: expected["head"].as_u64().context("head")? as usize,
+        dropout: 0.2,
+    };
+    Ok((spec, expected))
+}
+
+/// The tiny random EfficientNet-Lite gives PyTorch's features and logits.
+#[test]
+fn tiny_lite_matches_pytorch() -> Result<()> {
+    let (spec, expected) = tiny_lite()?;
+    let path = fixtures().join("tiny_lite.safetensors");
+    let tensors = read_weights(&path)?;
+    let backbone = Backbone::from_tensors(tensors, &path, "tiny_lite", &spec, DType::F32)?;
+    let size = spec.resolution;
+    let x = splitmix64_uniform(7, 2 * 3 * size * size);
+    let x = Tensor::from_vec(x, (2, 3, size, size), &Device::Cpu)?;
+    let features = backbone.features(&x)?.flatten_all()?.to_vec1::<f32>()?;
+    let logits = backbone.logits(&x)?.flatten_all()?.to_vec1::<f32>()?;
+    let df = max_abs_diff(&features, &floats(&expected["features"]));
+    let dl = max_abs_diff(&logits, &floats(&expected["logits"]));
+    eprintln!("tiny EfficientNet-Lite against PyTorch: features {df:.1e}, logits {dl:.1e}");
+    ensure!(df < 1e-4 && dl < 1e-4, "features {df}, logits {dl}");
+    Ok(())
+}
+
+#[test]
+fn wrong_tensors_are_named_with_both_shapes() -> Result<()> {
+    let path = fixtures().join("tiny_lite.safetensors");
+    let (spec, _) = tiny_lite()?;
+    let mut tensors = read_weights(&path)?;
+    // The right tensors for another architecture: a shape does not fit.
+    let wider = EfficientNetLite {
+        stem: 16,
+        ..spec.clone()
+    };
+    let e = Backbone::from_tensors(tensors.clone(), &path, "tiny", &wider, DType::F32)
+        .expect_err("stem width differs")
+        .to_string();
+    ensure!(
+        e.contains("tiny_lite.safetensors")
+            && e.contains("_conv_stem.weight")
+            && e.contains("[8, 3, 3, 3]")
+            && e.contains("[16, 3, 3, 3]"),
+        "{e}"
+    );
+    // A missing tensor.
+    tensors.retain(|(n, _)| n != "_blocks.3._bn1.running_var");
+    let e = Backbone::from_tensors(tensors.clone(), &path, "tiny", &spec, DType::F32)
+        .expect_err("missing")
+        .to_string();
+    ensure!(
+        e.contains("`_blocks.3._bn1.running_var`") && e.contains("missing"),
+        "{e}"
+    );
+    // An unknown architecture name lists the known ones.
+    let e = Backbone::load(&path, "resnet1000", DType::F32)
+        .expect_err("unknown")
+        .to_string();
+    ensure!(
+        e.contains("resnet1000") && e.contains("efficientnet_lite0"),
+        "{e}"
+    );
+    Ok(())
+}
+
+/// The shared EfficientNet-Lite0 against the PyTorch reference outputs of the vision peers
+/// (`shared/bench/peers/vision/effnet_lite0_reference.json`): pooled features and logits
+/// within 1e-4 and the same top-5 classes, on two photos and two random inputs.
+#[test]
+fn efficientnet_lite0_matches_pytorch_reference() -> Result<()> {
+    let Some(dir) = shared_lite0() else {
+        eprintln!(
+            "../shared/models/efficientnet-lite0 not found: the comparison with PyTorch's \
+             outputs is skipped (the tiny model's fixture ran)"
+        );
+        return Ok(());
+    };
+    let peers = repo().join("../shared/bench/peers/vision");
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        peers.join("effnet_lite0_reference.json"),
+    )?)?;
+    let backbone = Backbone::load(
+        &dir.join("model.safetensors"),
+        "efficientnet_lite0",
+        DType::F32,
+    )?;
+    for input in reference["inputs"].as_array().context("inputs")? {
+        let name = input["name"].as_str().context("name")?;
+        let x = match input["kind"].as_str() {
+            Some("png") => {
+                let image = decode_rgb(&peers.join(input["file"].as_str().context("file")?))?;
+                rgb_input(&image, &backbone.preprocess)
+            }
+            _ => splitmix64_uniform(input["seed"].as_u64().context("seed")?, 3 * 224 * 224),
+        };
+        let sum: f64 = x.iter().map(|&v| v as f64).sum();
+        let want_sum = input["input_sum"].as_f64().context("sum")?;
+        ensure!(
+            (sum - want_sum).abs() < 1e-2,
+            "{name}: input sum {sum} vs {want_sum}"
+        );
+        let x = Tensor::from_vec(x, (1, 3, 224, 224), &Device::Cpu)?;
+        let features = backbone.features(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        let logits = backbone.logits(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        let df = max_abs_diff(&features, &floats(&input["features"]));
+        let dl = max_abs_diff(&logits, &floats(&input["logits"]));
+        let want_top5: Vec<usize> = input["top5"]
+            .as_array()
+            .context("top5")?
+            .iter()
+            .map(|e| e[0].as_u64().expect("class") as usize)
+            .collect();
+        eprintln!("{name}: features {df:.1e}, logits {dl:.1e} from PyTorch's");
+        ensure!(df < 1e-4 && dl < 1e-4, "{name}: features {df}, logits {dl}");
+        ensure!(
+            top5(&logits) == want_top5,
+            "{name}: top-5 {:?} vs {want_top5:?}",
+            top5(&logits)
+        );
+    }
+    Ok(())
+}
