@@ -63,6 +63,7 @@ pub mod differentiable_conv;
 pub mod first_block;
 pub mod fused;
 mod gemm;
+pub mod mobile;
 pub mod norm;
 mod parallel;
 pub mod pool;

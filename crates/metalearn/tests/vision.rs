@@ -116,12 +116,21 @@ fn tiny_lite_matches_pytorch() -> Result<()> {
     let size = spec.resolution;
     let x = splitmix64_uniform(7, 2 * 3 * size * size);
     let x = Tensor::from_vec(x, (2, 3, size, size), &Device::Cpu)?;
-    let features = backbone.features(&x)?.flatten_all()?.to_vec1::<f32>()?;
-    let logits = backbone.logits(&x)?.flatten_all()?.to_vec1::<f32>()?;
-    let df = max_abs_diff(&features, &floats(&expected["features"]));
-    let dl = max_abs_diff(&logits, &floats(&expected["logits"]));
-    eprintln!("tiny EfficientNet-Lite against PyTorch: features {df:.1e}, logits {dl:.1e}");
-    ensure!(df < 1e-4 && dl < 1e-4, "features {df}, logits {dl}");
+    // The folded CPU kernels (the default) and the reference layer path.
+    for kernels in [true, false] {
+        let (features, logits) = metalearn::kernels::with_kernels(kernels, || {
+            let f = backbone.features(&x)?.flatten_all()?.to_vec1::<f32>()?;
+            let l = backbone.logits(&x)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok::<_, anyhow::Error>((f, l))
+        })?;
+        let df = max_abs_diff(&features, &floats(&expected["features"]));
+        let dl = max_abs_diff(&logits, &floats(&expected["logits"]));
+        eprintln!(
+            "tiny EfficientNet-Lite against PyTorch ({} path): features {df:.1e}, logits {dl:.1e}",
+            if kernels { "folded" } else { "reference" }
+        );
+        ensure!(df < 1e-4 && dl < 1e-4, "features {df}, logits {dl}");
+    }
     Ok(())
 }
 

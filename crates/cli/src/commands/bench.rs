@@ -8,14 +8,17 @@ use std::path::PathBuf;
 use metalearn::data::clinc150::read_clinc150_split;
 use metalearn::data::text::load_labelled_texts;
 use metalearn::workloads::{
-    default_iterations, run, run_text, BenchResult, TextInput, TEXT_WORKLOADS, WORKLOADS,
+    default_iterations, run, run_text, run_vision, BenchResult, TextInput, TEXT_WORKLOADS,
+    VISION_WORKLOADS, WORKLOADS,
 };
 
 /// Arguments of `bench`.
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Workload to time (repeat for several; `all` for every one): protonet-conv4, maml-conv4,
-    /// fomaml-conv4, maml-sine, maml-sine-5, adapt-protonet-conv4.
+    /// Workload to time (repeat for several; `all` for every one but the text and vision
+    /// ones): protonet-conv4, maml-conv4, fomaml-conv4, maml-sine, maml-sine-5,
+    /// adapt-protonet-conv4, melu; encode-minilm, encode-minilm-single, finetune-minilm;
+    /// effnet-lite0-forward, effnet-lite0-single, effnet-lite0-finetune.
     #[arg(long = "workload", required = true)]
     pub workloads: Vec<String>,
     /// Timed iterations (default: 5 for the conv workloads, 500 for the sine ones, 50 for adapt).
@@ -38,6 +41,10 @@ pub struct BenchArgs {
     /// data_full.json (its 4,500 `test` queries).
     #[arg(long, value_name = "FILE")]
     pub data: Option<PathBuf>,
+    /// Vision workloads: EfficientNet-Lite0 weights (`.safetensors` or `.pth`, lukemelas
+    /// names); random weights when left out (the same arithmetic).
+    #[arg(long, value_name = "FILE")]
+    pub backbone: Option<PathBuf>,
     /// Text workloads: the CSV column holding the sentences.
     #[arg(long, value_name = "COLUMN", default_value = "text")]
     pub text_column: String,
@@ -50,7 +57,7 @@ pub struct BenchArgs {
 pub fn run_bench(args: &BenchArgs) -> Result<()> {
     let mut names: Vec<String> = Vec::new();
     for name in &args.workloads {
-        if TEXT_WORKLOADS.contains(&name.as_str()) {
+        if TEXT_WORKLOADS.contains(&name.as_str()) || VISION_WORKLOADS.contains(&name.as_str()) {
             names.push(name.clone());
         } else if name == "all" {
             names.extend(WORKLOADS.iter().map(|s| s.to_string()));
@@ -58,9 +65,10 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
             names.push(name.clone());
         } else {
             return Err(Error::Config(format!(
-                "unknown workload `{name}`; choose from: {}, {}, or all",
+                "unknown workload `{name}`; choose from: {}, {}, {}, or all",
                 WORKLOADS.join(", "),
-                TEXT_WORKLOADS.join(", ")
+                TEXT_WORKLOADS.join(", "),
+                VISION_WORKLOADS.join(", ")
             )));
         }
     }
@@ -76,6 +84,8 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
                 text_input = Some(text_input_from(args)?);
             }
             run_text(&name, iterations, text_input.as_ref().expect("set above"))?
+        } else if VISION_WORKLOADS.contains(&name.as_str()) {
+            run_vision(&name, iterations, args.backbone.as_ref(), &device)?
         } else {
             run(&name, iterations, &device)?
         };
@@ -122,9 +132,14 @@ fn print_result(result: &BenchResult, json: bool) {
     let rss = result
         .peak_rss_mb
         .map_or("n/a".to_string(), |m| format!("{m:.0} MiB"));
-    let rate = result
-        .sentences_per_sec
-        .map_or(String::new(), |r| format!(", {r:.1} sentences/s"));
+    let rate = match (result.sentences_per_sec, result.images_per_sec) {
+        (Some(r), _) => format!(", {r:.1} sentences/s"),
+        (_, Some(r)) => format!(
+            ", {r:.1} images/s, {:.1} GFLOP/s",
+            r * result.gflop_per_image.unwrap_or(0.0)
+        ),
+        _ => String::new(),
+    };
     println!(
         "metalearn {} on {}: {:.2} ms/iter (median {:.2}, min {:.2}{rate}) over {} iterations, peak RSS {rss}, {} threads, {} kernels",
         result.workload,

@@ -4,6 +4,7 @@
 pub mod architecture;
 mod fast_path;
 pub mod features;
+pub mod folded;
 pub mod layers;
 pub mod network;
 pub mod ops;

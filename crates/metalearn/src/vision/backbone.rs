@@ -2,11 +2,13 @@
 //! preprocessing its weights expect. [`Backbone::load`] reads a weights file as people have it.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::nn::folded::FoldedNetwork;
 use crate::nn::network::{ForwardCtx, Network};
 use crate::nn::params::ParamSet;
 use crate::vision::efficientnet::{EfficientNetLite, NameMap};
@@ -63,6 +65,9 @@ pub struct Backbone {
     pub preprocess: Preprocess,
     /// Layers up to and including the pooling: their output is the feature.
     pub feature_layers: usize,
+    /// The network compiled for CPU inference, up to the features and whole (made on first
+    /// use; `None` inside when a layer has no folded form).
+    folded: [OnceLock<Option<FoldedNetwork>>; 2],
 }
 
 impl Backbone {
@@ -164,14 +169,33 @@ impl Backbone {
                 unused[0]
             )));
         }
-        let feature_layers = arch.layer_index("pool")? + 1;
+        Self::new(
+            name,
+            network,
+            params,
+            stats,
+            Preprocess::efficientnet_lite(spec.resolution),
+        )
+    }
+
+    /// A backbone from its parts; the network must have a layer named `pool` whose output is
+    /// the feature.
+    pub fn new(
+        name: &str,
+        network: Network,
+        params: ParamSet,
+        stats: ParamSet,
+        preprocess: Preprocess,
+    ) -> Result<Self> {
+        let feature_layers = network.architecture().layer_index("pool")? + 1;
         Ok(Self {
             name: name.to_string(),
             network,
             params,
             stats,
-            preprocess: Preprocess::efficientnet_lite(spec.resolution),
+            preprocess,
             feature_layers,
+            folded: Default::default(),
         })
     }
 
@@ -189,15 +213,33 @@ impl Backbone {
     /// Pooled features (`[n, feature_dim]`) of preprocessed images `[n, 3, size, size]`, in
     /// inference mode.
     pub fn features(&self, images: &Tensor) -> Result<Tensor> {
-        let mut ctx = ForwardCtx::eval(Some(&self.stats)).first_order();
-        self.network
-            .forward_layers(&self.params, images, &mut ctx, self.feature_layers)
+        self.run(images, 0, self.feature_layers)
     }
 
     /// Class scores of preprocessed images, when the weights have a classifier.
     pub fn logits(&self, images: &Tensor) -> Result<Tensor> {
+        self.run(images, 1, self.network.architecture().layers.len())
+    }
+
+    /// The first `layers` layers in inference mode: folded on the CPU when the kernels are
+    /// on, on the reference path otherwise.
+    fn run(&self, images: &Tensor, which: usize, layers: usize) -> Result<Tensor> {
+        if crate::kernels::enabled() && images.device().is_cpu() {
+            let folded = self.folded[which].get_or_init(|| {
+                FoldedNetwork::compile(&self.network, &self.params, &self.stats, layers)
+                    .ok()
+                    .flatten()
+            });
+            if let Some(folded) = folded {
+                return folded
+                    .run(images)?
+                    .to_dtype(images.dtype())
+                    .map_err(Into::into);
+            }
+        }
         let mut ctx = ForwardCtx::eval(Some(&self.stats)).first_order();
-        self.network.forward(&self.params, images, &mut ctx)
+        self.network
+            .forward_layers(&self.params, images, &mut ctx, layers)
     }
 
     /// The device the weights live on.

@@ -24,6 +24,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 
 mod text;
+mod vision;
 use crate::meta::learner::MetaLearner;
 use crate::meta::{AlgorithmConfig, AlgorithmKind};
 use crate::nn::architecture::{Activation, Architecture};
@@ -31,6 +32,7 @@ use crate::tasks::sinusoid::SinusoidTasks;
 use crate::tasks::{Split, Task, TaskKind, TaskSource};
 use crate::train::optim::OptimizerConfig;
 pub use text::{run_text, TextInput, TEXT_WORKLOADS};
+pub use vision::{run_vision, LITE0_GFLOP_PER_IMAGE, VISION_WORKLOADS};
 
 /// The benchmark workloads, by name.
 pub const WORKLOADS: [&str; 7] = [
@@ -80,6 +82,15 @@ pub struct BenchResult {
     /// Text workloads: sentences per iteration.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sentences_per_iter: Option<usize>,
+    /// Vision workloads: images per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub images_per_sec: Option<f64>,
+    /// Vision workloads: images per iteration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub images_per_iter: Option<usize>,
+    /// Vision workloads: floating-point operations per image, in billions (forward pass).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gflop_per_image: Option<f64>,
 }
 
 /// Default number of timed iterations of a workload (the peer scripts' defaults where they
@@ -92,6 +103,8 @@ pub fn default_iterations(workload: &str) -> usize {
         "encode-minilm" => 3,
         "encode-minilm-single" => 200,
         "finetune-minilm" => 10,
+        "effnet-lite0-forward" | "effnet-lite0-finetune" => 7,
+        "effnet-lite0-single" => 30,
         _ => 5,
     }
 }
@@ -146,6 +159,9 @@ fn time_prepared(
         median_ms: sorted[sorted.len() / 2],
         sentences_per_sec: prepared.sentences.map(|n| n as f64 * 1000.0 / ms_per_iter),
         sentences_per_iter: prepared.sentences,
+        images_per_sec: None,
+        images_per_iter: None,
+        gflop_per_image: None,
         workload: workload.to_string(),
         iterations,
         ms_per_iter,
