@@ -231,3 +231,39 @@ fn efficientnet_lite0_matches_pytorch_reference() -> Result<()> {
     }
     Ok(())
 }
+
+/// The shared model's legacy PyTorch file (read without running code) holds the same tensors
+/// as its safetensors copy, and loads as the same backbone.
+#[test]
+fn efficientnet_lite0_pth_equals_its_safetensors() -> Result<()> {
+    let Some(dir) = shared_lite0() else {
+        eprintln!("../shared/models/efficientnet-lite0 not found: the .pth comparison is skipped");
+        return Ok(());
+    };
+    let pth = read_weights(&dir.join("efficientnet-lite0-57934424.pth"))?;
+    let safe = read_weights(&dir.join("model.safetensors"))?;
+    let counters = pth
+        .iter()
+        .filter(|(n, _)| n.ends_with("num_batches_tracked"))
+        .count();
+    ensure!(
+        pth.len() == 296 && counters == 49,
+        "{} tensors, {counters} counters",
+        pth.len()
+    );
+    for (name, t) in &safe {
+        let (_, u) = pth
+            .iter()
+            .find(|(n, _)| n == name)
+            .with_context(|| format!("{name} missing from the .pth"))?;
+        let diff = (t - u)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        ensure!(diff == 0.0, "{name} differs by {diff}");
+    }
+    let backbone = Backbone::load(
+        &dir.join("efficientnet-lite0-57934424.pth"),
+        "efficientnet_lite0",
+        DType::F32,
+    )?;
+    ensure!(backbone.classes() == Some(1000) && backbone.feature_dim() == 1280);
+    Ok(())
+}

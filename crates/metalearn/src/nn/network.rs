@@ -133,7 +133,7 @@ impl Network {
                             "filters, kernel_size, stride and groups must be > 0".into()
                         ));
                     }
-                    if shape[0] % groups != 0 || filters % groups != 0 {
+                    if !shape[0].is_multiple_of(*groups) || !filters.is_multiple_of(*groups) {
                         return Err(bad(format!(
                             "{groups} groups must divide both the {} input channels and the {filters} filters",
                             shape[0]
