@@ -269,3 +269,59 @@ pub struct TextArgs {
     #[arg(long, value_name = "COLUMN")]
     pub text_column: Option<String>,
 }
+
+/// The image side of a command: a pre-trained image backbone and how image lists are read.
+#[derive(Args, Debug, Clone, Default)]
+pub struct BackboneArgs {
+    /// Pre-trained image backbone: a weights file (`.safetensors`, or a PyTorch `.pth` read
+    /// without running code) in the lukemelas EfficientNet-PyTorch names. Makes `train` an
+    /// image classifier and `embed` embed images.
+    #[arg(long, value_name = "FILE")]
+    pub backbone: Option<PathBuf>,
+    /// The backbone's architecture: efficientnet_lite0 to efficientnet_lite4 (default: taken
+    /// from the file name when it names one).
+    #[arg(long, value_name = "NAME")]
+    pub architecture: Option<String>,
+    /// Image data as a CSV file: the column holding the image paths (relative to the CSV's
+    /// folder).
+    #[arg(long, value_name = "COLUMN", default_value = "path")]
+    pub path_column: String,
+    /// Skip images that cannot be read (and count them) instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad_images: bool,
+}
+
+impl BackboneArgs {
+    /// The architecture name: `--architecture`, or the one the weights file's name contains.
+    pub fn architecture_name(&self, backbone: &std::path::Path) -> Result<String> {
+        if let Some(name) = &self.architecture {
+            return Ok(name.clone());
+        }
+        let file = backbone
+            .file_name()
+            .map(|f| f.to_string_lossy().to_ascii_lowercase().replace('-', "_"))
+            .unwrap_or_default();
+        (0..=4)
+            .map(|i| format!("efficientnet_lite{i}"))
+            .find(|name| file.contains(name.as_str()))
+            .ok_or_else(|| {
+                metalearn::Error::Config(format!(
+                    "--architecture NAME is required for {}: which network the weights are for \
+                     ({})",
+                    backbone.display(),
+                    metalearn::vision::backbone::KNOWN_ARCHITECTURES
+                ))
+            })
+    }
+}
+
+/// The image data flag of an image-model command.
+pub fn image_data(data: Option<&PathBuf>) -> Result<&PathBuf> {
+    data.ok_or_else(|| {
+        Error::Config(
+            "--data FOLDER|FILE.csv is required: a folder with one sub-folder of images per \
+             class, or a CSV with image paths (and labels)"
+                .into(),
+        )
+    })
+}

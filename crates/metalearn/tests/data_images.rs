@@ -266,7 +266,7 @@ fn non_image_file_is_rejected() {
     rejected(
         root.path(),
         &ImageFolderOptions::default(),
-        &["notes.txt", "not a PNG or JPEG"],
+        &["notes.txt", "not a PNG, JPEG or WebP"],
     );
 }
 

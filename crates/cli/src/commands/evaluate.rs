@@ -7,14 +7,17 @@ use serde_json::json;
 
 use crate::args::DataArgs;
 use crate::console::{format_scores, scores_to_report, Console};
+use metalearn::data::image_list::ImageList;
 use metalearn::data::text::load_labelled_texts;
 use metalearn::error::{Error, Result};
 use metalearn::sequential::Sequential;
 use metalearn::train::loss::Loss;
 use metalearn::train::metrics::Metric;
 use metalearn::train::optim::OptimizerConfig;
+use metalearn::transfer::image::ImageClassifier;
 use metalearn::transfer::text::{score_texts, TextClassifier};
 use metalearn::transfer::{load_for_model, load_model, DataInfo, OutputKind};
+use metalearn::vision::features::EmbedOptions;
 
 /// Arguments of `evaluate`.
 #[derive(Args, Debug, Clone)]
@@ -35,6 +38,13 @@ pub struct EvaluateArgs {
     /// Text models: the CSV column holding the text (default: the one it was trained on).
     #[arg(long, value_name = "COLUMN")]
     pub text_column: Option<String>,
+    /// Image models with a CSV file: the column holding the image paths (relative to the
+    /// CSV's folder).
+    #[arg(long, value_name = "COLUMN", default_value = "path")]
+    pub path_column: String,
+    /// Image models: skip images that cannot be read (and count them) instead of stopping.
+    #[arg(long)]
+    pub skip_bad_images: bool,
     /// Print one JSON object with the loss and metrics as the last line of stdout.
     #[arg(long)]
     pub json: bool,
@@ -62,6 +72,9 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
     }
     if let Some(model) = TextClassifier::load_if_text(&args.model, args.encoder.as_deref())? {
         return run_text(args, &model, &console);
+    }
+    if let Some(model) = ImageClassifier::load_if_image(&args.model)? {
+        return run_image(args, &model, &console);
     }
     let (mut model, info) = load_model(&args.model)?;
     ensure_compiled(&mut model, &info)?;
@@ -110,6 +123,45 @@ fn run_text(args: &EvaluateArgs, model: &TextClassifier, console: &Console) -> R
     {
         summary.extend(fields);
     }
+    console.finish(&summary);
+    Ok(())
+}
+
+/// `evaluate` of an image model: accuracy on labelled images.
+fn run_image(args: &EvaluateArgs, model: &ImageClassifier, console: &Console) -> Result<()> {
+    let data = crate::args::image_data(args.data.data.as_ref().or(args.data.images.as_ref()))?;
+    let label = args.data.target.as_deref().unwrap_or("label");
+    let list = ImageList::read(data, &args.path_column, Some(label))?;
+    let options = EmbedOptions {
+        batch_size: 32,
+        skip_bad_images: args.skip_bad_images,
+        ..EmbedOptions::default()
+    };
+    let started = std::time::Instant::now();
+    let scores = model.evaluate(&list, &options)?;
+    let seconds = started.elapsed().as_secs_f64();
+    if scores.skipped > 0 {
+        console.note(&format!("skipped {} unreadable images", scores.skipped));
+    }
+    console.line(&format!(
+        "{} images: accuracy {:.4} ({:.1} s{})",
+        scores.images,
+        scores.accuracy,
+        seconds,
+        if scores.cached {
+            ", features from the cache"
+        } else {
+            ""
+        }
+    ));
+    let mut summary = serde_json::to_value(&scores)
+        .expect("scores serialise")
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    summary.insert("command".into(), json!("evaluate"));
+    summary.insert("seconds".into(), json!(seconds));
+    summary.insert("model".into(), json!(args.model.display().to_string()));
     console.finish(&summary);
     Ok(())
 }

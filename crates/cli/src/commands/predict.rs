@@ -9,11 +9,14 @@ use serde_json::json;
 
 use crate::args::DataArgs;
 use crate::console::Console;
+use metalearn::data::image_list::ImageList;
 use metalearn::data::text::load_labelled_texts;
 use metalearn::error::{Error, Result};
 use metalearn::nn::ops;
+use metalearn::transfer::image::ImageClassifier;
 use metalearn::transfer::text::TextClassifier;
 use metalearn::transfer::{load_for_model, load_model, DataInfo, OutputKind};
+use metalearn::vision::features::EmbedOptions;
 
 /// Arguments of `predict`.
 #[derive(Args, Debug, Clone)]
@@ -37,6 +40,13 @@ pub struct PredictArgs {
     /// Text models: the CSV column holding the text (default: the one it was trained on).
     #[arg(long, value_name = "COLUMN")]
     pub text_column: Option<String>,
+    /// Image models with a CSV file: the column holding the image paths (relative to the
+    /// CSV's folder).
+    #[arg(long, value_name = "COLUMN", default_value = "path")]
+    pub path_column: String,
+    /// Image models: skip images that cannot be read (and count them) instead of stopping.
+    #[arg(long)]
+    pub skip_bad_images: bool,
     /// Print one JSON object with the results as the last line of stdout.
     #[arg(long)]
     pub json: bool,
@@ -111,6 +121,9 @@ pub fn run(args: &PredictArgs) -> Result<()> {
     if let Some(model) = TextClassifier::load_if_text(&args.model, args.encoder.as_deref())? {
         return run_text(args, &model, &console);
     }
+    if let Some(model) = ImageClassifier::load_if_image(&args.model)? {
+        return run_image(args, &model, &console);
+    }
     let (model, info) = load_model(&args.model)?;
     let (x, _, n) = load_for_model(&info, &model, &args.data.files(), false)?;
     let output = model.predict(&x, args.batch_size)?;
@@ -181,6 +194,59 @@ fn run_text(args: &PredictArgs, model: &TextClassifier, console: &Console) -> Re
         })
         .as_object()
         .expect("object"),
+    );
+    Ok(())
+}
+
+/// `predict` of an image model: one row per image with the predicted class and its
+/// probability.
+fn run_image(args: &PredictArgs, model: &ImageClassifier, console: &Console) -> Result<()> {
+    let data = crate::args::image_data(args.data.data.as_ref().or(args.data.images.as_ref()))?;
+    let list = ImageList::read(data, &args.path_column, None)?;
+    let options = EmbedOptions {
+        batch_size: 32,
+        skip_bad_images: args.skip_bad_images,
+        ..EmbedOptions::default()
+    };
+    let predictions = model.predict(&list, &options)?;
+    let csv_error = |e: csv::Error| Error::Data(format!("cannot format predictions: {e}"));
+    let mut writer = csv::Writer::from_writer(Vec::new());
+    writer
+        .write_record(["path", "label", "confidence"])
+        .map_err(csv_error)?;
+    for p in &predictions {
+        let path = p.path.strip_prefix(&list.root).unwrap_or(&p.path);
+        writer
+            .write_record([
+                path.display().to_string(),
+                p.label.clone(),
+                format!("{:.6}", p.confidence),
+            ])
+            .map_err(csv_error)?;
+    }
+    let bytes = writer
+        .into_inner()
+        .map_err(|e| Error::Data(format!("cannot format predictions: {e}")))?;
+    metalearn::fsutil::atomic_write(&args.out, &bytes)?;
+    let skipped = list.paths.len() - predictions.len();
+    if skipped > 0 {
+        console.note(&format!("skipped {skipped} unreadable images"));
+    }
+    console.line(&format!(
+        "wrote {} predictions to {}",
+        predictions.len(),
+        args.out.display()
+    ));
+    console.finish(
+        &[
+            ("command".to_string(), json!("predict")),
+            ("examples".to_string(), json!(predictions.len())),
+            ("skipped".to_string(), json!(skipped)),
+            ("out".to_string(), json!(args.out.display().to_string())),
+            ("model".to_string(), json!(args.model.display().to_string())),
+        ]
+        .into_iter()
+        .collect(),
     );
     Ok(())
 }

@@ -6,18 +6,20 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::json;
 
-use crate::args::{data_source, DataArgs, TextArgs, TrainingArgs};
+use crate::args::{data_source, BackboneArgs, DataArgs, TextArgs, TrainingArgs};
 use crate::console::{format_scores, report_text_run};
 use metalearn::data::image_folder::ImageFolderOptions;
 use metalearn::error::{Error, Result};
 use metalearn::nn::architecture::{Activation, Architecture};
 use metalearn::sequential::Sequential;
 use metalearn::transfer::config::load_for;
+use metalearn::transfer::image::{ImageClassifier, ImageMethod, ImageTrainSettings};
 use metalearn::transfer::text::{train_text_and_save, TextRunSettings, TextTrainPlan};
 use metalearn::transfer::{
     fit_and_save, load_dataset, parse_hidden, plan_head, push_head, DataInfo, DataSource,
     ImageShape,
 };
+use metalearn::vision::features::EmbedOptions;
 
 /// Default epochs of `train`.
 pub const DEFAULT_EPOCHS: usize = 20;
@@ -60,15 +62,19 @@ pub struct TrainArgs {
     /// Text classification on a pre-trained encoder.
     #[command(flatten)]
     pub text: TextArgs,
+    /// Image classification on a pre-trained backbone.
+    #[command(flatten)]
+    pub image: BackboneArgs,
     /// Text models: how to transfer: linear-probe (frozen encoder, logistic regression),
     /// prototype (nearest class mean, no training), finetune (linear probe, then encoder and
     /// head together), lora (linear probe, then LoRA adapters and head) or setfit
     /// (contrastive fine-tuning on pairs, then a logistic-regression head) [default:
-    /// finetune].
+    /// finetune]. Image models (--backbone): linear-probe or prototype [default:
+    /// linear-probe].
     #[arg(long, value_name = "METHOD")]
     pub method: Option<String>,
-    /// Text models: draw this many training rows per class (the few-shot protocol; the draw
-    /// follows --seed).
+    /// Text and image models: draw this many training rows per class (the few-shot protocol;
+    /// the draw follows --seed).
     #[arg(long, value_name = "K")]
     pub shots_per_class: Option<usize>,
     /// Text models: rows with this label are out of scope: not a class; a rejection threshold
@@ -104,9 +110,12 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     if args.text.encoder.is_some() {
         return run_text(args);
     }
+    if args.image.backbone.is_some() {
+        return run_image(args);
+    }
     if let Some(flag) = text_only_flag(args) {
         return Err(Error::Config(format!(
-            "{flag} applies to text models; add --encoder DIR and --text-column COLUMN"
+            "{flag} applies to text models (add --encoder DIR and --text-column COLUMN) and, for --method and --shots-per-class, to image models (add --backbone FILE)"
         )));
     }
     let console = args.training.console();
@@ -237,6 +246,87 @@ fn text_only_flag(args: &TrainArgs) -> Option<&'static str> {
     .into_iter()
     .find(|(given, _)| *given)
     .map(|(_, flag)| flag)
+}
+
+/// `train --backbone`: an image classifier on a frozen pre-trained backbone.
+fn run_image(args: &TrainArgs) -> Result<()> {
+    let console = args.training.console();
+    let backbone = args.image.backbone.clone().expect("checked by the caller");
+    let data = args
+        .data
+        .data
+        .clone()
+        .or_else(|| args.data.images.clone())
+        .ok_or_else(|| {
+            Error::Config(
+                "--data FOLDER|FILE.csv is required with --backbone: a folder with one \
+                 sub-folder of images per class, or a CSV with image paths and labels"
+                    .into(),
+            )
+        })?;
+    let out = args
+        .out
+        .clone()
+        .ok_or_else(|| Error::Config("--out PATH is required: where to save the model".into()))?;
+    for (given, flag) in [
+        (args.text.text_column.is_some(), "--text-column"),
+        (args.unknown_label.is_some(), "--unknown-label"),
+        (args.validation_data.is_some(), "--validation-data"),
+        (args.top_layers.is_some(), "--top-layers"),
+        (args.lora_rank.is_some(), "--lora-rank"),
+        (args.max_steps.is_some(), "--max-steps"),
+        (args.labels_as_examples, "--labels-as-examples"),
+        (args.contrastive_weight.is_some(), "--contrastive-weight"),
+    ] {
+        if given {
+            return Err(Error::Config(format!(
+                "{flag} applies to text models, not to image models (--backbone)"
+            )));
+        }
+    }
+    let method: ImageMethod = args.method.as_deref().unwrap_or("linear-probe").parse()?;
+    let settings = ImageTrainSettings {
+        architecture: args.image.architecture_name(&backbone)?,
+        backbone,
+        data,
+        path_column: args.image.path_column.clone(),
+        label_column: args.data.target.clone().unwrap_or_else(|| "label".into()),
+        method,
+        shots_per_class: args.shots_per_class,
+        seed: args.training.seed.unwrap_or(0),
+        c: 10.0,
+        head_steps: 500,
+        embed: EmbedOptions {
+            batch_size: args.training.batch_size.unwrap_or(32),
+            skip_bad_images: args.image.skip_bad_images,
+            ..EmbedOptions::default()
+        },
+    };
+    let (model, report) = ImageClassifier::train(&settings, &mut |line| console.note(line))?;
+    model.save(&out)?;
+    if report.skipped > 0 {
+        console.note(&format!("skipped {} unreadable images", report.skipped));
+    }
+    console.line(&format!(
+        "trained a {} image classifier ({} on {}) on {} images of {} classes in {:.1} s \
+         (embedding {:.1} s); saved to {}",
+        report.method,
+        settings.architecture,
+        settings.backbone.display(),
+        report.images,
+        report.classes,
+        report.seconds,
+        report.embed_seconds,
+        out.display()
+    ));
+    let mut json = serde_json::to_value(&report)
+        .expect("report serialises")
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    json.insert("out".into(), json!(out.display().to_string()));
+    console.finish(&json);
+    Ok(())
 }
 
 /// `train --encoder`: a text classifier on a pre-trained sentence encoder.

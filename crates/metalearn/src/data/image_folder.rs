@@ -39,11 +39,12 @@ impl Default for ImageFolderOptions {
 }
 
 /// File extensions read as images (compared case-insensitively).
-const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg"];
+const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
 
-/// Reads every image under `dir/<class>/`, labelled by its class folder.
-pub fn load_image_folder(dir: &Path, options: &ImageFolderOptions) -> Result<Dataset> {
-    check_options(options)?;
+/// The images of a class-folder tree, with the class id of each (in path order), and the
+/// class names (the sorted sub-folder names). The folder rules of [`load_image_folder`] apply:
+/// errors name the offending path.
+pub fn list_image_folder(dir: &Path) -> Result<(Vec<(PathBuf, usize)>, Vec<String>)> {
     let shown = dir.display();
     if !dir.exists() {
         return Err(Error::Data(format!(
@@ -96,7 +97,7 @@ pub fn load_image_folder(dir: &Path, options: &ImageFolderOptions) -> Result<Dat
             }
             if !has_image_extension(&path) {
                 return Err(Error::Data(format!(
-                    "{}: not a PNG or JPEG image (expected a .png, .jpg or .jpeg file); remove \
+                    "{}: not a PNG, JPEG or WebP image (expected a .png, .jpg, .jpeg or .webp file); remove \
                      it from the data folder",
                     path.display()
                 )));
@@ -105,13 +106,20 @@ pub fn load_image_folder(dir: &Path, options: &ImageFolderOptions) -> Result<Dat
         }
         if files.len() == before {
             return Err(Error::Data(format!(
-                "{}: class folder holds no images; add .png/.jpg/.jpeg files or remove the \
+                "{}: class folder holds no images; add .png/.jpg/.jpeg/.webp files or remove the \
                  folder",
                 class_dir.display()
             )));
         }
         class_names.push(file_name(class_dir));
     }
+    Ok((files, class_names))
+}
+
+/// Reads every image under `dir/<class>/`, labelled by its class folder.
+pub fn load_image_folder(dir: &Path, options: &ImageFolderOptions) -> Result<Dataset> {
+    check_options(options)?;
+    let (files, class_names) = list_image_folder(dir)?;
     // Decode in parallel, then report the first failure in path order so the message is stable.
     let decoded: Vec<Result<Vec<f32>>> = files
         .par_iter()
@@ -188,7 +196,8 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn has_image_extension(path: &Path) -> bool {
+/// Whether a file name ends in an image extension this crate reads.
+pub fn has_image_extension(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))

@@ -12,6 +12,7 @@ pub mod clinc150;
 pub mod csv;
 pub mod fetch;
 pub mod image_folder;
+pub mod image_list;
 pub mod movielens;
 pub mod omniglot;
 pub mod ratings;

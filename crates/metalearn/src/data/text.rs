@@ -1,15 +1,10 @@
 //! Labelled text in a CSV file: a text column and a label column (any other columns are
 //! ignored), and the few-shot draw of K examples per class.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-
 use crate::data::csv::load_text_columns;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Texts with their labels, in file order.
 #[derive(Clone, Debug, PartialEq)]
@@ -104,27 +99,5 @@ pub fn draw_shots(
     seed: u64,
     unknown: Option<&str>,
 ) -> Result<Vec<usize>> {
-    if shots == 0 {
-        return Err(Error::Config("--shots-per-class must be at least 1".into()));
-    }
-    let mut by_class: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    for (i, label) in data.labels.iter().enumerate() {
-        if Some(label.as_str()) != unknown {
-            by_class.entry(label).or_default().push(i);
-        }
-    }
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut chosen = Vec::with_capacity(by_class.len() * shots);
-    for (class, mut rows) in by_class {
-        if rows.len() < shots {
-            return Err(Error::Data(format!(
-                "{}: class `{class}` has only {} rows, fewer than --shots-per-class {shots}",
-                data.file,
-                rows.len()
-            )));
-        }
-        rows.shuffle(&mut rng);
-        chosen.extend_from_slice(&rows[..shots]);
-    }
-    Ok(chosen)
+    crate::data::image_list::draw_per_class(&data.labels, shots, seed, unknown, &data.file)
 }

@@ -6,8 +6,10 @@
 pub mod config;
 pub mod fit;
 pub mod head;
+pub mod image;
 pub mod imported;
 pub mod model_data;
+pub mod probe;
 pub mod text;
 
 pub use fit::{fit_and_save, optimizer_from, FitReport, TrainPlan};

@@ -4,6 +4,7 @@
 
 pub mod backbone;
 pub mod efficientnet;
+pub mod features;
 pub mod image;
 pub mod pth;
 
