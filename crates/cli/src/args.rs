@@ -292,10 +292,15 @@ pub struct BackboneArgs {
 }
 
 impl BackboneArgs {
-    /// The architecture name: `--architecture`, or the one the weights file's name contains.
-    pub fn architecture_name(&self, backbone: &std::path::Path) -> Result<String> {
+    /// The architecture name: `--architecture`, or the one the weights file's name contains
+    /// (`None` otherwise: a timm folder's `config.json` names it, and a bare file without it
+    /// gets an error saying so).
+    pub fn architecture_name(&self, backbone: &std::path::Path) -> Option<String> {
         if let Some(name) = &self.architecture {
-            return Ok(name.clone());
+            return Some(name.clone());
+        }
+        if backbone.is_dir() {
+            return None;
         }
         let file = backbone
             .file_name()
@@ -304,14 +309,6 @@ impl BackboneArgs {
         (0..=4)
             .map(|i| format!("efficientnet_lite{i}"))
             .find(|name| file.contains(name.as_str()))
-            .ok_or_else(|| {
-                metalearn::Error::Config(format!(
-                    "--architecture NAME is required for {}: which network the weights are for \
-                     ({})",
-                    backbone.display(),
-                    metalearn::vision::backbone::KNOWN_ARCHITECTURES
-                ))
-            })
     }
 }
 

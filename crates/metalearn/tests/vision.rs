@@ -102,6 +102,7 @@ fn tiny_lite() -> Result<(EfficientNetLite, serde_json::Value)> {
         stem: expected["stem"].as_u64().context("stem")? as usize,
         head: expected["head"].as_u64().context("head")? as usize,
         dropout: 0.2,
+        tf_padding: true,
     };
     Ok((spec, expected))
 }
@@ -164,7 +165,7 @@ fn wrong_tensors_are_named_with_both_shapes() -> Result<()> {
         "{e}"
     );
     // An unknown architecture name lists the known ones.
-    let e = Backbone::load(&path, "resnet1000", DType::F32)
+    let e = Backbone::load(&path, Some("resnet1000"), DType::F32)
         .expect_err("unknown")
         .to_string();
     ensure!(
@@ -192,7 +193,7 @@ fn efficientnet_lite0_matches_pytorch_reference() -> Result<()> {
     )?)?;
     let backbone = Backbone::load(
         &dir.join("model.safetensors"),
-        "efficientnet_lite0",
+        Some("efficientnet_lite0"),
         DType::F32,
     )?;
     for input in reference["inputs"].as_array().context("inputs")? {
@@ -261,9 +262,34 @@ fn efficientnet_lite0_pth_equals_its_safetensors() -> Result<()> {
     }
     let backbone = Backbone::load(
         &dir.join("efficientnet-lite0-57934424.pth"),
-        "efficientnet_lite0",
+        Some("efficientnet_lite0"),
         DType::F32,
     )?;
     ensure!(backbone.classes() == Some(1000) && backbone.feature_dim() == 1280);
+    Ok(())
+}
+
+/// The same tiny weights as a timm model folder (`config.json` with `model_args` and
+/// `pretrained_cfg`, tensors in timm's `tf_efficientnet_lite` names, renamed by the fixture
+/// script on its own) give the same outputs, and take the preprocessing from the config.
+#[test]
+fn timm_folder_reads_as_the_same_network() -> Result<()> {
+    let (_, expected) = tiny_lite()?;
+    let backbone = Backbone::load(&fixtures().join("tiny_timm"), None, DType::F32)?;
+    ensure!(backbone.preprocess.size == 32 && backbone.preprocess.resize == 36);
+    ensure!(backbone.preprocess.mean == [0.5; 3] && backbone.preprocess.std == [0.5; 3]);
+    let x = splitmix64_uniform(7, 2 * 3 * 32 * 32);
+    let x = Tensor::from_vec(x, (2, 3, 32, 32), &Device::Cpu)?;
+    let logits = backbone.logits(&x)?.flatten_all()?.to_vec1::<f32>()?;
+    let dl = max_abs_diff(&logits, &floats(&expected["logits"]));
+    ensure!(dl < 1e-4, "logits differ by {dl}");
+    // A bare weights file needs its architecture named.
+    let e = Backbone::load(&fixtures().join("tiny_lite.safetensors"), None, DType::F32)
+        .expect_err("no architecture")
+        .to_string();
+    ensure!(
+        e.contains("--architecture") && e.contains("efficientnet_lite0"),
+        "{e}"
+    );
     Ok(())
 }

@@ -133,8 +133,8 @@ fn run_images(
     format: &str,
     console: &Console,
 ) -> Result<()> {
-    let architecture = args.image.architecture_name(backbone_file)?;
-    let backbone = Backbone::load(backbone_file, &architecture, DType::F32)?;
+    let architecture = args.image.architecture_name(backbone_file);
+    let backbone = Backbone::load(backbone_file, architecture.as_deref(), DType::F32)?;
     let list = if args.data.is_dir() {
         ImageList::tree(&args.data)?
     } else {
@@ -224,7 +224,7 @@ fn run_images(
             "skipped": embedded.skipped.len(),
             "seconds": seconds,
             "images_per_sec": rows as f64 / seconds.max(1e-9),
-            "backbone": architecture,
+            "backbone": backbone.name,
             "out": args.out.display().to_string(),
         })
         .as_object()

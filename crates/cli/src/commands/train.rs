@@ -286,7 +286,7 @@ fn run_image(args: &TrainArgs) -> Result<()> {
     }
     let method: ImageMethod = args.method.as_deref().unwrap_or("linear-probe").parse()?;
     let settings = ImageTrainSettings {
-        architecture: args.image.architecture_name(&backbone)?,
+        architecture: args.image.architecture_name(&backbone),
         backbone,
         data,
         path_column: args.image.path_column.clone(),
@@ -311,7 +311,7 @@ fn run_image(args: &TrainArgs) -> Result<()> {
         "trained a {} image classifier ({} on {}) on {} images of {} classes in {:.1} s \
          (embedding {:.1} s); saved to {}",
         report.method,
-        settings.architecture,
+        model.section.backbone,
         settings.backbone.display(),
         report.images,
         report.classes,

@@ -91,8 +91,8 @@ impl std::str::FromStr for ImageMethod {
 pub struct ImageTrainSettings {
     /// The backbone's weights file.
     pub backbone: PathBuf,
-    /// Its architecture name.
-    pub architecture: String,
+    /// Its architecture name (needed for a bare weights file).
+    pub architecture: Option<String>,
     /// A class-folder tree or a CSV file of image paths.
     pub data: PathBuf,
     /// The CSV column holding the image paths.
@@ -170,7 +170,11 @@ impl ImageClassifier {
         progress: &mut dyn FnMut(&str),
     ) -> Result<(Self, ImageTrainReport)> {
         let started = Instant::now();
-        let backbone = Backbone::load(&settings.backbone, &settings.architecture, DType::F32)?;
+        let backbone = Backbone::load(
+            &settings.backbone,
+            settings.architecture.as_deref(),
+            DType::F32,
+        )?;
         let mut list = ImageList::read(
             &settings.data,
             &settings.path_column,

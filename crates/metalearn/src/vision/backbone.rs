@@ -25,6 +25,13 @@ pub struct Preprocess {
     pub mean: [f32; 3],
     /// Per-channel standard deviation the centred values are divided by.
     pub std: [f32; 3],
+    /// How photos are resized: `bilinear` or `bicubic` (antialiased when shrinking, as PIL).
+    #[serde(default = "bilinear")]
+    pub interpolation: String,
+}
+
+fn bilinear() -> String {
+    "bilinear".into()
 }
 
 impl Preprocess {
@@ -35,7 +42,61 @@ impl Preprocess {
             resize: (size as f64 / 0.875).round() as usize,
             mean: [127.0 / 255.0; 3],
             std: [128.0 / 255.0; 3],
+            interpolation: bilinear(),
         }
+    }
+
+    /// The preprocessing a timm `pretrained_cfg` describes (`input_size`, `crop_pct`, `mean`,
+    /// `std`, `interpolation`); missing fields keep `self`'s values.
+    pub fn with_timm_config(mut self, cfg: &serde_json::Value) -> Result<Self> {
+        let bad = |field: &str| {
+            Error::Config(format!(
+                "pretrained_cfg.{field} is not what timm writes there; fix or remove it"
+            ))
+        };
+        if let Some(size) = cfg.get("input_size") {
+            let side = size
+                .get(1)
+                .and_then(|v| v.as_u64())
+                .filter(|&s| s > 0)
+                .ok_or_else(|| bad("input_size"))?;
+            self.size = side as usize;
+        }
+        let crop = match cfg.get("crop_pct") {
+            Some(v) => v
+                .as_f64()
+                .filter(|c| *c > 0.0 && *c <= 1.0)
+                .ok_or_else(|| bad("crop_pct"))?,
+            None => 0.875,
+        };
+        self.resize = (self.size as f64 / crop).floor() as usize;
+        for (field, target) in [("mean", &mut self.mean), ("std", &mut self.std)] {
+            if let Some(v) = cfg.get(field) {
+                let values: Vec<f32> = v
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_f64())
+                            .map(|x| x as f32)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if values.len() != 3 || (field == "std" && values.iter().any(|&x| x <= 0.0)) {
+                    return Err(bad(field));
+                }
+                target.copy_from_slice(&values);
+            }
+        }
+        if let Some(v) = cfg.get("interpolation") {
+            let name = v.as_str().ok_or_else(|| bad("interpolation"))?;
+            if !matches!(name, "bilinear" | "bicubic") {
+                return Err(Error::Config(format!(
+                    "pretrained_cfg.interpolation `{name}` is not supported: use bilinear or bicubic"
+                )));
+            }
+            self.interpolation = name.to_string();
+        }
+        Ok(self)
     }
 
     /// The network input of one 8-bit value `v` of channel `c`.
@@ -71,25 +132,95 @@ pub struct Backbone {
 }
 
 impl Backbone {
-    /// Reads a weights file (`.safetensors`, or a PyTorch `.pth` / `.pt` / `.bin`, read
-    /// without running code) of the architecture `architecture` (see
-    /// [`KNOWN_ARCHITECTURES`]), in the lukemelas EfficientNet-PyTorch tensor names. Tensors
-    /// missing or of the wrong shape are an error naming the tensor, the expected and the
-    /// found shape.
-    pub fn load(path: &Path, architecture: &str, dtype: DType) -> Result<Self> {
-        let spec = EfficientNetLite::named(architecture).ok_or_else(|| {
+    /// Reads a backbone: a weights file (`.safetensors`, or a PyTorch `.pth` / `.pt` /
+    /// `.bin`, read without running code) of the architecture `architecture` (see
+    /// [`KNOWN_ARCHITECTURES`]), or a timm folder (`config.json` with `architecture`,
+    /// `pretrained_cfg` and optionally `model_args`, beside `model.safetensors` or
+    /// `pytorch_model.bin`). Tensors may be in the lukemelas EfficientNet-PyTorch names or in
+    /// timm's; missing or misshapen tensors are an error naming the tensor, the expected and
+    /// the found shape.
+    pub fn load(path: &Path, architecture: Option<&str>, dtype: DType) -> Result<Self> {
+        if path.is_dir() {
+            return Self::load_timm_folder(path, architecture, dtype);
+        }
+        let architecture = architecture.ok_or_else(|| {
             Error::Config(format!(
-                "unknown architecture `{architecture}` for {}: use one of {KNOWN_ARCHITECTURES}",
+                "{}: a weights file without config.json needs its architecture (--architecture \
+                 NAME): one of {KNOWN_ARCHITECTURES}",
                 path.display()
             ))
         })?;
+        let spec =
+            EfficientNetLite::named(architecture).ok_or_else(|| unknown(architecture, path))?;
         let tensors = read_weights(path)?;
         Self::from_tensors(tensors, path, architecture, &spec, dtype)
     }
 
-    /// Builds the backbone `spec` (named `name`) from named tensors in the lukemelas layout;
-    /// `source` names where they came from in error messages. A classifier follows the
-    /// pooling when the tensors hold `_fc.weight`.
+    /// A timm model folder; see [`Backbone::load`].
+    fn load_timm_folder(dir: &Path, architecture: Option<&str>, dtype: DType) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            Error::Config(format!("{}: line {}: {e}", config_path.display(), e.line()))
+        })?;
+        let named = config.get("architecture").and_then(|v| v.as_str());
+        let name = architecture.or(named).ok_or_else(|| {
+            Error::Config(format!(
+                "{}: no `architecture`; give --architecture NAME",
+                config_path.display()
+            ))
+        })?;
+        let mut spec = EfficientNetLite::timm(name).ok_or_else(|| unknown(name, &config_path))?;
+        let args = config.get("model_args");
+        let number = |key: &str| args.and_then(|a| a.get(key)).and_then(|v| v.as_f64());
+        if let Some(width) = number("channel_multiplier") {
+            spec.width = width;
+        }
+        if let Some(depth) = number("depth_multiplier") {
+            spec.depth = depth;
+        }
+        if let Some(stem) = number("stem_size") {
+            spec.stem = stem as usize;
+        }
+        if let Some(head) = config.get("num_features").and_then(|v| v.as_u64()) {
+            spec.head = head as usize;
+        }
+        let base = if spec.tf_padding {
+            Preprocess::efficientnet_lite(spec.resolution)
+        } else {
+            // timm's own EfficientNet-Lite training normalises with ImageNet's statistics.
+            Preprocess {
+                mean: [0.485, 0.456, 0.406],
+                std: [0.229, 0.224, 0.225],
+                ..Preprocess::efficientnet_lite(spec.resolution)
+            }
+        };
+        let preprocess = match config.get("pretrained_cfg") {
+            Some(cfg) => base
+                .with_timm_config(cfg)
+                .map_err(|e| Error::Config(format!("{}: {e}", config_path.display())))?,
+            None => base,
+        };
+        spec.resolution = preprocess.size;
+        let weights = ["model.safetensors", "pytorch_model.bin", "model.pth"]
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                Error::Checkpoint(format!(
+                    "{}: no model.safetensors or pytorch_model.bin beside config.json",
+                    dir.display()
+                ))
+            })?;
+        let tensors = read_weights(&weights)?;
+        let mut backbone = Self::from_tensors(tensors, &weights, name, &spec, dtype)?;
+        backbone.preprocess = preprocess;
+        Ok(backbone)
+    }
+
+    /// Builds the backbone `spec` (named `name`) from named tensors in the lukemelas or the
+    /// timm layout; `source` names where they came from in error messages. A classifier
+    /// follows the pooling when the tensors hold one.
     pub fn from_tensors(
         tensors: Vec<(String, Tensor)>,
         source: &Path,
@@ -97,6 +228,7 @@ impl Backbone {
         spec: &EfficientNetLite,
         dtype: DType,
     ) -> Result<Self> {
+        let tensors = to_lukemelas_names(tensors, spec, source)?;
         let find = |n: &str| tensors.iter().find(|(k, _)| k == n).map(|(_, t)| t);
         let classes = match find("_fc.weight") {
             Some(t) if t.rank() == 2 => Some(t.dim(0)?),
@@ -250,6 +382,38 @@ impl Backbone {
             .map(|t| t.device().clone())
             .unwrap_or(Device::Cpu)
     }
+}
+
+fn unknown(architecture: &str, source: &Path) -> Error {
+    Error::Config(format!(
+        "unknown architecture `{architecture}` for {}: use one of {KNOWN_ARCHITECTURES}",
+        source.display()
+    ))
+}
+
+/// Tensors in timm's EfficientNet layout renamed to lukemelas' (others are returned as they
+/// are).
+fn to_lukemelas_names(
+    tensors: Vec<(String, Tensor)>,
+    spec: &EfficientNetLite,
+    source: &Path,
+) -> Result<Vec<(String, Tensor)>> {
+    if !tensors.iter().any(|(n, _)| n == "conv_stem.weight") {
+        return Ok(tensors);
+    }
+    let positions = spec.block_positions();
+    tensors
+        .into_iter()
+        .map(|(n, t)| match spec.lukemelas_name(&n, &positions) {
+            Some(renamed) => Ok((renamed, t)),
+            None => Err(Error::Checkpoint(format!(
+                "{}: tensor `{n}` has no place in {} blocks of timm's EfficientNet-Lite layout; \
+                 is this the right architecture?",
+                source.display(),
+                positions.len()
+            ))),
+        })
+        .collect()
 }
 
 fn mapped<'a>(names: &'a NameMap, ours: &str) -> Result<(&'a str, &'a str, bool)> {

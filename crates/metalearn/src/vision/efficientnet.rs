@@ -36,11 +36,16 @@ pub struct EfficientNetLite {
     pub head: usize,
     /// Dropout before the classifier while training.
     pub dropout: f64,
+    /// TensorFlow "SAME" padding and batch-norm eps 1e-3 (the TensorFlow originals and their
+    /// ports: lukemelas, timm's `tf_` models); otherwise PyTorch's symmetric `k / 2` padding
+    /// and eps 1e-5 (timm's own `efficientnet_lite*` training).
+    pub tf_padding: bool,
 }
 
 impl EfficientNetLite {
     /// A published variant by name: `efficientnet_lite0` to `efficientnet_lite4` (dashes,
-    /// case and a `tf_` prefix are accepted).
+    /// case and a `tf_` prefix are accepted), with TensorFlow padding (the weights published
+    /// under these names are ports of TensorFlow's).
     pub fn named(name: &str) -> Option<Self> {
         let key = name
             .to_ascii_lowercase()
@@ -62,7 +67,71 @@ impl EfficientNetLite {
             stem: 32,
             head: 1280,
             dropout,
+            tf_padding: true,
         })
+    }
+
+    /// A timm architecture name: `tf_efficientnet_liteN` (TensorFlow padding) or
+    /// `efficientnet_liteN` (PyTorch padding, as timm trains it).
+    pub fn timm(name: &str) -> Option<Self> {
+        let tf = name.starts_with("tf_");
+        Self::named(name).map(|spec| Self {
+            tf_padding: tf,
+            ..spec
+        })
+    }
+
+    /// Every block's (stage, index in stage, whether it has an expansion convolution), in
+    /// block order.
+    pub fn block_positions(&self) -> Vec<(usize, usize, bool)> {
+        STAGES
+            .iter()
+            .enumerate()
+            .flat_map(|(stage, &(expansion, _, _, _, blocks))| {
+                (0..self.blocks(stage, blocks)).map(move |i| (stage, i, expansion != 1))
+            })
+            .collect()
+    }
+
+    /// The lukemelas name of a tensor in timm's layout (`conv_stem.weight`,
+    /// `blocks.S.I.conv_pw.weight`, ...), or `None` for a name outside it.
+    pub fn lukemelas_name(&self, timm: &str, positions: &[(usize, usize, bool)]) -> Option<String> {
+        let (module, field) = timm.rsplit_once('.')?;
+        let renamed = match module {
+            "conv_stem" => "_conv_stem".to_string(),
+            "bn1" => "_bn0".to_string(),
+            "conv_head" => "_conv_head".to_string(),
+            "bn2" => "_bn1".to_string(),
+            "classifier" => "_fc".to_string(),
+            _ => {
+                let mut parts = module.split('.');
+                let (Some("blocks"), Some(stage), Some(index), Some(part), None) = (
+                    parts.next(),
+                    parts.next(),
+                    parts.next(),
+                    parts.next(),
+                    parts.next(),
+                ) else {
+                    return None;
+                };
+                let (stage, index): (usize, usize) = (stage.parse().ok()?, index.parse().ok()?);
+                let block = positions
+                    .iter()
+                    .position(|&(s, i, _)| (s, i) == (stage, index))?;
+                let expands = positions[block].2;
+                let ours = match (expands, part) {
+                    (true, "conv_pw") => "_expand_conv",
+                    (true, "bn1") => "_bn0",
+                    (true, "conv_dw") | (false, "conv_dw") => "_depthwise_conv",
+                    (true, "bn2") | (false, "bn1") => "_bn1",
+                    (true, "conv_pwl") | (false, "conv_pw") => "_project_conv",
+                    (true, "bn3") | (false, "bn2") => "_bn2",
+                    _ => return None,
+                };
+                format!("_blocks.{block}.{ours}")
+            }
+        };
+        Some(format!("{renamed}.{field}"))
     }
 
     /// Output channels of a stage after width scaling (TensorFlow's `round_filters`).
@@ -96,18 +165,19 @@ impl EfficientNetLite {
         }
         let mut arch = Architecture::new(&[3, side, side]);
         let mut names = NameMap::default();
-        let conv = |filters, kernel_size, stride, groups| Layer::Conv2d {
+        let tf = self.tf_padding;
+        let conv = |filters, kernel_size: usize, stride, groups| Layer::Conv2d {
             filters,
             kernel_size,
             stride,
-            padding: 0,
+            padding: if tf { 0 } else { kernel_size / 2 },
             groups,
             bias: false,
-            same_padding: true,
+            same_padding: tf,
         };
         let norm = Layer::BatchNorm {
             momentum: 0.01,
-            eps: 1e-3,
+            eps: if tf { 1e-3 } else { 1e-5 },
         };
         let relu6 = Layer::activation(Activation::Relu6);
         let mut push = |arch: &mut Architecture, ours: &str, layer: Layer, theirs: Option<&str>| {

@@ -46,7 +46,12 @@ pub fn photo_input(image: &RgbImage, preprocess: &Preprocess) -> Result<Vec<f32>
     let resized = if (nw, nh) == (w, h) {
         image.clone()
     } else {
-        image::imageops::resize(image, nw, nh, FilterType::Triangle)
+        let filter = if preprocess.interpolation == "bicubic" {
+            FilterType::CatmullRom
+        } else {
+            FilterType::Triangle
+        };
+        image::imageops::resize(image, nw, nh, filter)
     };
     let (left, top) = ((nw - size) / 2, (nh - size) / 2);
     let crop = image::imageops::crop_imm(&resized, left, top, size, size).to_image();
@@ -110,6 +115,7 @@ mod tests {
             resize: 4,
             mean: [0.0; 3],
             std: [1.0 / 255.0; 3],
+            interpolation: "bilinear".into(),
         };
         let out = grey_input(&[0, 100, 200, 40], 2, 2, &p);
         let row0: Vec<f32> = out[..4].to_vec();
@@ -132,6 +138,7 @@ mod tests {
             resize: 10,
             mean: [0.0; 3],
             std: [1.0; 3],
+            interpolation: "bilinear".into(),
         };
         let input = photo_input(&image, &p).expect("resizes");
         assert_eq!(input.len(), 3 * 64);

@@ -46,7 +46,7 @@ pub fn run_vision(
         return Err(Error::Config("--iterations must be at least 1".into()));
     }
     let backbone = match weights {
-        Some(path) => Backbone::load(path, "efficientnet_lite0", DType::F32)?,
+        Some(path) => Backbone::load(path, Some("efficientnet_lite0"), DType::F32)?,
         None => random_lite0(device)?,
     };
     let batch = if workload == "effnet-lite0-single" {
