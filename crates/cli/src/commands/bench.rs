@@ -18,7 +18,7 @@ pub struct BenchArgs {
     /// Workload to time (repeat for several; `all` for every one but the text and vision
     /// ones): protonet-conv4, maml-conv4, fomaml-conv4, maml-sine, maml-sine-5,
     /// adapt-protonet-conv4, melu; encode-minilm, encode-minilm-single, finetune-minilm;
-    /// effnet-lite0-forward, effnet-lite0-single, effnet-lite0-finetune.
+    /// effnet-lite0-forward, effnet-lite0-single.
     #[arg(long = "workload", required = true)]
     pub workloads: Vec<String>,
     /// Timed iterations (default: 5 for the conv workloads, 500 for the sine ones, 50 for adapt).

@@ -41,10 +41,13 @@ impl Default for ImageFolderOptions {
 /// File extensions read as images (compared case-insensitively).
 const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
 
+/// Image files with their class ids.
+pub type LabelledFiles = Vec<(PathBuf, usize)>;
+
 /// The images of a class-folder tree, with the class id of each (in path order), and the
 /// class names (the sorted sub-folder names). The folder rules of [`load_image_folder`] apply:
 /// errors name the offending path.
-pub fn list_image_folder(dir: &Path) -> Result<(Vec<(PathBuf, usize)>, Vec<String>)> {
+pub fn list_image_folder(dir: &Path) -> Result<(LabelledFiles, Vec<String>)> {
     let shown = dir.display();
     if !dir.exists() {
         return Err(Error::Data(format!(

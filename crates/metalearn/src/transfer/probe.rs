@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::train::loss::Loss;
 use crate::train::optim::{Optimizer, OptimizerConfig};
 
-/// Class ids as a float target vector.
+/// Class ids as the `[n]` target tensor of the cross-entropy, on the CPU.
 pub(crate) fn class_id_targets(ids: &[u32], dtype: DType) -> Result<Tensor> {
     let values: Vec<f32> = ids.iter().map(|&c| c as f32).collect();
     Ok(Tensor::from_vec(values, ids.len(), &Device::Cpu)?.to_dtype(dtype)?)

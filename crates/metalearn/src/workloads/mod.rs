@@ -103,7 +103,7 @@ pub fn default_iterations(workload: &str) -> usize {
         "encode-minilm" => 3,
         "encode-minilm-single" => 200,
         "finetune-minilm" => 10,
-        "effnet-lite0-forward" | "effnet-lite0-finetune" => 7,
+        "effnet-lite0-forward" => 7,
         "effnet-lite0-single" => 30,
         _ => 5,
     }

@@ -4,7 +4,6 @@
 //! | --- | --- |
 //! | `effnet-lite0-forward` | EfficientNet-Lite0 on 32 random 3x224x224 inputs, inference mode: pooled features and 1000 logits |
 //! | `effnet-lite0-single` | the same on one image |
-//! | `effnet-lite0-finetune` | one fine-tuning step on 32 images: a fresh 10-way head (dropout 0.2 before it), training mode (batch statistics), cross-entropy on random labels, backward through every layer, Adam at 1e-4 |
 //!
 //! The weights are random unless a weights file is given: the arithmetic is the same.
 
@@ -16,18 +15,11 @@ use rand_chacha::ChaCha8Rng;
 
 use super::{time_prepared, BenchResult, Prepared};
 use crate::error::{Error, Result};
-use crate::nn::network::{ForwardCtx, Network};
-use crate::nn::params::ParamSet;
-use crate::train::loss::Loss;
-use crate::train::optim::{Optimizer, OptimizerConfig};
+use crate::nn::network::Network;
 use crate::vision::{Backbone, EfficientNetLite};
 
 /// The vision workloads, by name.
-pub const VISION_WORKLOADS: [&str; 3] = [
-    "effnet-lite0-forward",
-    "effnet-lite0-single",
-    "effnet-lite0-finetune",
-];
+pub const VISION_WORKLOADS: [&str; 2] = ["effnet-lite0-forward", "effnet-lite0-single"];
 
 /// Floating-point operations of one EfficientNet-Lite0 image at 224x224 (two per
 /// multiply-add; 407M multiply-adds published, the convolutions and the classifier).
@@ -65,7 +57,6 @@ pub fn run_vision(
             warmup: if batch == 1 { 3 } else { 2 },
             sentences: Some(batch),
         },
-        "effnet-lite0-finetune" => finetune_step(backbone, images, &mut rng)?,
         other => {
             return Err(Error::Config(format!(
                 "unknown vision workload `{other}`; choose one of: {}",
@@ -94,36 +85,4 @@ fn random_lite0(device: &Device) -> Result<Backbone> {
         stats,
         crate::vision::Preprocess::efficientnet_lite(224),
     )
-}
-
-/// One fine-tuning step of the whole network with a fresh 10-way head.
-fn finetune_step(backbone: Backbone, images: Tensor, rng: &mut ChaCha8Rng) -> Result<Prepared> {
-    let spec = EfficientNetLite::named("efficientnet_lite0").expect("known variant");
-    let (arch, _) = spec.build(spec.resolution, Some(10))?;
-    let network = Network::build(&arch)?;
-    let device = images.device().clone();
-    let fresh = network.init_params(1, &device, DType::F32)?;
-    // The backbone's weights, a fresh head.
-    let params = fresh.map(|name, t| Ok(backbone.params.try_get(name).unwrap_or(t).clone()))?;
-    let names = params.names().to_vec();
-    let vars = params.to_vars()?;
-    let mut optimizer = Optimizer::new(OptimizerConfig::adam(1e-4), vars.len())?;
-    let batch = images.dim(0)?;
-    let labels: Vec<f32> = (0..batch).map(|_| rng.gen_range(0..10) as f32).collect();
-    let labels = Tensor::from_vec(labels, batch, &device)?;
-    let mut dropout_rng = ChaCha8Rng::seed_from_u64(2);
-    Ok(Prepared {
-        step: Box::new(move || {
-            let params = ParamSet::from_vars(&names, &vars)?;
-            let mut ctx = ForwardCtx::train().first_order();
-            ctx.rng = Some(&mut dropout_rng);
-            let logits = network.forward(&params, &images, &mut ctx)?;
-            let loss = Loss::CategoricalCrossEntropy.compute(&logits, &labels)?;
-            let grads = loss.backward()?;
-            let grads: Vec<Option<Tensor>> = vars.iter().map(|v| grads.get(v).cloned()).collect();
-            optimizer.step(&vars, &grads)
-        }),
-        warmup: 2,
-        sentences: Some(batch),
-    })
 }

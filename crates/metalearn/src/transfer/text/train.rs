@@ -455,8 +455,6 @@ pub fn train_text_classifier(
     Ok((classifier, report))
 }
 
-/// Class ids as the `[n]` target tensor of the cross-entropy, on the CPU.
-
 /// `order` regrouped into same-class pairs: each class's texts two at a time, in their order
 /// in `order`, then the pairs shuffled. Batches of an even size then give every text a partner
 /// of its class (but the last text of a class with an odd count).
