@@ -72,6 +72,44 @@ fn out_size(side: usize, k: usize, stride: usize, before: usize, after: usize) -
     (side + before + after - k) / stride + 1
 }
 
+/// `out[m×n] = a[m×k] · b[k×n]`, all row-major.
+///
+/// # Safety
+/// The slices must hold at least the values their shapes say.
+unsafe fn matmul(
+    a: &[f32],
+    b: &[f32],
+    out: &mut [f32],
+    (m, k, n): (usize, usize, usize),
+    parallelism: ::gemm::Parallelism,
+) {
+    debug_assert!(a.len() >= m * k && b.len() >= k * n && out.len() >= m * n);
+    // Safety: the caller's shapes; the three buffers are distinct borrows.
+    unsafe {
+        ::gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
 /// Pixels per parallel piece of a pointwise convolution.
 const ROWS_PER_PIECE: usize = 256;
 
@@ -90,52 +128,50 @@ pub fn pointwise(
         assert_eq!((r.pixels(), r.c), (x.pixels(), cout), "residual shape");
     }
     let mut data = vec![0f32; x.pixels() * cout];
-    data.par_chunks_mut(ROWS_PER_PIECE * cout)
-        .enumerate()
-        .for_each(|(piece, out)| {
-            let first = piece * ROWS_PER_PIECE;
-            let rows = out.len() / cout;
-            let a = &x.data[first * cin..(first + rows) * cin];
-            // Safety: `a` is rows x cin, `weight` cin x cout and `out` rows x cout, all
-            // row-major and distinct.
-            unsafe {
-                ::gemm::gemm(
-                    rows,
-                    cout,
-                    cin,
-                    out.as_mut_ptr(),
-                    1,
-                    cout as isize,
-                    false,
-                    a.as_ptr(),
-                    1,
-                    cin as isize,
-                    weight.as_ptr(),
-                    1,
-                    cout as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    ::gemm::Parallelism::None,
-                );
+    let threads = rayon::current_num_threads();
+    let epilogue = |first: usize, out: &mut [f32]| {
+        let res = residual.map(|r| &r.data[first * cout..first * cout + out.len()]);
+        for (i, row) in out.chunks_mut(cout).enumerate() {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
             }
-            let res = residual.map(|r| &r.data[first * cout..(first + rows) * cout]);
-            for (i, row) in out.chunks_mut(cout).enumerate() {
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v += bias[j];
-                }
-                if let Some(res) = res {
-                    for (v, r) in row.iter_mut().zip(&res[i * cout..(i + 1) * cout]) {
-                        *v += r;
-                    }
-                }
-                if activation != Activation::None {
-                    row.iter_mut().for_each(|v| *v = activation.apply(*v));
+            if let Some(res) = res {
+                for (v, r) in row.iter_mut().zip(&res[i * cout..(i + 1) * cout]) {
+                    *v += r;
                 }
             }
-        });
+            if activation != Activation::None {
+                row.iter_mut().for_each(|v| *v = activation.apply(*v));
+            }
+        }
+    };
+    if x.pixels() < ROWS_PER_PIECE * threads {
+        // Too few pixels to give every thread its own rows (a single small image's late
+        // layers): one product, split by the gemm crate across the output.
+        // Safety: as below, for the whole matrix.
+        unsafe {
+            matmul(
+                &x.data,
+                weight,
+                &mut data,
+                (x.pixels(), cin, cout),
+                ::gemm::Parallelism::Rayon(threads),
+            )
+        };
+        epilogue(0, &mut data);
+    } else {
+        data.par_chunks_mut(ROWS_PER_PIECE * cout)
+            .enumerate()
+            .for_each(|(piece, out)| {
+                let first = piece * ROWS_PER_PIECE;
+                let rows = out.len() / cout;
+                let a = &x.data[first * cin..(first + rows) * cin];
+                // Safety: `a` is rows x cin, `weight` cin x cout and `out` rows x cout, all
+                // row-major and distinct.
+                unsafe { matmul(a, weight, out, (rows, cin, cout), ::gemm::Parallelism::None) };
+                epilogue(first, out);
+            });
+    }
     Nhwc {
         data,
         n: x.n,
@@ -243,29 +279,7 @@ pub fn dense(
                 }
             }
             // Safety: `patches` is ow x patch, `weight` patch x cout, `out` ow x cout.
-            unsafe {
-                ::gemm::gemm(
-                    ow,
-                    cout,
-                    patch,
-                    out.as_mut_ptr(),
-                    1,
-                    cout as isize,
-                    false,
-                    patches.as_ptr(),
-                    1,
-                    patch as isize,
-                    weight.as_ptr(),
-                    1,
-                    cout as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    ::gemm::Parallelism::None,
-                );
-            }
+            unsafe { matmul(&patches, weight, out, (ow, patch, cout), ::gemm::Parallelism::None) };
             for row in out.chunks_mut(cout) {
                 for (v, b) in row.iter_mut().zip(bias) {
                     *v = activation.apply(*v + b);
