@@ -279,7 +279,7 @@ pub struct BackboneArgs {
     #[arg(long, value_name = "FILE")]
     pub backbone: Option<PathBuf>,
     /// The backbone's architecture: efficientnet_lite0 to efficientnet_lite4 (default: taken
-    /// from the file name when it names one).
+    /// from the file or folder name when it names one).
     #[arg(long, value_name = "NAME")]
     pub architecture: Option<String>,
     /// Image data as a CSV file: the column holding the image paths (relative to the CSV's
@@ -292,8 +292,8 @@ pub struct BackboneArgs {
 }
 
 impl BackboneArgs {
-    /// The architecture name: `--architecture`, or the one the weights file's name contains
-    /// (`None` otherwise: a timm folder's `config.json` names it, and a bare file without it
+    /// The architecture name: `--architecture`, or the one the weights file's name (or its
+    /// folder's) contains (`None` otherwise: a timm folder's `config.json` names it, and a bare file without it
     /// gets an error saying so).
     pub fn architecture_name(&self, backbone: &std::path::Path) -> Option<String> {
         if let Some(name) = &self.architecture {
@@ -302,13 +302,17 @@ impl BackboneArgs {
         if backbone.is_dir() {
             return None;
         }
-        let file = backbone
-            .file_name()
-            .map(|f| f.to_string_lossy().to_ascii_lowercase().replace('-', "_"))
-            .unwrap_or_default();
-        (0..=4)
-            .map(|i| format!("efficientnet_lite{i}"))
-            .find(|name| file.contains(name.as_str()))
+        // The file's name, else its folder's (`efficientnet-lite0/model.safetensors`).
+        let named = |p: Option<&std::path::Path>| {
+            let name = p
+                .and_then(|p| p.file_name())
+                .map(|f| f.to_string_lossy().to_ascii_lowercase().replace('-', "_"))
+                .unwrap_or_default();
+            (0..=4)
+                .map(|i| format!("efficientnet_lite{i}"))
+                .find(|arch| name.contains(arch.as_str()))
+        };
+        named(Some(backbone)).or_else(|| named(backbone.parent()))
     }
 }
 

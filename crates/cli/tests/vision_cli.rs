@@ -125,8 +125,41 @@ fn train_evaluate_predict_and_embed_with_a_backbone() {
         None,
     );
     assert_eq!(last_json(&out)["images"], 6);
+    // Fine-tuning every layer: the training loss falls.
+    let tuned = work.path().join("tuned.safetensors");
+    let out = run_ok_in(
+        &[
+            "train",
+            "--backbone",
+            s(&backbone),
+            "--data",
+            s(&data),
+            "--method",
+            "finetune",
+            "--epochs",
+            "4",
+            "--batch-size",
+            "4",
+            "--lr",
+            "3e-3",
+            "--seed",
+            "1",
+            "--out",
+            s(&tuned),
+            "--json",
+        ],
+        None,
+    );
+    let losses: Vec<f64> = last_json(&out)["epoch_losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 4);
+    assert!(losses[3] < losses[0], "losses {losses:?}");
     std::fs::remove_dir_all(&backbone).unwrap();
-    for m in [&model, &probe] {
+    for m in [&model, &probe, &tuned] {
         let out = run_ok_in(
             &["evaluate", "--model", s(m), "--data", s(&data), "--json"],
             None,

@@ -59,6 +59,7 @@ pub fn with_kernels<R>(on: bool, f: impl FnOnce() -> R) -> R {
 pub mod adam;
 pub mod conv;
 pub(crate) mod conv_pool;
+pub mod depthwise;
 pub mod differentiable_conv;
 pub mod first_block;
 pub mod fused;

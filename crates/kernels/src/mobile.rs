@@ -279,7 +279,15 @@ pub fn dense(
                 }
             }
             // Safety: `patches` is ow x patch, `weight` patch x cout, `out` ow x cout.
-            unsafe { matmul(&patches, weight, out, (ow, patch, cout), ::gemm::Parallelism::None) };
+            unsafe {
+                matmul(
+                    &patches,
+                    weight,
+                    out,
+                    (ow, patch, cout),
+                    ::gemm::Parallelism::None,
+                )
+            };
             for row in out.chunks_mut(cout) {
                 for (v, b) in row.iter_mut().zip(bias) {
                     *v = activation.apply(*v + b);

@@ -1005,3 +1005,62 @@ fn transformer_training_kernels_in_f32_match_the_reference() -> Result<()> {
     );
     Ok(())
 }
+
+/// The depthwise-convolution kernel (first-order forward passes on the CPU) against the
+/// reference path's shifted slices: outputs and the gradients of parameters and input, with
+/// symmetric and TensorFlow padding, strides 1 and 2, kernels 3 and 5; and its gradients
+/// against finite differences.
+#[test]
+fn depthwise_kernel_matches_the_reference_and_finite_differences() -> Result<()> {
+    metalearn::runtime::init();
+    for (i, (size, kernel, stride, same)) in [
+        (7, 3, 1, false),
+        (8, 3, 2, true),
+        (9, 5, 2, true),
+        (6, 5, 1, true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut arch = Architecture::new(&[4, size, size]);
+        arch.push(Layer::Conv2d {
+            filters: 4,
+            kernel_size: kernel,
+            stride,
+            padding: if same { 0 } else { kernel / 2 },
+            groups: 4,
+            bias: true,
+            same_padding: same,
+        });
+        arch.push(Layer::tanh());
+        arch.push(Layer::Flatten);
+        arch.push(Layer::dense(3));
+        let net = Network::build(&arch)?;
+        let seed = 900 + i as u64;
+        let params = common::generic_params(&net, seed);
+        let x = common::normal(&mut common::rng(seed + 1), &[2, 4, size, size]);
+        let target = common::normal(&mut common::rng(seed + 2), &[2, 3]);
+        let objective = |kernels: bool| {
+            let net = &net;
+            let target = &target;
+            move |params: &ParamSet, x: &Tensor| {
+                with_kernels(kernels, || {
+                    let mut ctx = ForwardCtx::train().first_order();
+                    let out = net.forward(params, x, &mut ctx)?;
+                    Loss::Mse.compute(&out, target)
+                })
+            }
+        };
+        let point = Point::new(&params, &x);
+        let fast = autodiff_gradient(&objective(true), &point);
+        let reference = autodiff_gradient(&objective(false), &point);
+        let label = format!("depthwise k{kernel} s{stride} on {size}x{size}, same {same}");
+        let diff = max_difference(&fast, &reference);
+        ensure!(
+            diff <= 1e-10 * scale_of(&reference).max(1.0),
+            "{label}: gradients differ by {diff}"
+        );
+        check_gradient(&label, &objective(true), &point)?;
+    }
+    Ok(())
+}

@@ -69,8 +69,9 @@ pub struct TrainArgs {
     /// prototype (nearest class mean, no training), finetune (linear probe, then encoder and
     /// head together), lora (linear probe, then LoRA adapters and head) or setfit
     /// (contrastive fine-tuning on pairs, then a logistic-regression head) [default:
-    /// finetune]. Image models (--backbone): linear-probe or prototype [default:
-    /// linear-probe].
+    /// finetune]. Image models (--backbone): linear-probe, prototype or finetune (the linear
+    /// probe, then every layer with Adam: --epochs [10], --batch-size [16], --lr [1e-4])
+    /// [default: linear-probe].
     #[arg(long, value_name = "METHOD")]
     pub method: Option<String>,
     /// Text and image models: draw this many training rows per class (the few-shot protocol;
@@ -297,10 +298,13 @@ fn run_image(args: &TrainArgs) -> Result<()> {
         c: 10.0,
         head_steps: 500,
         embed: EmbedOptions {
-            batch_size: args.training.batch_size.unwrap_or(32),
+            batch_size: 32,
             skip_bad_images: args.image.skip_bad_images,
             ..EmbedOptions::default()
         },
+        epochs: args.training.epochs.unwrap_or(10),
+        batch_size: args.training.batch_size.unwrap_or(16),
+        lr: args.training.lr.unwrap_or(1e-4),
     };
     let (model, report) = ImageClassifier::train(&settings, &mut |line| console.note(line))?;
     model.save(&out)?;

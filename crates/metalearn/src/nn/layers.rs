@@ -111,7 +111,29 @@ pub(crate) fn apply_layer(
                 [*padding; 4]
             };
             let bias = if *bias { Some(p("bias")?) } else { None };
-            conv2d(h, p("weight")?, bias, *stride, pads, *groups, batched)?
+            let weight = p("weight")?;
+            let depthwise = !batched && *groups > 1 && weight.dims()[..2] == [*groups, 1];
+            if depthwise
+                && !batched
+                && !ctx.differentiable_backward
+                && crate::kernels::enabled()
+                && h.device().is_cpu()
+            {
+                // Direct loops, first order: the reference path's shifted copies of the input
+                // do not fit in memory for a mobile network's training step at 224x224.
+                let op = metalearn_kernels::depthwise::Depthwise {
+                    kernel: *kernel_size,
+                    stride: *stride,
+                    padding: pads,
+                };
+                let y = op.apply(h, weight)?;
+                match bias {
+                    Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
+                    None => y,
+                }
+            } else {
+                conv2d(h, weight, bias, *stride, pads, *groups, batched)?
+            }
         }
         Layer::BatchNorm { eps, .. } => {
             batch_norm(h, &named.name, p("gamma")?, p("beta")?, *eps, batched, ctx)?

@@ -44,13 +44,17 @@ pub enum ImageMethod {
     LinearProbe,
     /// Nearest class prototype by cosine (no training).
     Prototype,
+    /// The linear probe, then every layer and the head trained together (batch-norm
+    /// statistics kept from pre-training), with random horizontal flips.
+    Finetune,
 }
 
 impl ImageMethod {
     /// Every method, by its command-line name.
-    pub const ALL: [(&'static str, ImageMethod); 2] = [
+    pub const ALL: [(&'static str, ImageMethod); 3] = [
         ("linear-probe", ImageMethod::LinearProbe),
         ("prototype", ImageMethod::Prototype),
+        ("finetune", ImageMethod::Finetune),
     ];
 
     /// The command-line name.
@@ -72,8 +76,8 @@ impl std::str::FromStr for ImageMethod {
             .map(|(_, m)| *m)
             .ok_or_else(|| {
                 let names: Vec<&str> = Self::ALL.iter().map(|(n, _)| *n).collect();
-                let later = if s == "finetune" || s == "lora" {
-                    " (fine-tuning image backbones is not available yet)"
+                let later = if s == "lora" {
+                    " (LoRA applies to text encoders)"
                 } else {
                     ""
                 };
@@ -111,6 +115,12 @@ pub struct ImageTrainSettings {
     pub head_steps: usize,
     /// How images are embedded.
     pub embed: EmbedOptions,
+    /// With `finetune`: passes over the training images.
+    pub epochs: usize,
+    /// With `finetune`: images per step.
+    pub batch_size: usize,
+    /// With `finetune`: Adam's learning rate (every layer and the head).
+    pub lr: f64,
 }
 
 /// What a training run did.
@@ -128,6 +138,9 @@ pub struct ImageTrainReport {
     pub embed_seconds: f64,
     /// Seconds spent in all.
     pub seconds: f64,
+    /// With `finetune`: the mean training loss of each epoch.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub epoch_losses: Vec<f64>,
 }
 
 /// Accuracy of a classifier on labelled images.
@@ -211,7 +224,7 @@ impl ImageClassifier {
         }
         let features = crate::nn::ops::l2_normalize(&embedded.features)?;
         let (weight, bias) = match settings.method {
-            ImageMethod::LinearProbe => {
+            ImageMethod::LinearProbe | ImageMethod::Finetune => {
                 progress(&format!(
                     "fitting a logistic-regression head (C = {}, {} steps)",
                     settings.c, settings.head_steps
@@ -245,6 +258,28 @@ impl ImageClassifier {
             classes: classes.clone(),
             method: settings.method.name().to_string(),
         };
+        let mut epoch_losses = Vec::new();
+        let params = if settings.method == ImageMethod::Finetune {
+            let kept: Vec<PathBuf> = embedded
+                .kept
+                .iter()
+                .map(|&i| list.paths[i].clone())
+                .collect();
+            let (tuned, losses) = finetune(
+                &network,
+                params,
+                &stats,
+                &backbone.preprocess,
+                &kept,
+                &ids,
+                settings,
+                progress,
+            )?;
+            epoch_losses = losses;
+            tuned
+        } else {
+            params
+        };
         let model = Backbone::new(
             &backbone.name,
             network,
@@ -253,6 +288,7 @@ impl ImageClassifier {
             backbone.preprocess.clone(),
         )?;
         let report = ImageTrainReport {
+            epoch_losses,
             method: settings.method.name().to_string(),
             images: embedded.kept.len(),
             classes: classes.len(),
@@ -382,4 +418,101 @@ impl ImageClassifier {
             })
             .collect())
     }
+}
+
+/// Trains every parameter of `network` (backbone, normalisation, head) on the images with
+/// Adam; batch norm uses the pre-trained running statistics `stats` throughout (a few images
+/// per class are too few to re-estimate them). Each image is flipped left-right with
+/// probability 1/2 every epoch. Returns the trained parameters and each epoch's mean loss.
+#[allow(clippy::too_many_arguments)]
+fn finetune(
+    network: &Network,
+    params: crate::nn::params::ParamSet,
+    stats: &crate::nn::params::ParamSet,
+    preprocess: &Preprocess,
+    paths: &[PathBuf],
+    ids: &[u32],
+    settings: &ImageTrainSettings,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(crate::nn::params::ParamSet, Vec<f64>)> {
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng};
+    use rayon::prelude::*;
+    if settings.epochs == 0
+        || settings.batch_size == 0
+        || !settings.lr.is_finite()
+        || settings.lr <= 0.0
+    {
+        return Err(Error::Config(
+            "fine-tuning needs --epochs, --batch-size and --lr above zero".into(),
+        ));
+    }
+    let size = preprocess.size;
+    let per_image = 3 * size * size;
+    let inputs: Vec<Vec<f32>> = paths
+        .par_iter()
+        .map(|p| crate::vision::features::image_input(p, preprocess))
+        .collect::<Result<_>>()?;
+    let names = params.names().to_vec();
+    let vars = params.to_vars()?;
+    let mut optimizer = crate::train::optim::Optimizer::new(
+        crate::train::optim::OptimizerConfig::adam(settings.lr),
+        vars.len(),
+    )?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(settings.seed);
+    let mut order: Vec<usize> = (0..inputs.len()).collect();
+    let mut losses = Vec::with_capacity(settings.epochs);
+    for epoch in 0..settings.epochs {
+        order.shuffle(&mut rng);
+        let mut total = 0.0;
+        for batch in order.chunks(settings.batch_size) {
+            let mut values = Vec::with_capacity(batch.len() * per_image);
+            for &i in batch {
+                if rng.gen_bool(0.5) {
+                    values.extend(flipped(&inputs[i], size));
+                } else {
+                    values.extend_from_slice(&inputs[i]);
+                }
+            }
+            let x = Tensor::from_vec(values, (batch.len(), 3, size, size), &Device::Cpu)?;
+            let labels: Vec<f32> = batch.iter().map(|&i| ids[i] as f32).collect();
+            let y = Tensor::from_vec(labels, batch.len(), &Device::Cpu)?;
+            let current = crate::nn::params::ParamSet::from_vars(&names, &vars)?;
+            let mut ctx = ForwardCtx::eval(Some(stats)).first_order();
+            let logits = network.forward(&current, &x, &mut ctx)?;
+            let loss = crate::train::loss::Loss::CategoricalCrossEntropy.compute(&logits, &y)?;
+            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !value.is_finite() {
+                return Err(Error::NonFinite(format!(
+                    "fine-tuning loss became {value} in epoch {}; nothing was saved: try a \
+                     smaller --lr",
+                    epoch + 1
+                )));
+            }
+            total += value * batch.len() as f64;
+            let grads = crate::runtime::backward(&loss)?;
+            let grads: Vec<Option<Tensor>> = vars.iter().map(|v| grads.get(v).cloned()).collect();
+            optimizer.step(&vars, &grads)?;
+        }
+        let mean = total / inputs.len() as f64;
+        progress(&format!(
+            "epoch {}/{}: loss {mean:.4}",
+            epoch + 1,
+            settings.epochs
+        ));
+        losses.push(mean);
+    }
+    Ok((
+        crate::nn::params::ParamSet::from_vars(&names, &vars)?,
+        losses,
+    ))
+}
+
+/// A `[3, size, size]` input mirrored left-right.
+fn flipped(input: &[f32], size: usize) -> Vec<f32> {
+    let mut out = input.to_vec();
+    for row in out.chunks_mut(size) {
+        row.reverse();
+    }
+    out
 }
