@@ -66,6 +66,34 @@ pub fn did_you_mean(word: &str, candidates: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// The entry of `table` named `name`, or an error naming what was asked (`what`, e.g. "text
+/// method"), with a "did you mean" and the valid names; `hint` is added after the name.
+pub fn lookup_named<T: Copy>(
+    name: &str,
+    table: &[(&str, T)],
+    what: &str,
+    hint: &str,
+) -> crate::error::Result<T> {
+    if let Some((_, value)) = table.iter().find(|(n, _)| *n == name) {
+        return Ok(*value);
+    }
+    let names: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
+    Err(crate::error::Error::Config(format!(
+        "unknown {what} `{name}`{hint}{}; choose one of: {}",
+        did_you_mean(name, &names),
+        names.join(", ")
+    )))
+}
+
+/// The name of `value` in `table`.
+pub fn name_of<T: PartialEq>(value: &T, table: &[(&'static str, T)]) -> &'static str {
+    table
+        .iter()
+        .find(|(_, v)| v == value)
+        .map(|(n, _)| *n)
+        .expect("every value is listed in its table")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -59,34 +59,19 @@ impl ImageMethod {
 
     /// The command-line name.
     pub fn name(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(_, m)| *m == self)
-            .map(|(n, _)| *n)
-            .expect("listed")
+        crate::config::suggest::name_of(&self, &Self::ALL)
     }
 }
 
 impl std::str::FromStr for ImageMethod {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        Self::ALL
-            .iter()
-            .find(|(n, _)| *n == s)
-            .map(|(_, m)| *m)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Self::ALL.iter().map(|(n, _)| *n).collect();
-                let later = if s == "lora" {
-                    " (LoRA applies to text encoders)"
-                } else {
-                    ""
-                };
-                Error::Config(format!(
-                    "unknown image method `{s}`{later}{}; choose one of: {}",
-                    crate::config::suggest::did_you_mean(s, &names),
-                    names.join(", ")
-                ))
-            })
+        let hint = if s == "lora" {
+            " (LoRA applies to text encoders)"
+        } else {
+            ""
+        };
+        crate::config::suggest::lookup_named(s, &Self::ALL, "image method", hint)
     }
 }
 

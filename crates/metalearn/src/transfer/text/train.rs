@@ -64,11 +64,7 @@ impl TextMethod {
 
     /// The command-line name.
     pub fn name(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(_, m)| *m == self)
-            .map(|(n, _)| *n)
-            .expect("listed")
+        crate::config::suggest::name_of(&self, &Self::ALL)
     }
 
     /// Whether encoder and head train together on the classification loss.
@@ -85,18 +81,7 @@ impl TextMethod {
 impl std::str::FromStr for TextMethod {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        Self::ALL
-            .iter()
-            .find(|(n, _)| *n == s)
-            .map(|(_, m)| *m)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Self::ALL.iter().map(|(n, _)| *n).collect();
-                Error::Config(format!(
-                    "unknown text method `{s}`{}; choose one of: {}",
-                    crate::config::suggest::did_you_mean(s, &names),
-                    names.join(", ")
-                ))
-            })
+        crate::config::suggest::lookup_named(s, &Self::ALL, "text method", "")
     }
 }
 
