@@ -386,3 +386,35 @@ fn official_runs_when_present() {
     assert_eq!(report.per_run.len(), 20);
     assert!((0.0..=100.0).contains(&report.error_percent));
 }
+
+/// A frozen pre-trained backbone (the tiny timm-layout fixture) scores the runs by the nearest
+/// training image's pooled feature: exact copies match, shifted pairings always miss.
+#[test]
+fn frozen_backbone_matches_exact_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs");
+    write_runs(&runs, 2, false);
+    let backbone =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../metalearn/tests/fixtures/vision/tiny_timm");
+    let args = |runs: &Path| {
+        vec![
+            "eval-runs".to_string(),
+            "--backbone".into(),
+            backbone.display().to_string(),
+            "--runs".into(),
+            runs.display().to_string(),
+            "--json".into(),
+        ]
+    };
+    let run = |runs: &Path| {
+        let args = args(runs);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        last_json(&run_ok_in(&refs, None))
+    };
+    let json = run(&runs);
+    assert_eq!(json["error_percent"], 0.0, "{json}");
+    assert_eq!(json["test_images"], 40);
+    let wrong = dir.path().join("wrong");
+    write_runs(&wrong, 2, true);
+    assert_eq!(run(&wrong)["error_percent"], 100.0);
+}

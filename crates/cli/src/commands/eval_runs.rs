@@ -8,15 +8,29 @@ use serde_json::json;
 
 use metalearn::checkpoint::Checkpoint;
 use metalearn::error::Result;
-use metalearn::eval::runs::{evaluate_runs, learner_for_ways, OneShotBenchmark, RunsOptions};
+use metalearn::eval::runs::{
+    evaluate_runs, evaluate_runs_with_backbone, learner_for_ways, OneShotBenchmark, RunsOptions,
+};
 use metalearn::experiment::{resolve_model_path, stored_config};
 
 /// Arguments of `eval-runs`.
 #[derive(Args, Debug, Clone)]
 pub struct EvalRunsArgs {
     /// A meta-trained checkpoint, or a meta-train output folder (its best checkpoint is used).
-    #[arg(long)]
-    pub model: PathBuf,
+    #[arg(
+        long,
+        required_unless_present = "backbone",
+        conflicts_with = "backbone"
+    )]
+    pub model: Option<PathBuf>,
+    /// Instead of --model: a pre-trained image backbone, frozen; each test image takes the
+    /// class of the training image nearest by cosine of their pooled features.
+    #[arg(long, value_name = "FILE|DIR")]
+    pub backbone: Option<PathBuf>,
+    /// With --backbone: its architecture (default: from the file or folder name, or its
+    /// config.json).
+    #[arg(long, value_name = "NAME")]
+    pub architecture: Option<String>,
     /// The folder holding run01 ... run20 (unpacked all_runs.zip), or all_runs.zip itself.
     #[arg(long, value_name = "DIR")]
     pub runs: PathBuf,
@@ -34,7 +48,14 @@ pub struct EvalRunsArgs {
 
 /// Runs `eval-runs`.
 pub fn run(args: &EvalRunsArgs) -> Result<()> {
-    let path = resolve_model_path(&args.model)?;
+    if let Some(backbone) = &args.backbone {
+        return run_backbone(args, backbone);
+    }
+    let model = args
+        .model
+        .as_ref()
+        .expect("clap requires --model without --backbone");
+    let path = resolve_model_path(model)?;
     let ckpt = Checkpoint::load(&path, &candle_core::Device::Cpu)?;
     let bench = OneShotBenchmark::open(&args.runs)?;
     let mut learner = learner_for_ways(&ckpt, bench.ways())?;
@@ -86,6 +107,56 @@ pub fn run(args: &EvalRunsArgs) -> Result<()> {
                 .algorithm_config()
                 .name
                 .adaptation_summary(steps, args.test_time_shifts)
+        );
+    }
+    Ok(())
+}
+
+/// `eval-runs --backbone`: nearest neighbour by cosine on a frozen backbone's features.
+fn run_backbone(args: &EvalRunsArgs, backbone_path: &std::path::Path) -> Result<()> {
+    let image_args = crate::args::BackboneArgs {
+        backbone: Some(backbone_path.to_path_buf()),
+        architecture: args.architecture.clone(),
+        ..Default::default()
+    };
+    let architecture = image_args.architecture_name(backbone_path);
+    let backbone = metalearn::vision::Backbone::load(
+        backbone_path,
+        architecture.as_deref(),
+        candle_core::DType::F32,
+    )?;
+    let bench = OneShotBenchmark::open(&args.runs)?;
+    let started = std::time::Instant::now();
+    let report = evaluate_runs_with_backbone(&backbone, &bench)?;
+    let seconds = started.elapsed().as_secs_f64();
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "command": "eval-runs",
+                "backbone": backbone_path.display().to_string(),
+                "architecture": backbone.name,
+                "method": "nearest neighbour, cosine of pooled features",
+                "error_percent": report.error_percent,
+                "per_run": report.per_run,
+                "runs": report.runs,
+                "ways": report.ways,
+                "test_images": report.test_images,
+                "seconds": seconds,
+            })
+        );
+    } else {
+        for (name, error) in report.runs.iter().zip(&report.per_run) {
+            println!("{name}: {error:.1}% error");
+        }
+        println!(
+            "{} (frozen, nearest neighbour by cosine): {:.2}% mean error over {} runs of \
+             {}-way one-shot classification ({} test images, {seconds:.1} s)",
+            backbone.name,
+            report.error_percent,
+            report.runs.len(),
+            report.ways,
+            report.test_images
         );
     }
     Ok(())

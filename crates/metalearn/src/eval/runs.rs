@@ -161,6 +161,69 @@ impl OneShotBenchmark {
     }
 }
 
+impl OneShotBenchmark {
+    /// L2-normalised pooled features of `images` through a pre-trained `backbone`,
+    /// preprocessed as its weights expect (the 105x105 images enlarged to its input size).
+    fn backbone_features(
+        &self,
+        images: &[RunImage],
+        backbone: &crate::vision::Backbone,
+    ) -> Result<Tensor> {
+        let size = backbone.preprocess.size;
+        let mut values = Vec::with_capacity(images.len() * 3 * size * size);
+        for image in images {
+            let source = format!(
+                "{} (listed at {})",
+                self.files.display(&image.path),
+                image.listed_at
+            );
+            let bytes = self
+                .files
+                .read(&image.path)
+                .ok_or_else(|| Error::Data(format!("{source}: cannot be read")))?;
+            let decoded = image::load_from_memory(&bytes)
+                .map_err(|e| Error::Data(format!("{source}: not a readable image ({e})")))?
+                .to_rgb8();
+            values.extend(crate::vision::features::input_of(
+                &decoded,
+                &backbone.preprocess,
+            )?);
+        }
+        let x = Tensor::from_vec(values, (images.len(), 3, size, size), &Device::Cpu)?;
+        crate::nn::ops::l2_normalize(&backbone.features(&x)?)
+    }
+}
+
+/// Scores a frozen pre-trained backbone on the runs: every test image takes the class of the
+/// training image whose pooled feature is nearest by cosine.
+pub fn evaluate_runs_with_backbone(
+    backbone: &crate::vision::Backbone,
+    bench: &OneShotBenchmark,
+) -> Result<RunsReport> {
+    let mut per_run = Vec::with_capacity(bench.runs.len());
+    let mut test_images = 0;
+    for run in &bench.runs {
+        let support = bench.backbone_features(&run.training, backbone)?;
+        let queries = bench.backbone_features(&run.test, backbone)?;
+        let similarity = queries.matmul(&support.t()?)?;
+        let predicted = similarity.argmax(1)?.to_vec1::<u32>()?;
+        let wrong = predicted
+            .iter()
+            .zip(&run.answers)
+            .filter(|(p, a)| **p as usize != **a)
+            .count();
+        per_run.push(100.0 * wrong as f64 / run.test.len().max(1) as f64);
+        test_images += run.test.len();
+    }
+    Ok(RunsReport {
+        error_percent: per_run.iter().sum::<f64>() / per_run.len().max(1) as f64,
+        per_run,
+        runs: bench.runs.iter().map(|r| r.name.clone()).collect(),
+        ways: bench.ways(),
+        test_images,
+    })
+}
+
 /// The runs folder: `path` itself, or its only sub-folder that holds runs.
 fn find_runs_folder(path: &Path) -> Result<PathBuf> {
     let holds_runs = |dir: &Path| {

@@ -69,18 +69,20 @@ pub struct Embedded {
 /// centre-cropped; images no larger than the input (Fashion-MNIST, Omniglot) are enlarged to
 /// it directly with bilinear interpolation, as the few-shot protocols do.
 pub fn image_input(path: &Path, preprocess: &Preprocess) -> Result<Vec<f32>> {
-    let image = decode_rgb(path)?;
+    input_of(&decode_rgb(path)?, preprocess)
+        .map_err(|e| Error::Data(format!("{}: {e}", path.display())))
+}
+
+/// [`image_input`] of a decoded image.
+pub fn input_of(image: &RgbImage, preprocess: &Preprocess) -> Result<Vec<f32>> {
     let (w, h) = image.dimensions();
     if w == 0 || h == 0 {
-        return Err(Error::Data(format!(
-            "{}: the image has no pixels",
-            path.display()
-        )));
+        return Err(Error::Data("the image has no pixels".into()));
     }
     if w as usize <= preprocess.size && h as usize <= preprocess.size {
-        return Ok(enlarged_input(&image, preprocess));
+        return Ok(enlarged_input(image, preprocess));
     }
-    photo_input(&image, preprocess)
+    photo_input(image, preprocess)
 }
 
 /// A small image enlarged to `size` x `size` with bilinear interpolation on pixel centres,
