@@ -70,7 +70,7 @@ pub struct TrainArgs {
     /// head together), lora (linear probe, then LoRA adapters and head) or setfit
     /// (contrastive fine-tuning on pairs, then a logistic-regression head) [default:
     /// finetune]. Image models (--backbone): linear-probe, prototype or finetune (the linear
-    /// probe, then every layer with Adam: --epochs [10], --batch-size [16], --lr [1e-4])
+    /// probe, then every layer with Adam: --epochs 10, --batch-size 16, --lr 1e-4 by default)
     /// [default: linear-probe].
     #[arg(long, value_name = "METHOD")]
     pub method: Option<String>,
