@@ -299,7 +299,8 @@ impl BackboneArgs {
         if let Some(name) = &self.architecture {
             return Some(name.clone());
         }
-        if backbone.is_dir() {
+        if backbone.join("config.json").exists() {
+            // A timm folder: its config names the architecture.
             return None;
         }
         // The file's name, else its folder's (`efficientnet-lite0/model.safetensors`).

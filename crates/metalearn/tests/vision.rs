@@ -293,3 +293,85 @@ fn timm_folder_reads_as_the_same_network() -> Result<()> {
     );
     Ok(())
 }
+
+/// Photo preprocessing against PIL's (torchvision's `Resize(256)` + `CenterCrop(224)` with
+/// bilinear antialiasing), in 8-bit levels, on the photos of a folder named by
+/// `METALEARN_PHOTO_CHECK` (`NAME.png` beside `NAME_pil224.png`, the latter made by PIL); the
+/// check reports and bounds the largest difference. Without the variable it says so.
+#[test]
+fn photo_preprocessing_matches_pil() -> Result<()> {
+    let Some(dir) = std::env::var_os("METALEARN_PHOTO_CHECK").map(PathBuf::from) else {
+        eprintln!("METALEARN_PHOTO_CHECK not set: the comparison with PIL's resizing is skipped");
+        return Ok(());
+    };
+    let levels = metalearn::vision::Preprocess {
+        mean: [0.0; 3],
+        std: [1.0 / 255.0; 3],
+        ..metalearn::vision::Preprocess::efficientnet_lite(224)
+    };
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
+        let Some(stem) = name
+            .strip_suffix(".png")
+            .filter(|s| !s.ends_with("_pil224"))
+        else {
+            continue;
+        };
+        let ours = metalearn::vision::image::photo_input(&decode_rgb(&path)?, &levels)?;
+        let pil = rgb_input(
+            &decode_rgb(&dir.join(format!("{stem}_pil224.png")))?,
+            &levels,
+        );
+        let diffs: Vec<f32> = ours.iter().zip(&pil).map(|(a, b)| (a - b).abs()).collect();
+        let max = diffs.iter().cloned().fold(0.0, f32::max);
+        let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+        eprintln!("{stem}: largest difference from PIL {max:.1} levels, mean {mean:.3}");
+        ensure!(
+            max <= 2.0 && mean <= 0.3,
+            "{stem}: {max} levels at most, {mean} on average"
+        );
+        checked += 1;
+    }
+    ensure!(
+        checked > 0,
+        "no NAME.png / NAME_pil224.png pairs in {}",
+        dir.display()
+    );
+    // With the shared model: our whole pipeline on the original photos gives PyTorch's top 5.
+    if let Some(model) = shared_lite0() {
+        let peers = repo().join("../shared/bench/peers/vision");
+        let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+            peers.join("effnet_lite0_reference.json"),
+        )?)?;
+        let weights = model.join("model.safetensors");
+        let backbone = Backbone::load(&weights, Some("efficientnet_lite0"), DType::F32)?;
+        for input in reference["inputs"].as_array().context("inputs")? {
+            let name = input["name"].as_str().context("name")?;
+            let photo = dir.join(format!("{name}.png"));
+            if input["kind"] != "png" || !photo.exists() {
+                continue;
+            }
+            let x = metalearn::vision::features::image_input(&photo, &backbone.preprocess)?;
+            let x = Tensor::from_vec(x, (1, 3, 224, 224), &Device::Cpu)?;
+            let logits = backbone.logits(&x)?.flatten_all()?.to_vec1::<f32>()?;
+            let want: Vec<usize> = input["top5"]
+                .as_array()
+                .context("top5")?
+                .iter()
+                .map(|e| e[0].as_u64().expect("class") as usize)
+                .collect();
+            eprintln!("{name}: top 5 {:?}, PyTorch {want:?}", top5(&logits));
+            ensure!(
+                top5(&logits) == want,
+                "{name}: top 5 differs from PyTorch's"
+            );
+        }
+    }
+    Ok(())
+}

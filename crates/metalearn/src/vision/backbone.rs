@@ -159,6 +159,21 @@ impl Backbone {
     /// A timm model folder; see [`Backbone::load`].
     fn load_timm_folder(dir: &Path, architecture: Option<&str>, dtype: DType) -> Result<Self> {
         let config_path = dir.join("config.json");
+        if !config_path.exists() {
+            // A folder holding only the weights: as the bare file, with its architecture.
+            let weights = ["model.safetensors", "pytorch_model.bin", "model.pth"]
+                .iter()
+                .map(|f| dir.join(f))
+                .find(|p| p.exists());
+            if let (Some(weights), Some(_)) = (&weights, architecture) {
+                return Self::load(weights, architecture, dtype);
+            }
+            return Err(Error::Config(format!(
+                "{}: no config.json; give the weights file itself with --architecture NAME, or a \
+                 timm folder (config.json beside model.safetensors)",
+                dir.display()
+            )));
+        }
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
             Error::Config(format!("{}: line {}: {e}", config_path.display(), e.line()))

@@ -37,12 +37,16 @@ pub fn photo_input(image: &RgbImage, preprocess: &Preprocess) -> Result<Vec<f32>
             "an empty image has no pixels to classify".into(),
         ));
     }
-    let shorter = w.min(h) as f64;
-    let scale = preprocess.resize.max(preprocess.size) as f64 / shorter;
-    let (nw, nh) = (
-        ((w as f64 * scale).round() as u32).max(size),
-        ((h as f64 * scale).round() as u32).max(size),
-    );
+    // As torchvision's Resize(short) then CenterCrop(size): the shorter side becomes `short`,
+    // the longer one `int(short * long / shorter)`, and the crop starts at
+    // `round((side - size) / 2)` (Python's rounding, half to even).
+    let short = preprocess.resize.max(preprocess.size) as u64;
+    let (nw, nh) = if w <= h {
+        (short as u32, (short * h as u64 / w as u64) as u32)
+    } else {
+        ((short * w as u64 / h as u64) as u32, short as u32)
+    };
+    let (nw, nh) = (nw.max(size), nh.max(size));
     let resized = if (nw, nh) == (w, h) {
         image.clone()
     } else {
@@ -53,9 +57,19 @@ pub fn photo_input(image: &RgbImage, preprocess: &Preprocess) -> Result<Vec<f32>
         };
         image::imageops::resize(image, nw, nh, filter)
     };
-    let (left, top) = ((nw - size) / 2, (nh - size) / 2);
+    let (left, top) = (centre_offset(nw - size), centre_offset(nh - size));
     let crop = image::imageops::crop_imm(&resized, left, top, size, size).to_image();
     Ok(rgb_input(&crop, preprocess))
+}
+
+/// `round(extra / 2)` with ties to the even integer, as Python's `round`.
+fn centre_offset(extra: u32) -> u32 {
+    let half = extra / 2;
+    if extra % 2 == 1 && half % 2 == 1 {
+        half + 1
+    } else {
+        half
+    }
 }
 
 /// An RGB image already of the input size, normalised, channel-major.
@@ -118,8 +132,9 @@ mod tests {
             interpolation: "bilinear".into(),
         };
         let out = grey_input(&[0, 100, 200, 40], 2, 2, &p);
-        let row0: Vec<f32> = out[..4].to_vec();
-        assert_eq!(row0, vec![0.0, 25.0, 75.0, 100.0]);
+        for (got, want) in out[..4].iter().zip([0.0, 25.0, 75.0, 100.0]) {
+            assert!((got - want).abs() < 1e-4, "{:?}", &out[..4]);
+        }
         // Row 1 lies a quarter of the way from row 0 to row 1 of the input.
         let want = 0.75 * 25.0 + 0.25 * (200.0 * 0.75 + 40.0 * 0.25);
         assert!((out[5] - want).abs() < 1e-4, "{} vs {want}", out[5]);
