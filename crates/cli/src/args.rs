@@ -274,7 +274,8 @@ pub struct TextArgs {
 #[derive(Args, Debug, Clone, Default)]
 pub struct BackboneArgs {
     /// Pre-trained image backbone: a weights file (`.safetensors`, or a PyTorch `.pth` read
-    /// without running code) in the lukemelas EfficientNet-PyTorch names. Makes `train` an
+    /// without running code) in the lukemelas EfficientNet-PyTorch names, a timm folder
+    /// (config.json, model.safetensors), or hf:OWNER/MODEL from the Hugging Face Hub. Makes `train` an
     /// image classifier and `embed` embed images.
     #[arg(long, value_name = "FILE")]
     pub backbone: Option<PathBuf>,
@@ -299,7 +300,8 @@ impl BackboneArgs {
         if let Some(name) = &self.architecture {
             return Some(name.clone());
         }
-        if backbone.join("config.json").exists() {
+        let hub = backbone.to_str().is_some_and(|s| s.starts_with("hf:"));
+        if hub || backbone.join("config.json").exists() {
             // A timm folder: its config names the architecture.
             return None;
         }

@@ -399,3 +399,51 @@ fn bad_images_and_bad_data_are_named() {
     assert!(e.contains("prototype"), "{e}");
     assert!(!model.exists());
 }
+
+/// `--backbone hf:OWNER/MODEL` downloads a timm folder through `HF_ENDPOINT` into `HF_HOME`'s
+/// cache (here from a local server), then works offline from the cache; a model the Hub lacks
+/// is named with the missing file.
+#[test]
+fn a_hub_name_downloads_a_timm_folder() {
+    use common::hub_server::HubServer;
+    let work = tempfile::tempdir().unwrap();
+    use_test_cache();
+    let data = work.path().join("data");
+    write_images(&data, 2);
+    let server = HubServer::start(&tiny_backbone(), "timm/tiny-lite");
+    let home = work.path().join("hf-home");
+    let embed = |spec: &str, offline: bool| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_metalearn"))
+            .args(["embed", "--backbone", spec, "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(work.path().join("features.csv"))
+            .arg("--json")
+            .env("HF_ENDPOINT", &server.endpoint)
+            .env("HF_HOME", &home)
+            .env("HF_HUB_OFFLINE", if offline { "1" } else { "0" })
+            .env_remove("HF_HUB_CACHE")
+            .output()
+            .expect("the metalearn binary runs")
+    };
+    for offline in [false, true] {
+        let out = embed("hf:timm/tiny-lite", offline);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json = last_json(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!(json["rows"], 6);
+        assert_eq!(json["dim"], 32);
+    }
+    let served = server.served();
+    assert!(served >= 2, "{served} requests");
+    let out = embed("hf:timm/absent", false);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("hf:timm/absent") && e.contains("config.json"),
+        "{e}"
+    );
+}

@@ -38,6 +38,7 @@ pub mod error;
 pub mod eval;
 pub mod experiment;
 pub mod fsutil;
+pub mod hub;
 pub mod inspect;
 pub mod keras;
 pub mod kernels;

@@ -18,7 +18,14 @@ use std::path::{Path, PathBuf};
 const LIBRARY_LAYERS: &[&[&str]] = &[
     &["error"],
     &["fsutil"],
-    &["config", "distributed", "kernels", "plot", "progress"],
+    &[
+        "config",
+        "distributed",
+        "hub",
+        "kernels",
+        "plot",
+        "progress",
+    ],
     &["nn"],
     &["train"],
     &["checkpoint"],

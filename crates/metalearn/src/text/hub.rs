@@ -1,122 +1,19 @@
 //! Encoders by name from the Hugging Face Hub (`hf:sentence-transformers/all-MiniLM-L6-v2`,
-//! optionally `@REVISION`), through the `hf-hub` crate and its standard cache
-//! (`$HF_HOME/hub`, default `~/.cache/huggingface/hub`), so a model downloaded by Python's
-//! `huggingface_hub` is found here and the other way round.
-//!
-//! The environment is read as the Python tools read it: `HF_ENDPOINT` (a mirror or a local
-//! server), `HF_HOME` and `HF_HUB_CACHE` (where the cache lives), `HF_TOKEN` (private models)
-//! and `HF_HUB_OFFLINE=1` (use only what the cache holds; never touch the network).
+//! optionally `@REVISION`), through [`crate::hub`]: the files a sentence encoder needs, and
+//! the pooling configurations its `modules.json` names.
 
 use std::path::{Path, PathBuf};
 
-use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
-use hf_hub::{Cache, Repo, RepoType};
-
 use crate::error::{Error, Result};
 use crate::fsutil::read_json;
+use crate::hub::{download_files, offline_reason, source, Fetched};
+pub use crate::hub::{HubName, HubOptions, HUB_PREFIX};
 use crate::text::pretrained::ModuleEntry;
-
-/// The prefix that marks a Hub name where a folder is expected.
-pub const HUB_PREFIX: &str = "hf:";
 
 /// Files every encoder needs.
 const REQUIRED: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
 /// Files that describe a sentence-transformers model when it has them.
 const OPTIONAL: [&str; 2] = ["modules.json", "sentence_bert_config.json"];
-
-/// How to reach the Hub and where its cache is.
-#[derive(Clone, Debug, Default)]
-pub struct HubOptions {
-    /// Base URL of the Hub (`https://huggingface.co` when `None`).
-    pub endpoint: Option<String>,
-    /// The cache folder (the `hub` folder itself); the standard one when `None`.
-    pub cache_dir: Option<PathBuf>,
-    /// Use only the cache.
-    pub offline: bool,
-    /// An access token for private or gated models.
-    pub token: Option<String>,
-}
-
-impl HubOptions {
-    /// Options from the standard environment variables (`HF_ENDPOINT`, `HF_HOME`,
-    /// `HF_HUB_CACHE`, `HF_HUB_OFFLINE`, `HF_TOKEN`).
-    pub fn from_env() -> Self {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-        let offline = var("HF_HUB_OFFLINE")
-            .map(|v| {
-                matches!(
-                    v.trim().to_ascii_lowercase().as_str(),
-                    "1" | "true" | "yes" | "on"
-                )
-            })
-            .unwrap_or(false);
-        Self {
-            endpoint: var("HF_ENDPOINT").map(|e| e.trim_end_matches('/').to_string()),
-            cache_dir: var("HF_HUB_CACHE")
-                .map(PathBuf::from)
-                .or_else(|| var("HF_HOME").map(|home| PathBuf::from(home).join("hub"))),
-            offline,
-            token: var("HF_TOKEN"),
-        }
-    }
-
-    fn cache(&self) -> Cache {
-        match &self.cache_dir {
-            Some(dir) => Cache::new(dir.clone()),
-            None => Cache::from_env(),
-        }
-    }
-}
-
-/// A Hub model name and revision, parsed from `hf:NAME[@REVISION]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HubName {
-    /// `owner/model` (or a bare model name).
-    pub repo: String,
-    /// A branch, tag or commit; `main` when not given.
-    pub revision: String,
-}
-
-impl HubName {
-    /// Parses `hf:NAME[@REVISION]`; `None` when `spec` does not start with `hf:`.
-    pub fn parse(spec: &str) -> Option<Result<Self>> {
-        let rest = spec.strip_prefix(HUB_PREFIX)?;
-        let (repo, revision) = match rest.split_once('@') {
-            Some((repo, revision)) => (repo, revision),
-            None => (rest, "main"),
-        };
-        let valid_part = |p: &str| {
-            !p.is_empty()
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        };
-        let parts: Vec<&str> = repo.split('/').collect();
-        if parts.len() > 2 || !parts.iter().all(|p| valid_part(p)) || revision.is_empty() {
-            return Some(Err(Error::Config(format!(
-                "`{spec}` is not a Hub model name; write hf:OWNER/MODEL or hf:OWNER/MODEL@REVISION, \
-                 e.g. hf:sentence-transformers/all-MiniLM-L6-v2"
-            ))));
-        }
-        Some(Ok(Self {
-            repo: repo.to_string(),
-            revision: revision.to_string(),
-        }))
-    }
-
-    fn hub_repo(&self) -> Repo {
-        Repo::with_revision(self.repo.clone(), RepoType::Model, self.revision.clone())
-    }
-}
-
-impl std::fmt::Display for HubName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.revision == "main" {
-            write!(f, "{HUB_PREFIX}{}", self.repo)
-        } else {
-            write!(f, "{HUB_PREFIX}{}@{}", self.repo, self.revision)
-        }
-    }
-}
 
 /// The folder of an encoder given as a folder path or as `hf:NAME`: a folder is returned as it
 /// is; a Hub name is downloaded into the cache (or found there) with the options of the
@@ -128,96 +25,12 @@ pub fn locate_encoder(spec: &Path) -> Result<PathBuf> {
     }
 }
 
-/// Where one file of the model is fetched from: the network (through the cache) or the cache
-/// alone.
-enum Source {
-    Online(ApiRepo),
-    Offline(hf_hub::CacheRepo),
-}
-
-/// What fetching one file gave.
-enum Fetched {
-    Found(PathBuf),
-    /// The Hub (or, offline, the cache) has no such file.
-    Absent,
-}
-
-impl Source {
-    fn fetch(&self, name: &HubName, file: &str, options: &HubOptions) -> Result<Fetched> {
-        match self {
-            Source::Offline(cache) => Ok(cache.get(file).map_or(Fetched::Absent, Fetched::Found)),
-            Source::Online(api) => match api.get(file) {
-                Ok(path) => Ok(Fetched::Found(path)),
-                Err(ApiError::RequestError(e)) => {
-                    let message = e.to_string();
-                    match (*e).into_response().map(|response| response.status()) {
-                        Some(404) => Ok(Fetched::Absent),
-                        status => Err(hub_error(name, file, options, &message, Some(status))),
-                    }
-                }
-                Err(e) => Err(hub_error(name, file, options, &e.to_string(), None)),
-            },
-        }
-    }
-}
-
-/// The error for a failed request: `request` is `Some(HTTP status)` for a request that failed
-/// (`Some(None)`: the server was not reached), `None` for a failure after the request.
-fn hub_error(
-    name: &HubName,
-    file: &str,
-    options: &HubOptions,
-    message: &str,
-    request: Option<Option<u16>>,
-) -> Error {
-    let endpoint = options
-        .endpoint
-        .as_deref()
-        .unwrap_or("https://huggingface.co");
-    let hint = match request {
-        Some(Some(401 | 403)) => {
-            "the model is private or gated: set HF_TOKEN to an access token that may read it"
-        }
-        Some(Some(_)) => "the Hub answered with an error; try again later",
-        Some(None) => {
-            "the Hub could not be reached; check the network (or HF_ENDPOINT), set \
-             HF_HUB_OFFLINE=1 to use a model already in the cache, or pass a local folder"
-        }
-        None => "the download failed; delete the partial files in the cache and try again",
-    };
-    Error::Data(format!(
-        "{name}: could not fetch {file} from {endpoint}: {message}; {hint}"
-    ))
-}
-
 /// Downloads (or finds in the cache) the files of the encoder `name` and returns the folder
 /// that holds them, in the layout `TextEncoder::from_folder` reads.
 pub fn download_encoder(name: &HubName, options: &HubOptions) -> Result<PathBuf> {
-    let cache = options.cache();
-    let source = if options.offline {
-        Source::Offline(cache.repo(name.hub_repo()))
-    } else {
-        let mut builder = ApiBuilder::from_cache(cache.clone())
-            .with_progress(false)
-            .with_retries(2);
-        if let Some(endpoint) = &options.endpoint {
-            builder = builder.with_endpoint(endpoint.clone());
-        }
-        if options.token.is_some() {
-            builder = builder.with_token(options.token.clone());
-        }
-        let api = builder
-            .build()
-            .map_err(|e| Error::Data(format!("{name}: cannot use the Hub cache: {e}")))?;
-        Source::Online(api.repo(name.hub_repo()))
-    };
     let missing = |file: &str| {
-        let why = if options.offline {
-            format!(
-                "HF_HUB_OFFLINE is set and the cache ({}) does not hold it; download it once \
-                 online, or unset HF_HUB_OFFLINE",
-                cache.path().display()
-            )
+        let why = if let Some(offline) = offline_reason(options) {
+            offline
         } else if file == "model.safetensors" {
             "the Hub repository has no model.safetensors; metalearn reads safetensors weights \
              only (a repository with only pytorch_model.bin must be converted: load it in \
@@ -231,25 +44,11 @@ pub fn download_encoder(name: &HubName, options: &HubOptions) -> Result<PathBuf>
         };
         Error::Data(format!("{name}: {file} not found: {why}"))
     };
-
-    let mut folder: Option<PathBuf> = None;
-    for file in REQUIRED {
-        match source.fetch(name, file, options)? {
-            Fetched::Found(path) => {
-                folder.get_or_insert_with(|| {
-                    path.parent().map(Path::to_path_buf).unwrap_or_default()
-                });
-            }
-            Fetched::Absent => return Err(missing(file)),
-        }
-    }
-    let folder = folder.unwrap_or_default();
-    for file in OPTIONAL {
-        source.fetch(name, file, options)?;
-    }
+    let folder = download_files(name, &REQUIRED, &OPTIONAL, options, &missing)?;
     let modules = folder.join("modules.json");
     if modules.is_file() {
         let entries: Vec<ModuleEntry> = read_json(&modules, "")?;
+        let source = source(name, options)?;
         for entry in entries.iter().filter(|e| e.kind.ends_with("Pooling")) {
             let file = format!("{}/config.json", entry.path.trim_matches('/'));
             if let Fetched::Absent = source.fetch(name, &file, options)? {

@@ -134,12 +134,33 @@ pub struct Backbone {
 impl Backbone {
     /// Reads a backbone: a weights file (`.safetensors`, or a PyTorch `.pth` / `.pt` /
     /// `.bin`, read without running code) of the architecture `architecture` (see
-    /// [`KNOWN_ARCHITECTURES`]), or a timm folder (`config.json` with `architecture`,
+    /// [`KNOWN_ARCHITECTURES`]), a timm folder (`config.json` with `architecture`,
     /// `pretrained_cfg` and optionally `model_args`, beside `model.safetensors` or
-    /// `pytorch_model.bin`). Tensors may be in the lukemelas EfficientNet-PyTorch names or in
+    /// `pytorch_model.bin`), or `hf:OWNER/MODEL[@REVISION]`: such a folder from the Hugging
+    /// Face Hub, through its standard cache (see [`crate::hub`]). Tensors may be in the lukemelas EfficientNet-PyTorch names or in
     /// timm's; missing or misshapen tensors are an error naming the tensor, the expected and
     /// the found shape.
     pub fn load(path: &Path, architecture: Option<&str>, dtype: DType) -> Result<Self> {
+        if let Some(name) = path.to_str().and_then(crate::hub::HubName::parse) {
+            let name = name?;
+            let options = crate::hub::HubOptions::from_env();
+            let missing = |file: &str| {
+                let why = crate::hub::offline_reason(&options).unwrap_or_else(|| {
+                    "a timm model on the Hub has config.json and model.safetensors; this \
+                     repository (or revision) lacks it"
+                        .to_string()
+                });
+                Error::Data(format!("{name}: {file} not found: {why}"))
+            };
+            let dir = crate::hub::download_files(
+                &name,
+                &["config.json", "model.safetensors"],
+                &[],
+                &options,
+                &missing,
+            )?;
+            return Self::load_timm_folder(&dir, architecture, dtype);
+        }
         if path.is_dir() {
             return Self::load_timm_folder(path, architecture, dtype);
         }
