@@ -120,7 +120,6 @@ fn forward<T: WithDType>(
                 dst[o] += src[i] * kernel[tap];
             });
         });
-    let _ = n;
     out
 }
 

@@ -220,7 +220,7 @@ impl FoldedNetwork {
                     i += 1;
                     continue;
                 }
-                Layer::Dense { units } if !spatial => {
+                Layer::Dense { .. } if !spatial => {
                     let raw = values(p("weight")?)?;
                     let mut last = i;
                     let mut activation = Act::None;
@@ -233,7 +233,6 @@ impl FoldedNetwork {
                         bias: values(p("bias")?)?,
                         activation,
                     };
-                    let _ = units;
                     (step, last)
                 }
                 _ => return Ok(None),
