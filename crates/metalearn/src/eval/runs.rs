@@ -127,6 +127,20 @@ impl OneShotBenchmark {
         Ok(Self { files, runs })
     }
 
+    /// The bytes of one listed image, with how to name it in messages.
+    fn read_image(&self, image: &RunImage) -> Result<(Vec<u8>, String)> {
+        let source = format!(
+            "{} (listed at {})",
+            self.files.display(&image.path),
+            image.listed_at
+        );
+        let bytes = self
+            .files
+            .read(&image.path)
+            .ok_or_else(|| Error::Data(format!("{source}: cannot be read")))?;
+        Ok((bytes, source))
+    }
+
     /// Classes per run (20 in the official benchmark).
     pub fn ways(&self) -> usize {
         self.runs.first().map_or(0, |r| r.training.len())
@@ -142,15 +156,7 @@ impl OneShotBenchmark {
     ) -> Result<Tensor> {
         let mut pixels = Vec::with_capacity(images.len() * height * width);
         for image in images {
-            let source = format!(
-                "{} (listed at {})",
-                self.files.display(&image.path),
-                image.listed_at
-            );
-            let bytes = self
-                .files
-                .read(&image.path)
-                .ok_or_else(|| Error::Data(format!("{source}: cannot be read")))?;
+            let (bytes, source) = self.read_image(image)?;
             pixels.extend(preprocess_png(&bytes, height, width, resample, &source)?);
         }
         Ok(Tensor::from_vec(
@@ -172,15 +178,7 @@ impl OneShotBenchmark {
         let size = backbone.preprocess.size;
         let mut values = Vec::with_capacity(images.len() * 3 * size * size);
         for image in images {
-            let source = format!(
-                "{} (listed at {})",
-                self.files.display(&image.path),
-                image.listed_at
-            );
-            let bytes = self
-                .files
-                .read(&image.path)
-                .ok_or_else(|| Error::Data(format!("{source}: cannot be read")))?;
+            let (bytes, source) = self.read_image(image)?;
             let decoded = image::load_from_memory(&bytes)
                 .map_err(|e| Error::Data(format!("{source}: not a readable image ({e})")))?
                 .to_rgb8();
