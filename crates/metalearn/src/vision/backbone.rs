@@ -105,6 +105,9 @@ impl Preprocess {
     }
 }
 
+/// The weights file of a model folder, in order of preference.
+const WEIGHT_FILES: [&str; 3] = ["model.safetensors", "pytorch_model.bin", "model.pth"];
+
 /// The architectures [`Backbone::load`] knows, for error messages.
 pub const KNOWN_ARCHITECTURES: &str =
     "efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, \
@@ -182,7 +185,7 @@ impl Backbone {
         let config_path = dir.join("config.json");
         if !config_path.exists() {
             // A folder holding only the weights: as the bare file, with its architecture.
-            let weights = ["model.safetensors", "pytorch_model.bin", "model.pth"]
+            let weights = WEIGHT_FILES
                 .iter()
                 .map(|f| dir.join(f))
                 .find(|p| p.exists());
@@ -238,7 +241,7 @@ impl Backbone {
             None => base,
         };
         spec.resolution = preprocess.size;
-        let weights = ["model.safetensors", "pytorch_model.bin", "model.pth"]
+        let weights = WEIGHT_FILES
             .iter()
             .map(|f| dir.join(f))
             .find(|p| p.exists())

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::vision::backbone::{Backbone, Preprocess};
-use crate::vision::image::{decode_rgb, photo_input};
+use crate::vision::image::{decode_rgb, enlarged_input, photo_input};
 
 /// How images are embedded.
 #[derive(Clone, Debug)]
@@ -83,22 +83,6 @@ pub fn input_of(image: &RgbImage, preprocess: &Preprocess) -> Result<Vec<f32>> {
         return Ok(enlarged_input(image, preprocess));
     }
     photo_input(image, preprocess)
-}
-
-/// A small image enlarged to `size` x `size` with bilinear interpolation on pixel centres,
-/// each channel on its own.
-fn enlarged_input(image: &RgbImage, preprocess: &Preprocess) -> Vec<f32> {
-    let (w, h) = (image.width() as usize, image.height() as usize);
-    let raw = image.as_raw();
-    let plane = preprocess.size * preprocess.size;
-    let mut out = vec![0f32; 3 * plane];
-    for c in 0..3 {
-        let channel: Vec<u8> = raw.iter().skip(c).step_by(3).copied().collect();
-        let enlarged = crate::vision::image::grey_input(&channel, h, w, preprocess);
-        // grey_input normalises with every channel's statistics; take this channel's.
-        out[c * plane..(c + 1) * plane].copy_from_slice(&enlarged[c * plane..(c + 1) * plane]);
-    }
-    out
 }
 
 /// Embeds `paths` with `backbone` (pooled features, inference mode); `progress` is told the

@@ -90,9 +90,45 @@ pub fn rgb_input(image: &RgbImage, preprocess: &Preprocess) -> Vec<f32> {
 /// `interpolate(mode="bilinear", align_corners=False)`, no antialiasing), normalised, copied
 /// to the three channels.
 pub fn grey_input(pixels: &[u8], height: usize, width: usize, preprocess: &Preprocess) -> Vec<f32> {
-    let size = preprocess.size;
-    let plane = size * size;
-    let mut out = vec![0f32; 3 * plane];
+    let plane = enlarge_plane(
+        |y, x| pixels[y * width + x] as f32,
+        height,
+        width,
+        preprocess.size,
+    );
+    let mut out = Vec::with_capacity(3 * plane.len());
+    for c in 0..3 {
+        out.extend(plane.iter().map(|&v| preprocess.normalise(v, c)));
+    }
+    out
+}
+
+/// A small RGB image enlarged to the input size as [`grey_input`] enlarges a grey one, each
+/// channel on its own.
+pub fn enlarged_input(image: &RgbImage, preprocess: &Preprocess) -> Vec<f32> {
+    let (w, h) = (image.width() as usize, image.height() as usize);
+    let raw = image.as_raw();
+    let mut out = Vec::with_capacity(3 * preprocess.size * preprocess.size);
+    for c in 0..3 {
+        let plane = enlarge_plane(
+            |y, x| raw[(y * w + x) * 3 + c] as f32,
+            h,
+            w,
+            preprocess.size,
+        );
+        out.extend(plane.into_iter().map(|v| preprocess.normalise(v, c)));
+    }
+    out
+}
+
+/// One `height` x `width` plane (`value(y, x)`) enlarged to `size` x `size` by bilinear
+/// interpolation on pixel centres, clamped at the border.
+fn enlarge_plane(
+    value: impl Fn(usize, usize) -> f32,
+    height: usize,
+    width: usize,
+    size: usize,
+) -> Vec<f32> {
     let source = |side: usize, i: usize| {
         // Centre of output pixel i in input coordinates, clamped at the border.
         let x = ((i as f64 + 0.5) * side as f64 / size as f64 - 0.5).max(0.0);
@@ -101,16 +137,13 @@ pub fn grey_input(pixels: &[u8], height: usize, width: usize, preprocess: &Prepr
         (lo, hi, (x - lo as f64) as f32)
     };
     let cols: Vec<_> = (0..size).map(|i| source(width, i)).collect();
+    let mut out = Vec::with_capacity(size * size);
     for oy in 0..size {
         let (y0, y1, fy) = source(height, oy);
-        for (ox, &(x0, x1, fx)) in cols.iter().enumerate() {
-            let p = |y: usize, x: usize| pixels[y * width + x] as f32;
-            let top = p(y0, x0) * (1.0 - fx) + p(y0, x1) * fx;
-            let bottom = p(y1, x0) * (1.0 - fx) + p(y1, x1) * fx;
-            let v = top * (1.0 - fy) + bottom * fy;
-            for c in 0..3 {
-                out[c * plane + oy * size + ox] = preprocess.normalise(v, c);
-            }
+        for &(x0, x1, fx) in &cols {
+            let top = value(y0, x0) * (1.0 - fx) + value(y0, x1) * fx;
+            let bottom = value(y1, x0) * (1.0 - fx) + value(y1, x1) * fx;
+            out.push(top * (1.0 - fy) + bottom * fy);
         }
     }
     out
