@@ -292,33 +292,6 @@ pub struct BackboneArgs {
     pub skip_bad_images: bool,
 }
 
-impl BackboneArgs {
-    /// The architecture name: `--architecture`, or the one the weights file's name (or its
-    /// folder's) contains (`None` otherwise: a timm folder's `config.json` names it, and a bare file without it
-    /// gets an error saying so).
-    pub fn architecture_name(&self, backbone: &std::path::Path) -> Option<String> {
-        if let Some(name) = &self.architecture {
-            return Some(name.clone());
-        }
-        let hub = backbone.to_str().is_some_and(|s| s.starts_with("hf:"));
-        if hub || backbone.join("config.json").exists() {
-            // A timm folder: its config names the architecture.
-            return None;
-        }
-        // The file's name, else its folder's (`efficientnet-lite0/model.safetensors`).
-        let named = |p: Option<&std::path::Path>| {
-            let name = p
-                .and_then(|p| p.file_name())
-                .map(|f| f.to_string_lossy().to_ascii_lowercase().replace('-', "_"))
-                .unwrap_or_default();
-            (0..=4)
-                .map(|i| format!("efficientnet_lite{i}"))
-                .find(|arch| name.contains(arch.as_str()))
-        };
-        named(Some(backbone)).or_else(|| named(backbone.parent()))
-    }
-}
-
 /// The image data flag of an image-model command.
 pub fn image_data(data: Option<&PathBuf>) -> Result<&PathBuf> {
     data.ok_or_else(|| {

@@ -133,8 +133,11 @@ fn run_images(
     format: &str,
     console: &Console,
 ) -> Result<()> {
-    let architecture = args.image.architecture_name(backbone_file);
-    let backbone = Backbone::load(backbone_file, architecture.as_deref(), DType::F32)?;
+    let backbone = Backbone::load(
+        backbone_file,
+        args.image.architecture.as_deref(),
+        DType::F32,
+    )?;
     let list = if args.data.is_dir() {
         ImageList::tree(&args.data)?
     } else {

@@ -114,15 +114,9 @@ pub fn run(args: &EvalRunsArgs) -> Result<()> {
 
 /// `eval-runs --backbone`: nearest neighbour by cosine on a frozen backbone's features.
 fn run_backbone(args: &EvalRunsArgs, backbone_path: &std::path::Path) -> Result<()> {
-    let image_args = crate::args::BackboneArgs {
-        backbone: Some(backbone_path.to_path_buf()),
-        architecture: args.architecture.clone(),
-        ..Default::default()
-    };
-    let architecture = image_args.architecture_name(backbone_path);
     let backbone = metalearn::vision::Backbone::load(
         backbone_path,
-        architecture.as_deref(),
+        args.architecture.as_deref(),
         candle_core::DType::F32,
     )?;
     let bench = OneShotBenchmark::open(&args.runs)?;

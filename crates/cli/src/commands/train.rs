@@ -287,7 +287,7 @@ fn run_image(args: &TrainArgs) -> Result<()> {
     }
     let method: ImageMethod = args.method.as_deref().unwrap_or("linear-probe").parse()?;
     let settings = ImageTrainSettings {
-        architecture: args.image.architecture_name(&backbone),
+        architecture: args.image.architecture.clone(),
         backbone,
         data,
         path_column: args.image.path_column.clone(),

@@ -137,7 +137,7 @@ pub struct Backbone {
 impl Backbone {
     /// Reads a backbone: a weights file (`.safetensors`, or a PyTorch `.pth` / `.pt` /
     /// `.bin`, read without running code) of the architecture `architecture` (see
-    /// [`KNOWN_ARCHITECTURES`]), a timm folder (`config.json` with `architecture`,
+    /// [`KNOWN_ARCHITECTURES`]; by default the one the file's or its folder's name holds), a timm folder (`config.json` with `architecture`,
     /// `pretrained_cfg` and optionally `model_args`, beside `model.safetensors` or
     /// `pytorch_model.bin`), or `hf:OWNER/MODEL[@REVISION]`: such a folder from the Hugging
     /// Face Hub, through its standard cache (see [`crate::hub`]). Tensors may be in the lukemelas EfficientNet-PyTorch names or in
@@ -167,7 +167,12 @@ impl Backbone {
         if path.is_dir() {
             return Self::load_timm_folder(path, architecture, dtype);
         }
-        let architecture = architecture.ok_or_else(|| {
+        // A bare file: the architecture given, or the one its name (or its folder's) holds.
+        let inferred = architecture
+            .is_none()
+            .then(|| named_in_path(path))
+            .flatten();
+        let architecture = architecture.or(inferred.as_deref()).ok_or_else(|| {
             Error::Config(format!(
                 "{}: a weights file without config.json needs its architecture (--architecture \
                  NAME): one of {KNOWN_ARCHITECTURES}",
@@ -189,7 +194,7 @@ impl Backbone {
                 .iter()
                 .map(|f| dir.join(f))
                 .find(|p| p.exists());
-            if let (Some(weights), Some(_)) = (&weights, architecture) {
+            if let Some(weights) = &weights {
                 return Self::load(weights, architecture, dtype);
             }
             return Err(Error::Config(format!(
@@ -421,6 +426,21 @@ impl Backbone {
             .map(|t| t.device().clone())
             .unwrap_or(Device::Cpu)
     }
+}
+
+/// The published architecture a weights file's name (or else its folder's) names, e.g.
+/// `efficientnet-lite0-57934424.pth` or `efficientnet-lite0/model.safetensors`.
+fn named_in_path(path: &Path) -> Option<String> {
+    let named = |p: Option<&Path>| {
+        let name = p
+            .and_then(|p| p.file_name())
+            .map(|f| f.to_string_lossy().to_ascii_lowercase().replace('-', "_"))
+            .unwrap_or_default();
+        (0..=4)
+            .map(|i| format!("efficientnet_lite{i}"))
+            .find(|arch| name.contains(arch.as_str()))
+    };
+    named(Some(path)).or_else(|| named(path.parent()))
 }
 
 fn unknown(architecture: &str, source: &Path) -> Error {
